@@ -1,0 +1,185 @@
+//! One error type for everything the core can refuse.
+
+use core::fmt;
+
+/// A hyperparameter of [`LambConfig`](crate::LambConfig), named in errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(missing_docs)]
+pub enum Field {
+    Lr,
+    Beta1,
+    Beta2,
+    Eps,
+    WeightDecay,
+    ParamNormMin,
+    ParamNormMax,
+    RatioMin,
+    RatioMax,
+    GradScale,
+}
+
+impl Field {
+    /// The field's name as written in [`LambConfig`](crate::LambConfig).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Field::Lr => "lr",
+            Field::Beta1 => "beta1",
+            Field::Beta2 => "beta2",
+            Field::Eps => "eps",
+            Field::WeightDecay => "weight_decay",
+            Field::ParamNormMin => "param_norm_min",
+            Field::ParamNormMax => "param_norm_max",
+            Field::RatioMin => "ratio_min",
+            Field::RatioMax => "ratio_max",
+            Field::GradScale => "grad_scale",
+        }
+    }
+}
+
+/// One of the four buffers of a layer, named in length errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(missing_docs)]
+pub enum Buffer {
+    Param,
+    Grad,
+    ExpAvg,
+    ExpAvgSq,
+}
+
+impl Buffer {
+    /// Short name used in messages (`m` and `v` are the first and second moments).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Buffer::Param => "param",
+            Buffer::Grad => "grad",
+            Buffer::ExpAvg => "m",
+            Buffer::ExpAvgSq => "v",
+        }
+    }
+}
+
+/// Everything the core refuses. When an error is returned, no buffer has been written.
+///
+/// `layer` is the index of the layer in the caller's model; single-layer calls report 0,
+/// and [`LambError::in_layer`] lets a multi-layer caller fill it in.
+///
+/// ```
+/// use lamb_core::{LambConfig, LambError};
+/// let mut cfg = LambConfig::default();
+/// cfg.beta2 = 1.0;
+/// let err = cfg.validate().unwrap_err();
+/// assert_eq!(err.to_string(), "invalid beta2 = 1: must be in [0, 1)");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LambError {
+    /// A hyperparameter is out of its domain (NaN included).
+    InvalidHyperparameter {
+        /// Which one.
+        field: Field,
+        /// Its value.
+        value: f64,
+        /// What it must be.
+        expected: &'static str,
+    },
+    /// A lower bound is greater than its upper bound.
+    InvalidBounds {
+        /// The lower bound's field.
+        lower_field: Field,
+        /// Lower bound.
+        lower: f64,
+        /// Upper bound.
+        upper: f64,
+    },
+    /// The step counter is 0; LAMB counts steps from 1.
+    StepZero,
+    /// Buffers of one layer differ in length.
+    LengthMismatch {
+        /// The layer's index.
+        layer: usize,
+        /// The buffer whose length differs from the parameter's.
+        buffer: Buffer,
+        /// Length of the parameter.
+        expected: usize,
+        /// Length of `buffer`.
+        found: usize,
+    },
+    /// A gradient, moment, parameter or update was NaN or infinite (policy [`NonFinite::Error`](crate::NonFinite::Error)).
+    NonFinite {
+        /// The layer's index.
+        layer: usize,
+    },
+}
+
+impl LambError {
+    /// The same error, attributed to layer `layer`.
+    pub fn in_layer(self, layer: usize) -> Self {
+        match self {
+            LambError::LengthMismatch {
+                buffer,
+                expected,
+                found,
+                ..
+            } => LambError::LengthMismatch {
+                layer,
+                buffer,
+                expected,
+                found,
+            },
+            LambError::NonFinite { .. } => LambError::NonFinite { layer },
+            other => other,
+        }
+    }
+
+    /// The layer this error is about, if it is about one.
+    pub fn layer(&self) -> Option<usize> {
+        match *self {
+            LambError::LengthMismatch { layer, .. } | LambError::NonFinite { layer } => Some(layer),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LambError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            LambError::InvalidHyperparameter {
+                field,
+                value,
+                expected,
+            } => write!(f, "invalid {} = {value}: must be {expected}", field.name()),
+            LambError::InvalidBounds {
+                lower_field,
+                lower,
+                upper,
+            } => {
+                let upper_field = match lower_field {
+                    Field::RatioMin => Field::RatioMax,
+                    _ => Field::ParamNormMax,
+                };
+                write!(
+                    f,
+                    "invalid bounds: {} = {lower} is greater than {} = {upper}",
+                    lower_field.name(),
+                    upper_field.name()
+                )
+            }
+            LambError::StepZero => write!(f, "step must be >= 1 (LAMB counts steps from 1), got 0"),
+            LambError::LengthMismatch {
+                layer,
+                buffer,
+                expected,
+                found,
+            } => write!(
+                f,
+                "layer {layer}: {} has {found} elements, param has {expected}",
+                buffer.name()
+            ),
+            LambError::NonFinite { layer } => write!(
+                f,
+                "layer {layer}: non-finite value (NaN or infinity) in the gradient, state or update; nothing was written"
+            ),
+        }
+    }
+}
+
+impl core::error::Error for LambError {}

@@ -1,0 +1,345 @@
+//! The per-layer LAMB step, split into its two phases.
+//!
+//! Phase 1, [`Backend::norms`]: reads g, m, v, p and accumulates ‖p‖² and ‖u‖² (the new
+//! moments and u are computed in registers, never stored). Phase 2, [`Backend::apply`]:
+//! recomputes the same m, v, u bit for bit and writes m, v and p.
+//!
+//! DESIGN.md writes the moments in phase 1 (40 B/element). Here phase 1 writes nothing
+//! (16 B read, then 16 B read + 12 B written = 44 B/element). The default non-finite policy
+//! must refuse a step *before* writing anything, which DESIGN's plan can only do with an
+//! extra read of g (also 44 B); writing nothing in phase 1 gets the same traffic and also
+//! catches what a gradient check cannot see: a NaN already in m, v or p, or an update that
+//! overflows. A layer is never half-applied.
+
+use crate::config::{BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule};
+use crate::dispatch::Backend;
+use crate::error::{Buffer, Field, LambError};
+
+/// The per-step scalars of the element-wise update, rounded to f32 once. Every backend
+/// uses exactly these values, which is half of why they agree bit for bit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepScalars {
+    /// Factor applied to every gradient element (global clipping × 1/loss scale).
+    pub grad_scale: f32,
+    /// β1.
+    pub beta1: f32,
+    /// Weight of g in m: `1 − β1`, or 1 without grad averaging.
+    pub beta3: f32,
+    /// β2.
+    pub beta2: f32,
+    /// `1 − β2`, computed in f64 then rounded (as PyTorch and optax do).
+    pub one_minus_beta2: f32,
+    /// `1 / (1 − β1^t)`.
+    pub inv_bias1: f32,
+    /// `1 / (1 − β2^t)`.
+    pub inv_bias2: f32,
+    /// ε.
+    pub eps: f32,
+    /// ε inside the square root.
+    pub eps_inside_sqrt: bool,
+    /// Decoupled weight decay λ.
+    pub weight_decay: f32,
+}
+
+impl StepScalars {
+    /// The scalars of step `step` (counted from 1). `grad_scale` multiplies every gradient
+    /// element: 1 for none, `1/max(1, ‖g‖/max_norm)` for global clipping, `1/loss_scale`
+    /// for mixed precision.
+    ///
+    /// ```
+    /// use lamb_core::{LambConfig, StepScalars};
+    /// let s = StepScalars::new(&LambConfig::paper(), 1, 1.0).unwrap();
+    /// assert_eq!(s.beta3, 0.1);
+    /// assert!(StepScalars::new(&LambConfig::paper(), 0, 1.0).is_err());
+    /// ```
+    pub fn new(config: &LambConfig, step: u64, grad_scale: f32) -> Result<Self, LambError> {
+        config.validate()?;
+        if step == 0 {
+            return Err(LambError::StepZero);
+        }
+        if !(grad_scale.is_finite() && grad_scale > 0.0) {
+            return Err(LambError::InvalidHyperparameter {
+                field: Field::GradScale,
+                value: grad_scale as f64,
+                expected: "finite and > 0",
+            });
+        }
+        let t = step as f64;
+        let inv_bias = |beta: f64| -> f32 {
+            match config.bias_correction {
+                BiasCorrection::Off => 1.0,
+                BiasCorrection::F64 => (1.0 / (1.0 - libm::pow(beta, t))) as f32,
+                BiasCorrection::F32 => {
+                    // f32(β)^t rounded to f32 (f64 pow of an f32 base is exact to well under
+                    // half an f32 ulp), then 1 − that in f32, as optax's f32 arithmetic does.
+                    let pow = libm::pow(beta as f32 as f64, t) as f32;
+                    1.0 / (1.0 - pow)
+                }
+            }
+        };
+        Ok(StepScalars {
+            grad_scale,
+            beta1: config.beta1 as f32,
+            beta3: if config.grad_averaging {
+                (1.0 - config.beta1) as f32
+            } else {
+                1.0
+            },
+            beta2: config.beta2 as f32,
+            one_minus_beta2: (1.0 - config.beta2) as f32,
+            inv_bias1: inv_bias(config.beta1),
+            inv_bias2: inv_bias(config.beta2),
+            eps: config.eps as f32,
+            eps_inside_sqrt: config.eps_mode == EpsMode::InsideSqrt,
+            weight_decay: config.weight_decay as f32,
+        })
+    }
+}
+
+/// Sums of squares of one layer (or one block), accumulated in f64.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub struct LayerNorms {
+    /// Σ p².
+    pub param_sq: f64,
+    /// Σ u².
+    pub update_sq: f64,
+}
+
+impl LayerNorms {
+    /// `self + other`, component-wise. Blocks are always added in index order.
+    #[inline]
+    #[must_use]
+    pub fn add(self, other: LayerNorms) -> LayerNorms {
+        LayerNorms {
+            param_sq: self.param_sq + other.param_sq,
+            update_sq: self.update_sq + other.update_sq,
+        }
+    }
+}
+
+/// What a layer's step did (or will do, from [`LayerReport::plan`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerReport {
+    /// ‖p‖ before the step.
+    pub param_norm: f32,
+    /// ‖u‖.
+    pub update_norm: f32,
+    /// The trust ratio r used (1 where adaptation is off or a norm is zero).
+    pub trust_ratio: f32,
+    /// `lr · r`, the factor applied to u.
+    pub step_size: f32,
+    /// The step was refused for a non-finite value; nothing was written.
+    pub skipped: bool,
+}
+
+impl LayerReport {
+    /// Decides the trust ratio and step size from phase 1's sums. A non-finite norm or step
+    /// size marks the layer skipped.
+    ///
+    /// ```
+    /// use lamb_core::{LambConfig, LayerNorms, LayerReport};
+    /// let cfg = LambConfig { lr: 0.5, ..LambConfig::paper() };
+    /// let r = LayerReport::plan(&cfg, LayerNorms { param_sq: 16.0, update_sq: 4.0 });
+    /// assert_eq!((r.trust_ratio, r.step_size, r.skipped), (2.0, 1.0, false));
+    /// let zero = LayerReport::plan(&cfg, LayerNorms { param_sq: 0.0, update_sq: 4.0 });
+    /// assert_eq!(zero.trust_ratio, 1.0);
+    /// ```
+    pub fn plan(config: &LambConfig, norms: LayerNorms) -> LayerReport {
+        let pn = libm::sqrt(norms.param_sq);
+        let un = libm::sqrt(norms.update_sq);
+        let ratio = if !config.adapts() {
+            1.0
+        } else {
+            let phi = pn.max(config.param_norm_min).min(config.param_norm_max);
+            let r = match config.ratio_rule {
+                RatioRule::ZeroNormIsOne if pn == 0.0 || un == 0.0 => 1.0,
+                RatioRule::ZeroNormIsOne => phi / un,
+                RatioRule::EpsDenominator => phi / (un + config.eps),
+            };
+            r.max(config.ratio_min).min(config.ratio_max)
+        };
+        let step_size = (config.lr * ratio) as f32;
+        let skipped = !(pn.is_finite() && un.is_finite() && step_size.is_finite());
+        LayerReport {
+            param_norm: pn as f32,
+            update_norm: un as f32,
+            trust_ratio: ratio as f32,
+            step_size,
+            skipped,
+        }
+    }
+}
+
+/// Checks that the four buffers of a layer have the parameter's length.
+pub(crate) fn check_lengths(p: usize, g: usize, m: usize, v: usize) -> Result<(), LambError> {
+    for (buffer, len) in [
+        (Buffer::Grad, g),
+        (Buffer::ExpAvg, m),
+        (Buffer::ExpAvgSq, v),
+    ] {
+        if len != p {
+            return Err(LambError::LengthMismatch {
+                layer: 0,
+                buffer,
+                expected: p,
+                found: len,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One LAMB step of one layer on the fastest backend of this CPU.
+///
+/// On any `Err`, and on a skipped step, `param`, `m` and `v` are untouched.
+///
+/// ```
+/// use lamb_core::{step_layer, LambConfig};
+/// let cfg = LambConfig::paper();
+/// let mut p = [1.0f32, -2.0, 3.0];
+/// let g = [0.1f32, 0.2, -0.3];
+/// let (mut m, mut v) = ([0.0f32; 3], [0.0f32; 3]);
+/// let report = step_layer(&cfg, 1, &mut p, &g, &mut m, &mut v).unwrap();
+/// assert!(!report.skipped);
+/// assert!(p[0] < 1.0 && p[2] > 3.0 - 1e-2);
+///
+/// // A NaN gradient skips the step and writes nothing.
+/// let before = p;
+/// let report = step_layer(&cfg, 2, &mut p, &[f32::NAN, 0.0, 0.0], &mut m, &mut v).unwrap();
+/// assert!(report.skipped);
+/// assert_eq!(p, before);
+/// ```
+pub fn step_layer(
+    config: &LambConfig,
+    step: u64,
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> Result<LayerReport, LambError> {
+    Backend::detect().step_layer(config, step, 1.0, param, grad, m, v)
+}
+
+impl Backend {
+    /// One LAMB step of one layer on this backend, with gradients scaled by `grad_scale`
+    /// (1 for none). See [`step_layer`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_layer(
+        self,
+        config: &LambConfig,
+        step: u64,
+        grad_scale: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) -> Result<LayerReport, LambError> {
+        let scalars = StepScalars::new(config, step, grad_scale)?;
+        let norms = self.norms(&scalars, param, grad, m, v)?;
+        let report = LayerReport::plan(config, norms);
+        if report.skipped {
+            return match config.non_finite {
+                NonFinite::Skip => Ok(report),
+                NonFinite::Error => Err(LambError::NonFinite { layer: 0 }),
+            };
+        }
+        self.apply(&scalars, report.step_size, param, grad, m, v)?;
+        Ok(report)
+    }
+
+    /// Phase 1 over a whole layer: Σp² and Σu², block sums added in block order.
+    ///
+    /// ```
+    /// use lamb_core::{Backend, LambConfig, StepScalars};
+    /// let s = StepScalars::new(&LambConfig::paper(), 1, 1.0).unwrap();
+    /// let n = Backend::Scalar.norms(&s, &[3.0, 4.0], &[1.0, 1.0], &[0.0; 2], &[0.0; 2]).unwrap();
+    /// assert_eq!(n.param_sq, 25.0);
+    /// ```
+    pub fn norms(
+        self,
+        scalars: &StepScalars,
+        param: &[f32],
+        grad: &[f32],
+        m: &[f32],
+        v: &[f32],
+    ) -> Result<LayerNorms, LambError> {
+        check_lengths(param.len(), grad.len(), m.len(), v.len())?;
+        let mut total = LayerNorms::default();
+        for start in (0..param.len()).step_by(crate::BLOCK) {
+            let end = (start + crate::BLOCK).min(param.len());
+            let r = start..end;
+            let block = self.block_norms(
+                scalars,
+                &param[r.clone()],
+                &grad[r.clone()],
+                &m[r.clone()],
+                &v[r],
+            );
+            total = total.add(block);
+        }
+        Ok(total)
+    }
+
+    /// Phase 1 over a block-aligned chunk of a layer, one [`LayerNorms`] per block of
+    /// [`BLOCK`](crate::BLOCK) elements written to `out` (which must hold
+    /// `param.len().div_ceil(BLOCK)` entries). Adding `out` in order gives exactly
+    /// [`Backend::norms`] of the whole layer, however the layer was cut into chunks,
+    /// provided every chunk but the last has a multiple of `BLOCK` elements.
+    pub fn norms_blocks(
+        self,
+        scalars: &StepScalars,
+        param: &[f32],
+        grad: &[f32],
+        m: &[f32],
+        v: &[f32],
+        out: &mut [LayerNorms],
+    ) -> Result<(), LambError> {
+        check_lengths(param.len(), grad.len(), m.len(), v.len())?;
+        let blocks = param.len().div_ceil(crate::BLOCK);
+        if out.len() < blocks {
+            return Err(LambError::LengthMismatch {
+                layer: 0,
+                buffer: Buffer::Param,
+                expected: out.len() * crate::BLOCK,
+                found: param.len(),
+            });
+        }
+        for (b, slot) in out.iter_mut().take(blocks).enumerate() {
+            let r = b * crate::BLOCK..((b + 1) * crate::BLOCK).min(param.len());
+            *slot = self.block_norms(
+                scalars,
+                &param[r.clone()],
+                &grad[r.clone()],
+                &m[r.clone()],
+                &v[r],
+            );
+        }
+        Ok(())
+    }
+
+    /// Phase 2: recomputes m, v and u exactly as phase 1 did and writes
+    /// `m`, `v` and `p − step_size·u`.
+    pub fn apply(
+        self,
+        scalars: &StepScalars,
+        step_size: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) -> Result<(), LambError> {
+        check_lengths(param.len(), grad.len(), m.len(), v.len())?;
+        self.apply_unchecked_len(scalars, step_size, param, grad, m, v);
+        Ok(())
+    }
+
+    /// Σx² in f64 with the fixed block/lane order, e.g. for a global gradient norm.
+    ///
+    /// ```
+    /// assert_eq!(lamb_core::Backend::Scalar.sum_squares(&[3.0, 4.0]), 25.0);
+    /// ```
+    pub fn sum_squares(self, x: &[f32]) -> f64 {
+        x.chunks(crate::BLOCK)
+            .fold(0.0, |acc, block| acc + self.block_sum_squares(block))
+    }
+}

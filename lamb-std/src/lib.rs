@@ -1,0 +1,6 @@
+//! # lamb-std
+//!
+//! The optimizer users hold (work in progress: see the issues). Re-exports [`lamb_core`].
+#![deny(missing_docs)]
+
+pub use lamb_core;
