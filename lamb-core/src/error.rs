@@ -68,7 +68,7 @@ impl Buffer {
 /// let mut cfg = LambConfig::default();
 /// cfg.beta2 = 1.0;
 /// let err = cfg.validate().unwrap_err();
-/// assert_eq!(err.to_string(), "invalid beta2 = 1: must be in [0, 1)");
+/// assert_eq!(err.to_string(), "invalid beta2 = 1.0: must be in [0, 1)");
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LambError {
@@ -146,7 +146,11 @@ impl fmt::Display for LambError {
                 field,
                 value,
                 expected,
-            } => write!(f, "invalid {} = {value}: must be {expected}", field.name()),
+            } => write!(
+                f,
+                "invalid {} = {value:?}: must be {expected}",
+                field.name()
+            ),
             LambError::InvalidBounds {
                 lower_field,
                 lower,
@@ -158,7 +162,7 @@ impl fmt::Display for LambError {
                 };
                 write!(
                     f,
-                    "invalid bounds: {} = {lower} is greater than {} = {upper}",
+                    "invalid bounds: {} = {lower:?} is greater than {} = {upper:?}",
                     lower_field.name(),
                     upper_field.name()
                 )

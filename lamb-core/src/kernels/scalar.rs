@@ -7,6 +7,13 @@ use crate::step::{LayerNorms, StepScalars};
 /// New m, v and the update u of one element, in the canonical order of operations.
 #[inline(always)]
 pub fn update(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+    let (m, v, u, _) = update_and_denom(s, p, g, m, v);
+    (m, v, u)
+}
+
+/// [`update`] and the denominator `√v̂ + ε` it divided by.
+#[inline(always)]
+fn update_and_denom(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32, f32) {
     let g = g * s.grad_scale;
     let m = s.beta1 * m + s.beta3 * g;
     let v = s.beta2 * v + s.one_minus_beta2 * (g * g);
@@ -18,7 +25,16 @@ pub fn update(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32
         libm::sqrtf(v_hat) + s.eps
     };
     let u = m_hat / denom + s.weight_decay * p;
-    (m, v, u)
+    (m, v, u, denom)
+}
+
+/// The value whose square phase 1 adds to ‖u‖²: `u + (d − d)` with `d` the denominator.
+/// `d − d` is 0 when `d` is finite and NaN when it is infinite, so an infinite `v` (which
+/// would make `u` a harmless-looking 0 forever) poisons the sum and the step is refused.
+#[inline(always)]
+pub fn checked_update(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> f32 {
+    let (_, _, u, denom) = update_and_denom(s, p, g, m, v);
+    u + (denom - denom)
 }
 
 /// Phase 1 of one block (`p.len() <= BLOCK`; all slices of equal length).
@@ -26,7 +42,7 @@ pub fn block_norms(s: &StepScalars, p: &[f32], g: &[f32], m: &[f32], v: &[f32]) 
     let mut lp = [0.0f64; LANES];
     let mut lu = [0.0f64; LANES];
     for i in 0..p.len() {
-        let (_, _, u) = update(s, p[i], g[i], m[i], v[i]);
+        let u = checked_update(s, p[i], g[i], m[i], v[i]);
         lp[i % LANES] += p[i] as f64 * p[i] as f64;
         lu[i % LANES] += u as f64 * u as f64;
     }
