@@ -1,6 +1,14 @@
-//! Backends and the choice among them.
+//! Backends, runtime detection (no std needed) and the choice among them.
+//!
+//! Modelled on BLAKE3's `platform.rs`: detection runs once and is cached in an atomic;
+//! every backend can be asked for explicitly, and an unsupported one is refused with an
+//! error rather than run. x86-64 detection checks the CPUID feature bits *and* XCR0 (via
+//! `xgetbv`) so that a CPU whose OS did not enable YMM/ZMM state is not sent AVX code.
 
-use crate::kernels::scalar;
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use crate::error::LambError;
+use crate::kernels::{arch, scalar};
 use crate::step::{LayerNorms, StepScalars};
 
 /// A kernel implementation. All backends give identical bits.
@@ -10,89 +18,236 @@ use crate::step::{LayerNorms, StepScalars};
 /// let fastest = Backend::detect();
 /// assert!(Backend::available().any(|b| b == fastest));
 /// assert_eq!(Backend::Scalar.checked(), Some(Backend::Scalar));
+/// // Asking for a backend this CPU lacks is an error, never undefined behaviour.
+/// for b in Backend::ALL {
+///     if b.checked().is_none() {
+///         assert!(b.sum_squares(&[1.0]).is_err());
+///     }
+/// }
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
+#[repr(u8)]
 pub enum Backend {
     /// The one-element-at-a-time reference.
-    Scalar,
+    Scalar = 0,
+    /// `wide` compile-time SIMD: SSE2 on x86-64, simd128 on wasm, NEON on aarch64.
+    Portable = 1,
+    /// x86-64 AVX2 (`core::arch` intrinsics; no FMA by the bit-exact rule).
+    Avx2 = 2,
+    /// x86-64 AVX-512F, masked tails.
+    Avx512 = 3,
+    /// aarch64 NEON.
+    Neon = 4,
 }
 
-impl Backend {
-    /// Every backend this build knows, fastest last.
-    pub const ALL: &'static [Backend] = &[Backend::Scalar];
+/// The entry points of one supported backend. Only [`Backend::kernels`] makes one, after
+/// checking support, which is what makes calling these `unsafe fn`s sound.
+#[derive(Clone, Copy)]
+pub(crate) struct Kernels {
+    pub(crate) block_norms: unsafe fn(&StepScalars, &[f32], &[f32], &[f32], &[f32]) -> LayerNorms,
+    pub(crate) apply: unsafe fn(&StepScalars, f32, &mut [f32], &[f32], &mut [f32], &mut [f32]),
+    pub(crate) block_sum_squares: unsafe fn(&[f32]) -> f64,
+}
 
-    /// The fastest backend this CPU supports.
+const UNKNOWN: u8 = 0xff;
+const NONE: u8 = 0xfe;
+/// Bit `b` set: backend `b` is supported. `UNKNOWN` until the first detection.
+static SUPPORTED: AtomicU8 = AtomicU8::new(UNKNOWN);
+/// The backend [`Backend::detect`] returns if set (`NONE` otherwise).
+static DEFAULT: AtomicU8 = AtomicU8::new(NONE);
+
+impl Backend {
+    /// Every backend this crate knows, slowest first.
+    pub const ALL: [Backend; 5] = [
+        Backend::Scalar,
+        Backend::Portable,
+        Backend::Avx2,
+        Backend::Avx512,
+        Backend::Neon,
+    ];
+
+    /// The backend to use: the one set with [`Backend::set_default`], else the fastest this
+    /// CPU supports. Detection runs once; later calls are an atomic load.
     pub fn detect() -> Backend {
-        Backend::Scalar
+        let forced = DEFAULT.load(Ordering::Relaxed);
+        if forced != NONE {
+            return Backend::ALL[forced as usize];
+        }
+        let bits = supported_bits();
+        let best = Backend::ALL
+            .iter()
+            .rev()
+            .find(|b| bits & (1 << **b as u8) != 0);
+        // Scalar is always supported, so `find` always succeeds.
+        best.copied().unwrap_or(Backend::Scalar)
+    }
+
+    /// Makes `backend` what [`Backend::detect`] returns (`None`: back to the fastest).
+    /// The environment-free override for `no_std`; lamb-std reads `LAMB_BACKEND` into it.
+    ///
+    /// ```
+    /// use lamb_core::Backend;
+    /// Backend::set_default(Some(Backend::Scalar)).unwrap();
+    /// assert_eq!(Backend::detect(), Backend::Scalar);
+    /// Backend::set_default(None).unwrap();
+    /// ```
+    pub fn set_default(backend: Option<Backend>) -> Result<(), LambError> {
+        let v = match backend {
+            None => NONE,
+            Some(b) => b.checked().ok_or(LambError::Unsupported { backend: b })? as u8,
+        };
+        DEFAULT.store(v, Ordering::Relaxed);
+        Ok(())
     }
 
     /// `Some(self)` if this CPU and OS support it, else `None`.
     pub fn checked(self) -> Option<Backend> {
-        match self {
-            Backend::Scalar => Some(self),
-        }
+        (supported_bits() & (1 << self as u8) != 0).then_some(self)
     }
 
     /// The backends this CPU supports, slowest first.
     pub fn available() -> impl Iterator<Item = Backend> {
-        Backend::ALL
-            .iter()
-            .copied()
-            .filter(|b| b.checked().is_some())
+        Backend::ALL.into_iter().filter(|b| b.checked().is_some())
     }
 
     /// Lower-case name: `scalar`, `portable`, `avx2`, `avx512`, `neon`.
     pub const fn name(self) -> &'static str {
         match self {
             Backend::Scalar => "scalar",
+            Backend::Portable => "portable",
+            Backend::Avx2 => "avx2",
+            Backend::Avx512 => "avx512",
+            Backend::Neon => "neon",
         }
     }
 
     /// Parses a [`Backend::name`].
+    ///
+    /// ```
+    /// assert_eq!(lamb_core::Backend::from_name("avx2"), Some(lamb_core::Backend::Avx2));
+    /// ```
     pub fn from_name(name: &str) -> Option<Backend> {
-        Backend::ALL.iter().copied().find(|b| b.name() == name)
+        Backend::ALL.into_iter().find(|b| b.name() == name)
     }
 
-    #[inline]
-    pub(crate) fn block_norms(
-        self,
-        s: &StepScalars,
-        p: &[f32],
-        g: &[f32],
-        m: &[f32],
-        v: &[f32],
-    ) -> LayerNorms {
-        match self {
-            Backend::Scalar => scalar::block_norms(s, p, g, m, v),
+    /// The entry points, if this CPU supports the backend.
+    pub(crate) fn kernels(self) -> Result<Kernels, LambError> {
+        if self.checked().is_none() {
+            return Err(LambError::Unsupported { backend: self });
         }
-    }
-
-    #[inline]
-    pub(crate) fn apply_unchecked_len(
-        self,
-        s: &StepScalars,
-        step: f32,
-        p: &mut [f32],
-        g: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
-    ) {
-        match self {
-            Backend::Scalar => scalar::apply(s, step, p, g, m, v),
-        }
-    }
-
-    #[inline]
-    pub(crate) fn block_sum_squares(self, x: &[f32]) -> f64 {
-        match self {
-            Backend::Scalar => scalar::block_sum_squares(x),
-        }
+        Ok(match self {
+            Backend::Scalar => Kernels {
+                block_norms: scalar::block_norms,
+                apply: scalar::apply,
+                block_sum_squares: scalar::block_sum_squares,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => Kernels {
+                block_norms: arch::avx2::block_norms,
+                apply: arch::avx2::apply,
+                block_sum_squares: arch::avx2::block_sum_squares,
+            },
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => Kernels {
+                block_norms: arch::avx512::block_norms,
+                apply: arch::avx512::apply,
+                block_sum_squares: arch::avx512::block_sum_squares,
+            },
+            #[cfg(target_arch = "aarch64")]
+            Backend::Neon => Kernels {
+                block_norms: arch::neon::block_norms,
+                apply: arch::neon::apply,
+                block_sum_squares: arch::neon::block_sum_squares,
+            },
+            // Portable, and any backend not compiled for this architecture (whose support
+            // bit is never set, so it was refused above).
+            _ => Kernels {
+                block_norms: arch::portable::block_norms,
+                apply: arch::portable::apply,
+                block_sum_squares: arch::portable::block_sum_squares,
+            },
+        })
     }
 }
 
 impl core::fmt::Display for Backend {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+fn supported_bits() -> u8 {
+    let bits = SUPPORTED.load(Ordering::Relaxed);
+    if bits != UNKNOWN {
+        return bits;
+    }
+    let bits = detect_bits();
+    SUPPORTED.store(bits, Ordering::Relaxed);
+    bits
+}
+
+fn detect_bits() -> u8 {
+    let mut bits = 1 << Backend::Scalar as u8 | 1 << Backend::Portable as u8;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let f = x86::features();
+        if f.avx2 {
+            bits |= 1 << Backend::Avx2 as u8;
+        }
+        if f.avx512f {
+            bits |= 1 << Backend::Avx512 as u8;
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        // NEON (Advanced SIMD) is mandatory in the aarch64 ABI that Rust targets.
+        bits |= 1 << Backend::Neon as u8;
+    }
+    bits
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::{__cpuid, __cpuid_count, _xgetbv};
+
+    pub(super) struct Features {
+        pub(super) avx2: bool,
+        pub(super) avx512f: bool,
+    }
+
+    /// XCR0 bits: SSE and AVX (YMM) state; opmask, ZMM_Hi256 and Hi16_ZMM state.
+    const XCR0_YMM: u64 = 0b110;
+    const XCR0_ZMM: u64 = 0b1110_0110;
+
+    pub(super) fn features() -> Features {
+        let none = Features {
+            avx2: false,
+            avx512f: false,
+        };
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID exists on every x86-64 CPU.
+        let (max_leaf, leaf1) = unsafe { (__cpuid(0).eax, __cpuid(1)) };
+        let osxsave = leaf1.ecx & (1 << 27) != 0;
+        let avx = leaf1.ecx & (1 << 28) != 0;
+        if !(osxsave && avx) || max_leaf < 7 {
+            return none;
+        }
+        // SAFETY: OSXSAVE is set, so XGETBV is enabled and XCR0 readable.
+        let xcr0 = unsafe { xcr0() };
+        #[allow(unused_unsafe)]
+        // SAFETY: leaf 7 exists (max_leaf >= 7).
+        let leaf7 = unsafe { __cpuid_count(7, 0) };
+        Features {
+            avx2: xcr0 & XCR0_YMM == XCR0_YMM && leaf7.ebx & (1 << 5) != 0,
+            avx512f: xcr0 & XCR0_ZMM == XCR0_ZMM && leaf7.ebx & (1 << 16) != 0,
+        }
+    }
+
+    /// # Safety
+    /// CPUID.1:ECX.OSXSAVE must be set.
+    #[target_feature(enable = "xsave")]
+    unsafe fn xcr0() -> u64 {
+        // SAFETY: the caller checked OSXSAVE, which makes XGETBV legal.
+        unsafe { _xgetbv(0) }
     }
 }

@@ -103,6 +103,11 @@ pub enum LambError {
         /// Length of `buffer`.
         found: usize,
     },
+    /// The requested backend is not supported by this CPU (or not compiled for it).
+    Unsupported {
+        /// The backend asked for.
+        backend: crate::Backend,
+    },
     /// A gradient, moment, parameter or update was NaN or infinite (policy [`NonFinite::Error`](crate::NonFinite::Error)).
     NonFinite {
         /// The layer's index.
@@ -178,6 +183,9 @@ impl fmt::Display for LambError {
                 "layer {layer}: {} has {found} elements, param has {expected}",
                 buffer.name()
             ),
+            LambError::Unsupported { backend } => {
+                write!(f, "backend {backend} is not supported by this CPU")
+            }
             LambError::NonFinite { layer } => write!(
                 f,
                 "layer {layer}: non-finite value (NaN or infinity) in the gradient, state or update; nothing was written"

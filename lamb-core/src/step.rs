@@ -264,17 +264,21 @@ impl Backend {
         v: &[f32],
     ) -> Result<LayerNorms, LambError> {
         check_lengths(param.len(), grad.len(), m.len(), v.len())?;
+        let k = self.kernels()?;
         let mut total = LayerNorms::default();
         for start in (0..param.len()).step_by(crate::BLOCK) {
-            let end = (start + crate::BLOCK).min(param.len());
-            let r = start..end;
-            let block = self.block_norms(
-                scalars,
-                &param[r.clone()],
-                &grad[r.clone()],
-                &m[r.clone()],
-                &v[r],
-            );
+            let r = start..(start + crate::BLOCK).min(param.len());
+            // SAFETY: `kernels()` checked that this CPU supports the backend; the four
+            // sub-slices have the same range of equal-length slices.
+            let block = unsafe {
+                (k.block_norms)(
+                    scalars,
+                    &param[r.clone()],
+                    &grad[r.clone()],
+                    &m[r.clone()],
+                    &v[r],
+                )
+            };
             total = total.add(block);
         }
         Ok(total)
@@ -304,15 +308,19 @@ impl Backend {
                 found: param.len(),
             });
         }
+        let k = self.kernels()?;
         for (b, slot) in out.iter_mut().take(blocks).enumerate() {
             let r = b * crate::BLOCK..((b + 1) * crate::BLOCK).min(param.len());
-            *slot = self.block_norms(
-                scalars,
-                &param[r.clone()],
-                &grad[r.clone()],
-                &m[r.clone()],
-                &v[r],
-            );
+            // SAFETY: as in `norms`.
+            *slot = unsafe {
+                (k.block_norms)(
+                    scalars,
+                    &param[r.clone()],
+                    &grad[r.clone()],
+                    &m[r.clone()],
+                    &v[r],
+                )
+            };
         }
         Ok(())
     }
@@ -329,17 +337,22 @@ impl Backend {
         v: &mut [f32],
     ) -> Result<(), LambError> {
         check_lengths(param.len(), grad.len(), m.len(), v.len())?;
-        self.apply_unchecked_len(scalars, step_size, param, grad, m, v);
+        let k = self.kernels()?;
+        // SAFETY: `kernels()` checked that this CPU supports the backend; the lengths are equal.
+        unsafe { (k.apply)(scalars, step_size, param, grad, m, v) };
         Ok(())
     }
 
     /// Σx² in f64 with the fixed block/lane order, e.g. for a global gradient norm.
     ///
     /// ```
-    /// assert_eq!(lamb_core::Backend::Scalar.sum_squares(&[3.0, 4.0]), 25.0);
+    /// assert_eq!(lamb_core::Backend::Scalar.sum_squares(&[3.0, 4.0]), Ok(25.0));
     /// ```
-    pub fn sum_squares(self, x: &[f32]) -> f64 {
-        x.chunks(crate::BLOCK)
-            .fold(0.0, |acc, block| acc + self.block_sum_squares(block))
+    pub fn sum_squares(self, x: &[f32]) -> Result<f64, LambError> {
+        let k = self.kernels()?;
+        Ok(x.chunks(crate::BLOCK).fold(0.0, |acc, block| {
+            // SAFETY: `kernels()` checked that this CPU supports the backend.
+            acc + unsafe { (k.block_sum_squares)(block) }
+        }))
     }
 }

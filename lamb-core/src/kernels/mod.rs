@@ -9,7 +9,9 @@
 //! cost nothing measurable in these memory-bound loops and make the norms overflow-free:
 //! any finite f32 tensor has a finite f64 sum of squares.
 
+pub(crate) mod arch;
 pub mod scalar;
+pub(crate) mod simd;
 
 /// Elements per reduction block. Threads split layers on multiples of this.
 pub const BLOCK: usize = 1024;

@@ -1,0 +1,101 @@
+//! AVX-512F: a row is one `__m512`, the 16 f64 lanes two `__m512d`, and tails use masked
+//! loads and stores (masked-off lanes neither read nor fault).
+
+use core::arch::x86_64::*;
+
+use crate::kernels::LANES;
+use crate::kernels::simd::{Simd, entry_points};
+
+#[derive(Clone, Copy)]
+pub(crate) struct Avx512;
+
+// SAFETY: every method uses AVX-512F instructions only; callers are `#[target_feature(enable
+// = "avx512f")]` functions reached only after detection found AVX-512F and OS-enabled ZMM
+// and opmask state.
+unsafe impl Simd for Avx512 {
+    type V = __m512;
+    type Acc = [__m512d; 2];
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        // SAFETY: AVX-512F is available (trait contract).
+        unsafe { _mm512_set1_ps(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(ptr: *const f32) -> Self::V {
+        // SAFETY: the caller guarantees 16 readable f32 at `ptr`; loadu needs no alignment.
+        unsafe { _mm512_loadu_ps(ptr) }
+    }
+    #[inline(always)]
+    unsafe fn store(ptr: *mut f32, v: Self::V) {
+        // SAFETY: the caller guarantees 16 writable f32 at `ptr`; storeu needs no alignment.
+        unsafe { _mm512_storeu_ps(ptr, v) }
+    }
+    #[inline(always)]
+    unsafe fn load_partial(ptr: *const f32, n: usize) -> Self::V {
+        // SAFETY: n < 16, so the mask selects the first n lanes; masked-off lanes are not
+        // accessed, so only the n elements the caller guarantees are read.
+        unsafe { _mm512_maskz_loadu_ps(((1u32 << n) - 1) as __mmask16, ptr) }
+    }
+    #[inline(always)]
+    unsafe fn store_partial(ptr: *mut f32, n: usize, v: Self::V) {
+        // SAFETY: as in `load_partial`: only the first n lanes are written.
+        unsafe { _mm512_mask_storeu_ps(ptr, ((1u32 << n) - 1) as __mmask16, v) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        // SAFETY: AVX-512F is available (trait contract).
+        unsafe { _mm512_add_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        // SAFETY: AVX-512F is available (trait contract).
+        unsafe { _mm512_sub_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        // SAFETY: AVX-512F is available (trait contract).
+        unsafe { _mm512_mul_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V {
+        // SAFETY: AVX-512F is available (trait contract).
+        unsafe { _mm512_div_ps(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sqrt(a: Self::V) -> Self::V {
+        // SAFETY: AVX-512F is available (trait contract).
+        unsafe { _mm512_sqrt_ps(a) }
+    }
+    #[inline(always)]
+    unsafe fn acc_zero() -> Self::Acc {
+        // SAFETY: AVX-512F is available (trait contract).
+        unsafe { [_mm512_setzero_pd(); 2] }
+    }
+    #[inline(always)]
+    unsafe fn acc_add_squares(acc: Self::Acc, x: Self::V) -> Self::Acc {
+        // SAFETY: AVX-512F is available (trait contract).
+        unsafe {
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(x),
+            )));
+            [
+                _mm512_add_pd(acc[0], _mm512_mul_pd(lo, lo)),
+                _mm512_add_pd(acc[1], _mm512_mul_pd(hi, hi)),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn acc_lanes(acc: Self::Acc) -> [f64; LANES] {
+        let mut out = [0.0; LANES];
+        // SAFETY: `out` has 16 f64, two stores of 8 each.
+        unsafe {
+            _mm512_storeu_pd(out.as_mut_ptr(), acc[0]);
+            _mm512_storeu_pd(out.as_mut_ptr().add(8), acc[1]);
+        }
+        out
+    }
+}
+
+entry_points!(Avx512, "avx512f");

@@ -1,0 +1,108 @@
+//! NEON (baseline on aarch64): a row is four `float32x4_t`, the 16 f64 lanes eight
+//! `float64x2_t`. AArch64 NEON is IEEE (denormals kept unless FPCR.FZ is set, which Linux
+//! and bare-metal startup code leave clear).
+
+use core::arch::aarch64::*;
+
+use crate::kernels::LANES;
+use crate::kernels::simd::{Simd, entry_points};
+
+#[derive(Clone, Copy)]
+pub(crate) struct Neon;
+
+macro_rules! each {
+    ($f:ident, $($a:ident),+) => {
+        [$f($($a[0]),+), $f($($a[1]),+), $f($($a[2]),+), $f($($a[3]),+)]
+    };
+}
+
+// SAFETY: NEON is part of the aarch64 baseline; every method uses NEON instructions only.
+unsafe impl Simd for Neon {
+    type V = [float32x4_t; 4];
+    type Acc = [float64x2_t; 8];
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        // SAFETY: NEON is available (trait contract).
+        unsafe { [vdupq_n_f32(x); 4] }
+    }
+    #[inline(always)]
+    unsafe fn load(ptr: *const f32) -> Self::V {
+        // SAFETY: the caller guarantees 16 readable f32 at `ptr`; vld1q needs no alignment
+        // beyond f32's.
+        unsafe {
+            [
+                vld1q_f32(ptr),
+                vld1q_f32(ptr.add(4)),
+                vld1q_f32(ptr.add(8)),
+                vld1q_f32(ptr.add(12)),
+            ]
+        }
+    }
+    #[inline(always)]
+    unsafe fn store(ptr: *mut f32, v: Self::V) {
+        // SAFETY: the caller guarantees 16 writable f32 at `ptr`.
+        unsafe {
+            for (k, x) in v.iter().enumerate() {
+                vst1q_f32(ptr.add(4 * k), *x);
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        // SAFETY: NEON is available (trait contract).
+        unsafe { each!(vaddq_f32, a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V {
+        // SAFETY: NEON is available (trait contract).
+        unsafe { each!(vsubq_f32, a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        // SAFETY: NEON is available (trait contract).
+        unsafe { each!(vmulq_f32, a, b) }
+    }
+    #[inline(always)]
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V {
+        // SAFETY: NEON is available (trait contract).
+        unsafe { each!(vdivq_f32, a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sqrt(a: Self::V) -> Self::V {
+        // SAFETY: NEON is available (trait contract).
+        unsafe { each!(vsqrtq_f32, a) }
+    }
+    #[inline(always)]
+    unsafe fn acc_zero() -> Self::Acc {
+        // SAFETY: NEON is available (trait contract).
+        unsafe { [vdupq_n_f64(0.0); 8] }
+    }
+    #[inline(always)]
+    unsafe fn acc_add_squares(acc: Self::Acc, x: Self::V) -> Self::Acc {
+        let mut out = acc;
+        // SAFETY: NEON is available (trait contract).
+        unsafe {
+            for k in 0..4 {
+                let lo = vcvt_f64_f32(vget_low_f32(x[k]));
+                let hi = vcvt_high_f64_f32(x[k]);
+                out[2 * k] = vaddq_f64(out[2 * k], vmulq_f64(lo, lo));
+                out[2 * k + 1] = vaddq_f64(out[2 * k + 1], vmulq_f64(hi, hi));
+            }
+        }
+        out
+    }
+    #[inline(always)]
+    unsafe fn acc_lanes(acc: Self::Acc) -> [f64; LANES] {
+        let mut out = [0.0; LANES];
+        // SAFETY: `out` has 16 f64, eight stores of 2 each.
+        unsafe {
+            for (k, a) in acc.iter().enumerate() {
+                vst1q_f64(out.as_mut_ptr().add(2 * k), *a);
+            }
+        }
+        out
+    }
+}
+
+entry_points!(Neon, "neon");

@@ -1,0 +1,302 @@
+//! One generic algorithm for every SIMD backend.
+//!
+//! The unit of work is a *row* of 16 f32 elements, which is exactly one round of the 16
+//! reduction lanes: element `i` of a block lands in lane `i % 16` whatever the register
+//! width. Each ISA module implements [`Simd`] for its own 16-lane bundle (one AVX-512
+//! register, two AVX2 registers, four SSE2/NEON registers) and wraps these `#[inline(always)]`
+//! functions in `#[target_feature]` entry points, in the manner of memchr's `arch` modules.
+//!
+//! Tails shorter than a row go through [`Simd::load_partial`] / [`Simd::store_partial`]:
+//! zero padding that never touches memory outside the slices. Padding elements are all zero,
+//! so their u is `0/ε + λ·0 = 0` and they add `+0.0` to lanes that hold `+0.0` or more:
+//! the sums are bit-identical to the scalar reference, which never visits them.
+
+use super::{LANES, fold_lanes};
+use crate::step::{LayerNorms, StepScalars};
+
+/// A bundle of 16 f32 lanes and its f64 accumulator.
+///
+/// # Safety
+/// Implementations may only be used where their instruction set is available; the
+/// methods are `unsafe` for that reason, and pointer arguments must be valid as documented.
+pub(crate) unsafe trait Simd: Copy {
+    /// 16 f32 lanes.
+    type V: Copy;
+    /// 16 f64 lanes.
+    type Acc: Copy;
+
+    unsafe fn splat(x: f32) -> Self::V;
+    /// Loads 16 elements. `ptr` must be valid for reading 16 f32 (no alignment needed).
+    unsafe fn load(ptr: *const f32) -> Self::V;
+    /// Stores 16 elements. `ptr` must be valid for writing 16 f32 (no alignment needed).
+    unsafe fn store(ptr: *mut f32, v: Self::V);
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sqrt(a: Self::V) -> Self::V;
+    unsafe fn acc_zero() -> Self::Acc;
+    /// `acc[j] + f64(x[j])²` for every lane j (the product is exact in f64).
+    unsafe fn acc_add_squares(acc: Self::Acc, x: Self::V) -> Self::Acc;
+    unsafe fn acc_lanes(acc: Self::Acc) -> [f64; LANES];
+
+    /// Loads `n < 16` elements, the rest zero. `ptr` must be valid for reading `n` f32.
+    #[inline(always)]
+    unsafe fn load_partial(ptr: *const f32, n: usize) -> Self::V {
+        let mut buf = [0.0f32; LANES];
+        // SAFETY: the caller guarantees `n` readable elements at `ptr`; `buf` holds 16 >= n.
+        unsafe {
+            core::ptr::copy_nonoverlapping(ptr, buf.as_mut_ptr(), n);
+            Self::load(buf.as_ptr())
+        }
+    }
+
+    /// Stores the first `n < 16` lanes. `ptr` must be valid for writing `n` f32.
+    #[inline(always)]
+    unsafe fn store_partial(ptr: *mut f32, n: usize, v: Self::V) {
+        let mut buf = [0.0f32; LANES];
+        // SAFETY: `buf` holds 16 elements; the caller guarantees `n` writable at `ptr`.
+        unsafe {
+            Self::store(buf.as_mut_ptr(), v);
+            core::ptr::copy_nonoverlapping(buf.as_ptr(), ptr, n);
+        }
+    }
+}
+
+/// The per-step scalars, splatted once.
+#[derive(Clone, Copy)]
+struct Splat<S: Simd> {
+    grad_scale: S::V,
+    beta1: S::V,
+    beta3: S::V,
+    beta2: S::V,
+    one_minus_beta2: S::V,
+    inv_bias1: S::V,
+    inv_bias2: S::V,
+    eps: S::V,
+    eps_inside_sqrt: bool,
+    weight_decay: S::V,
+}
+
+impl<S: Simd> Splat<S> {
+    #[inline(always)]
+    unsafe fn new(s: &StepScalars) -> Self {
+        // SAFETY: the caller runs on a CPU with S's instruction set.
+        unsafe {
+            Splat {
+                grad_scale: S::splat(s.grad_scale),
+                beta1: S::splat(s.beta1),
+                beta3: S::splat(s.beta3),
+                beta2: S::splat(s.beta2),
+                one_minus_beta2: S::splat(s.one_minus_beta2),
+                inv_bias1: S::splat(s.inv_bias1),
+                inv_bias2: S::splat(s.inv_bias2),
+                eps: S::splat(s.eps),
+                eps_inside_sqrt: s.eps_inside_sqrt,
+                weight_decay: S::splat(s.weight_decay),
+            }
+        }
+    }
+
+    /// [`super::scalar::update`] on 16 lanes, operation for operation; also returns the
+    /// denominator for the overflow check of phase 1.
+    #[inline(always)]
+    unsafe fn update(&self, p: S::V, g: S::V, m: S::V, v: S::V) -> (S::V, S::V, S::V, S::V) {
+        // SAFETY: the caller runs on a CPU with S's instruction set.
+        unsafe {
+            let g = S::mul(g, self.grad_scale);
+            let m = S::add(S::mul(self.beta1, m), S::mul(self.beta3, g));
+            let v = S::add(
+                S::mul(self.beta2, v),
+                S::mul(self.one_minus_beta2, S::mul(g, g)),
+            );
+            let m_hat = S::mul(m, self.inv_bias1);
+            let v_hat = S::mul(v, self.inv_bias2);
+            let denom = if self.eps_inside_sqrt {
+                S::sqrt(S::add(v_hat, self.eps))
+            } else {
+                S::add(S::sqrt(v_hat), self.eps)
+            };
+            let u = S::add(S::div(m_hat, denom), S::mul(self.weight_decay, p));
+            (m, v, u, denom)
+        }
+    }
+}
+
+/// Phase 1 of one block (`p.len() <= BLOCK`, all slices of equal length).
+///
+/// # Safety
+/// The CPU must support `S`'s instruction set; the slices must have equal lengths.
+#[inline(always)]
+pub(crate) unsafe fn block_norms<S: Simd>(
+    s: &StepScalars,
+    p: &[f32],
+    g: &[f32],
+    m: &[f32],
+    v: &[f32],
+) -> LayerNorms {
+    let n = p.len();
+    debug_assert!(g.len() == n && m.len() == n && v.len() == n);
+    // SAFETY: S's instruction set is available (caller); every load reads 16 elements
+    // starting at `i` with `i + 16 <= n`, or `n - i` elements through `load_partial`, so all
+    // reads stay inside the four slices, which have length `n`.
+    unsafe {
+        let k = Splat::<S>::new(s);
+        let (mut acc_p, mut acc_u) = (S::acc_zero(), S::acc_zero());
+        let mut row = |pv: S::V, gv: S::V, mv: S::V, vv: S::V| {
+            let (_, _, u, denom) = k.update(pv, gv, mv, vv);
+            let u = S::add(u, S::sub(denom, denom));
+            acc_p = S::acc_add_squares(acc_p, pv);
+            acc_u = S::acc_add_squares(acc_u, u);
+        };
+        let mut i = 0;
+        while i + LANES <= n {
+            row(
+                S::load(p.as_ptr().add(i)),
+                S::load(g.as_ptr().add(i)),
+                S::load(m.as_ptr().add(i)),
+                S::load(v.as_ptr().add(i)),
+            );
+            i += LANES;
+        }
+        if i < n {
+            let r = n - i;
+            row(
+                S::load_partial(p.as_ptr().add(i), r),
+                S::load_partial(g.as_ptr().add(i), r),
+                S::load_partial(m.as_ptr().add(i), r),
+                S::load_partial(v.as_ptr().add(i), r),
+            );
+        }
+        LayerNorms {
+            param_sq: fold_lanes(S::acc_lanes(acc_p)),
+            update_sq: fold_lanes(S::acc_lanes(acc_u)),
+        }
+    }
+}
+
+/// Phase 2 over a slice (all slices of equal length).
+///
+/// # Safety
+/// The CPU must support `S`'s instruction set; the slices must have equal lengths.
+#[inline(always)]
+pub(crate) unsafe fn apply<S: Simd>(
+    s: &StepScalars,
+    step: f32,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    let n = p.len();
+    debug_assert!(g.len() == n && m.len() == n && v.len() == n);
+    // SAFETY: S's instruction set is available (caller). Full rows read and write 16
+    // elements at `i` with `i + 16 <= n`; the tail reads and writes `n - i` elements through
+    // the partial functions. All four slices have length `n`, and `p`, `m`, `v` are distinct
+    // `&mut` borrows, so the writes cannot alias each other or `g`.
+    unsafe {
+        let k = Splat::<S>::new(s);
+        let step = S::splat(step);
+        let mut i = 0;
+        while i + LANES <= n {
+            let pv = S::load(p.as_ptr().add(i));
+            let (mv, vv, u, _) = k.update(
+                pv,
+                S::load(g.as_ptr().add(i)),
+                S::load(m.as_ptr().add(i)),
+                S::load(v.as_ptr().add(i)),
+            );
+            S::store(m.as_mut_ptr().add(i), mv);
+            S::store(v.as_mut_ptr().add(i), vv);
+            S::store(p.as_mut_ptr().add(i), S::sub(pv, S::mul(step, u)));
+            i += LANES;
+        }
+        if i < n {
+            let r = n - i;
+            let pv = S::load_partial(p.as_ptr().add(i), r);
+            let (mv, vv, u, _) = k.update(
+                pv,
+                S::load_partial(g.as_ptr().add(i), r),
+                S::load_partial(m.as_ptr().add(i), r),
+                S::load_partial(v.as_ptr().add(i), r),
+            );
+            S::store_partial(m.as_mut_ptr().add(i), r, mv);
+            S::store_partial(v.as_mut_ptr().add(i), r, vv);
+            S::store_partial(p.as_mut_ptr().add(i), r, S::sub(pv, S::mul(step, u)));
+        }
+    }
+}
+
+/// Σx² of one block.
+///
+/// # Safety
+/// The CPU must support `S`'s instruction set.
+#[inline(always)]
+pub(crate) unsafe fn block_sum_squares<S: Simd>(x: &[f32]) -> f64 {
+    let n = x.len();
+    // SAFETY: as in `block_norms`: every read stays inside `x`.
+    unsafe {
+        let mut acc = S::acc_zero();
+        let mut i = 0;
+        while i + LANES <= n {
+            acc = S::acc_add_squares(acc, S::load(x.as_ptr().add(i)));
+            i += LANES;
+        }
+        if i < n {
+            acc = S::acc_add_squares(acc, S::load_partial(x.as_ptr().add(i), n - i));
+        }
+        fold_lanes(S::acc_lanes(acc))
+    }
+}
+
+/// Declares a backend module's three `#[target_feature]` entry points over the generic
+/// algorithm, so that each ISA module is only its [`Simd`] impl.
+macro_rules! entry_points {
+    ($simd:ty, $($feature:literal),+) => {
+        use crate::step::{LayerNorms, StepScalars};
+
+        /// Phase 1 of one block.
+        ///
+        /// # Safety
+        /// The CPU must support the enabled features; the slices must have equal lengths.
+        #[target_feature($(enable = $feature),+)]
+        pub(crate) unsafe fn block_norms(
+            s: &StepScalars,
+            p: &[f32],
+            g: &[f32],
+            m: &[f32],
+            v: &[f32],
+        ) -> LayerNorms {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { crate::kernels::simd::block_norms::<$simd>(s, p, g, m, v) }
+        }
+
+        /// Phase 2.
+        ///
+        /// # Safety
+        /// The CPU must support the enabled features; the slices must have equal lengths.
+        #[target_feature($(enable = $feature),+)]
+        pub(crate) unsafe fn apply(
+            s: &StepScalars,
+            step: f32,
+            p: &mut [f32],
+            g: &[f32],
+            m: &mut [f32],
+            v: &mut [f32],
+        ) {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { crate::kernels::simd::apply::<$simd>(s, step, p, g, m, v) }
+        }
+
+        /// Σx² of one block.
+        ///
+        /// # Safety
+        /// The CPU must support the enabled features.
+        #[target_feature($(enable = $feature),+)]
+        pub(crate) unsafe fn block_sum_squares(x: &[f32]) -> f64 {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { crate::kernels::simd::block_sum_squares::<$simd>(x) }
+        }
+    };
+}
+pub(crate) use entry_points;
