@@ -44,10 +44,15 @@ pub enum Backend {
 /// checking support, which is what makes calling these `unsafe fn`s sound.
 #[derive(Clone, Copy)]
 pub(crate) struct Kernels {
-    pub(crate) block_norms: unsafe fn(&StepScalars, &[f32], &[f32], &[f32], &[f32]) -> LayerNorms,
-    pub(crate) apply: unsafe fn(&StepScalars, f32, &mut [f32], &[f32], &mut [f32], &mut [f32]),
+    pub(crate) block_norms: BlockNormsFn,
+    pub(crate) apply: ApplyFn,
     pub(crate) block_sum_squares: unsafe fn(&[f32]) -> f64,
 }
+
+/// Phase 1 of one block: `(scalars, p, g, m, v) -> sums`.
+type BlockNormsFn = unsafe fn(&StepScalars, &[f32], &[f32], &[f32], &[f32]) -> LayerNorms;
+/// Phase 2: `(scalars, step_size, p, g, m, v)`.
+type ApplyFn = unsafe fn(&StepScalars, f32, &mut [f32], &[f32], &mut [f32], &mut [f32]);
 
 const UNKNOWN: u8 = 0xff;
 const NONE: u8 = 0xfe;

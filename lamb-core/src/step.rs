@@ -105,11 +105,11 @@ pub struct LayerNorms {
     pub update_sq: f64,
 }
 
-impl LayerNorms {
-    /// `self + other`, component-wise. Blocks are always added in index order.
+/// Component-wise sum. Blocks are always added in index order.
+impl core::ops::Add for LayerNorms {
+    type Output = LayerNorms;
     #[inline]
-    #[must_use]
-    pub fn add(self, other: LayerNorms) -> LayerNorms {
+    fn add(self, other: LayerNorms) -> LayerNorms {
         LayerNorms {
             param_sq: self.param_sq + other.param_sq,
             update_sq: self.update_sq + other.update_sq,
@@ -279,7 +279,7 @@ impl Backend {
                     &v[r],
                 )
             };
-            total = total.add(block);
+            total = total + block;
         }
         Ok(total)
     }

@@ -32,6 +32,7 @@ fn update_and_denom(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> (f32, f3
 /// `d − d` is 0 when `d` is finite and NaN when it is infinite, so an infinite `v` (which
 /// would make `u` a harmless-looking 0 forever) poisons the sum and the step is refused.
 #[inline(always)]
+#[allow(clippy::eq_op)] // `denom - denom` is the point: 0, or NaN for an infinite denom
 pub fn checked_update(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> f32 {
     let (_, _, u, denom) = update_and_denom(s, p, g, m, v);
     u + (denom - denom)
