@@ -4,3 +4,5 @@
 #![deny(missing_docs)]
 
 pub use lamb_core;
+
+pub mod buffer;
