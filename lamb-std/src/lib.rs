@@ -6,3 +6,4 @@
 pub use lamb_core;
 
 pub mod buffer;
+pub mod shapes;
