@@ -90,6 +90,13 @@ pub enum LambError {
         /// Upper bound.
         upper: f64,
     },
+    /// A learning-rate schedule parameter is out of its domain.
+    InvalidSchedule {
+        /// Which parameter, and what it must be.
+        what: &'static str,
+        /// Its value.
+        value: f64,
+    },
     /// The step counter is 0; LAMB counts steps from 1.
     StepZero,
     /// Buffers of one layer differ in length.
@@ -171,6 +178,9 @@ impl fmt::Display for LambError {
                     lower_field.name(),
                     upper_field.name()
                 )
+            }
+            LambError::InvalidSchedule { what, value } => {
+                write!(f, "invalid schedule {what}: got {value:?}")
             }
             LambError::StepZero => write!(f, "step must be >= 1 (LAMB counts steps from 1), got 0"),
             LambError::LengthMismatch {

@@ -28,10 +28,12 @@ mod config;
 mod dispatch;
 mod error;
 pub mod kernels;
+mod schedule;
 mod step;
 
 pub use config::{Adaptation, BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule};
 pub use dispatch::Backend;
 pub use error::{Buffer, Field, LambError};
 pub use kernels::{BLOCK, LANES};
+pub use schedule::Schedule;
 pub use step::{LayerNorms, LayerReport, StepScalars, step_layer};

@@ -59,7 +59,11 @@ impl AlignedBuf {
                 placement: Placement::CacheLine,
             };
         }
-        let align = if bytes >= HUGE_PAGE { HUGE_PAGE } else { CACHE_LINE };
+        let align = if bytes >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            CACHE_LINE
+        };
         let layout = Self::layout(bytes, align);
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
@@ -120,7 +124,11 @@ impl Drop for AlignedBuf {
             return;
         }
         let bytes = self.len * 4;
-        let align = if bytes >= HUGE_PAGE { HUGE_PAGE } else { CACHE_LINE };
+        let align = if bytes >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            CACHE_LINE
+        };
         // SAFETY: allocated in `zeroed` with exactly this layout.
         unsafe { dealloc(self.ptr.as_ptr().cast(), Self::layout(bytes, align)) }
     }

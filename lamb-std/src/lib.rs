@@ -1,9 +1,37 @@
 //! # lamb-std
 //!
-//! The optimizer users hold (work in progress: see the issues). Re-exports [`lamb_core`].
+//! The LAMB optimizer users hold: owned, huge-page-backed state; parameter groups;
+//! global gradient clipping and loss scaling folded into the kernels; learning-rate
+//! schedules; a thread pool that splits layers on reduction-block boundaries so that results
+//! are bit-identical for every thread count. Re-exports [`lamb_core`].
+//!
+//! ```
+//! use lamb_std::{Lamb, lamb_core::{LambConfig, Schedule}};
+//!
+//! let mut opt = Lamb::with_decay_split(LambConfig::nvlamb());
+//! opt.add_param("encoder.weight", &[64, 32])?;
+//! opt.add_param("encoder.bias", &[64])?;
+//! opt.set_max_grad_norm(Some(1.0))?;
+//! opt.set_schedule(Schedule::WarmupPoly { warmup: 10, total: 1000, power: 1.0, end: 0.0 })?;
+//! opt.set_threads(2)?;
+//!
+//! let mut w = vec![0.1f32; 64 * 32];
+//! let mut b = vec![0.0f32; 64];
+//! let gw = vec![0.01f32; 64 * 32];
+//! let gb = vec![0.01f32; 64];
+//! let report = opt.step(&mut [&mut w, &mut b], &[&gw, &gb])?;
+//! assert!(report.applied && report.grad_norm.is_some());
+//! # Ok::<(), lamb_std::Error>(())
+//! ```
 #![deny(missing_docs)]
 
 pub use lamb_core;
 
 pub mod buffer;
+mod error;
+mod optimizer;
+mod partition;
 pub mod shapes;
+
+pub use error::Error;
+pub use optimizer::{Group, GroupId, Lamb, LayerId, LayerView, SkippedLayer, StepReport};

@@ -1,0 +1,160 @@
+//! Errors of the optimizer: the core's, attributed to a named layer, plus the whole-model ones.
+
+use std::fmt;
+
+use lamb_core::LambError;
+
+/// Everything [`Lamb`](crate::Lamb) refuses. Whenever an `Err` is returned by a step, no
+/// parameter, moment or counter has changed, except for [`Error::WorkerPanicked`] in the
+/// apply phase, which says so and poisons the optimizer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Error {
+    /// An error of the core about one layer (lengths, non-finite values).
+    Layer {
+        /// Index of the layer.
+        index: usize,
+        /// Its registered name.
+        name: String,
+        /// What is wrong.
+        source: LambError,
+    },
+    /// An error of the core about a group's configuration or the step itself.
+    Config {
+        /// The group's name (`None`: not about one group).
+        group: Option<String>,
+        /// What is wrong.
+        source: LambError,
+    },
+    /// The step was given a different number of tensors than there are layers.
+    LayerCount {
+        /// Registered layers.
+        layers: usize,
+        /// Parameter tensors passed.
+        params: usize,
+        /// Gradient tensors passed.
+        grads: usize,
+    },
+    /// Two gradient tensors share memory.
+    AliasedBuffers {
+        /// First layer's name.
+        first: String,
+        /// Second layer's name.
+        second: String,
+    },
+    /// A layer name is registered twice.
+    DuplicateName(String),
+    /// A group id that this optimizer did not hand out.
+    UnknownGroup(usize),
+    /// A group has no layers when a step is taken.
+    EmptyGroup(String),
+    /// `max_grad_norm` must be finite and > 0 (apex and timm divide by it).
+    InvalidMaxGradNorm(f64),
+    /// A group's learning-rate multiplier must be finite and >= 0.
+    InvalidLrScale {
+        /// The group.
+        group: String,
+        /// The value.
+        value: f64,
+    },
+    /// `LAMB_BACKEND` names no backend, or one this CPU lacks.
+    BadBackendEnv(String),
+    /// The thread pool could not be built.
+    ThreadPool(String),
+    /// A worker thread panicked. In the norms phase nothing was written; in the apply phase
+    /// some layers may have been written, the optimizer is poisoned and refuses further
+    /// steps until [`Lamb::reset`](crate::Lamb::reset).
+    WorkerPanicked {
+        /// `"norms"` or `"apply"`.
+        phase: &'static str,
+        /// The panic message.
+        message: String,
+    },
+    /// A worker panicked in an earlier apply phase; the state is inconsistent.
+    Poisoned,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Layer {
+                index,
+                name,
+                source,
+            } => match source {
+                LambError::LengthMismatch {
+                    buffer,
+                    expected,
+                    found,
+                    ..
+                } => write!(
+                    f,
+                    "layer '{name}' (#{index}): {} has {found} elements, the layer has {expected}",
+                    buffer.name()
+                ),
+                LambError::NonFinite { .. } => write!(
+                    f,
+                    "layer '{name}' (#{index}): non-finite value (NaN or infinity) in the gradient, state or update; the step was not applied"
+                ),
+                other => write!(f, "layer '{name}' (#{index}): {other}"),
+            },
+            Error::Config {
+                group: Some(g),
+                source,
+            } => write!(f, "group '{g}': {source}"),
+            Error::Config {
+                group: None,
+                source,
+            } => write!(f, "{source}"),
+            Error::LayerCount {
+                layers,
+                params,
+                grads,
+            } => write!(
+                f,
+                "the optimizer has {layers} layers, but the step got {params} parameter and {grads} gradient tensors"
+            ),
+            Error::AliasedBuffers { first, second } => write!(
+                f,
+                "the gradients of layers '{first}' and '{second}' share memory"
+            ),
+            Error::DuplicateName(n) => write!(f, "a layer named '{n}' is already registered"),
+            Error::UnknownGroup(g) => write!(f, "no parameter group with id {g}"),
+            Error::EmptyGroup(g) => write!(f, "parameter group '{g}' has no layers"),
+            Error::InvalidMaxGradNorm(x) => write!(
+                f,
+                "invalid max_grad_norm = {x:?}: must be finite and > 0 (use None to turn clipping off)"
+            ),
+            Error::InvalidLrScale { group, value } => write!(
+                f,
+                "group '{group}': invalid lr_scale = {value:?}: must be finite and >= 0"
+            ),
+            Error::BadBackendEnv(v) => write!(
+                f,
+                "LAMB_BACKEND='{v}' is not a backend this CPU supports (scalar, portable, avx2, avx512, neon)"
+            ),
+            Error::ThreadPool(e) => write!(f, "could not build the thread pool: {e}"),
+            Error::WorkerPanicked { phase, message } => write!(
+                f,
+                "a worker thread panicked in the {phase} phase: {message}{}",
+                if *phase == "apply" {
+                    "; some layers may have been written, the optimizer is poisoned until reset()"
+                } else {
+                    "; nothing was written"
+                }
+            ),
+            Error::Poisoned => write!(
+                f,
+                "the optimizer is poisoned by a panic in an earlier step; call reset() or reload a checkpoint"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Layer { source, .. } | Error::Config { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

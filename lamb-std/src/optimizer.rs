@@ -1,0 +1,903 @@
+//! [`Lamb`]: owned state, parameter groups, global clipping, schedules, and the threaded step.
+//!
+//! A step is atomic across the whole model. All checks run first; then phase 1 (norms)
+//! runs over every layer, writing nothing; only if every layer's norms are finite does
+//! phase 2 (apply) run. A NaN anywhere therefore skips the step for every layer.
+//!
+//! Phase 2 visits each thread's pieces in *reverse* order of phase 1, so the data phase 1
+//! read last, which is what is still in cache, is the first phase 2 reads again. Where a
+//! thread's share of the model fits in cache, phase 2 runs entirely from cache; where it
+//! does not, the cache-sized tail still does. Doing phase 2 of each layer right after its
+//! phase 1 would reuse more, but would write layers before knowing whether a later layer is
+//! non-finite, and a step would no longer be all or nothing.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Mutex;
+
+use lamb_core::{
+    BLOCK, Backend, Field, LambConfig, LambError, LayerNorms, LayerReport, NonFinite, Schedule,
+    StepScalars,
+};
+
+use crate::buffer::AlignedBuf;
+use crate::error::Error;
+use crate::partition::{Piece, partition};
+
+/// Identifies a parameter group of one [`Lamb`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GroupId(pub usize);
+
+/// Identifies a layer of one [`Lamb`]: its index in registration order, which is also its
+/// position in the slices passed to [`Lamb::step`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LayerId(pub usize);
+
+/// A parameter group: layers sharing a configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group {
+    /// Name, used in errors.
+    pub name: String,
+    /// Hyperparameters; `config.lr` is the base learning rate.
+    pub config: LambConfig,
+    /// Multiplier of `config.lr` for this group (1 by default).
+    pub lr_scale: f64,
+}
+
+/// A layer's registration and state, as [`Lamb::layer`] shows it.
+#[derive(Debug)]
+pub struct LayerView<'a> {
+    /// Registered name.
+    pub name: &'a str,
+    /// Number of elements.
+    pub len: usize,
+    /// Its group.
+    pub group: GroupId,
+    /// First moment.
+    pub m: &'a [f32],
+    /// Second moment.
+    pub v: &'a [f32],
+    /// Norms and ratio of the last applied step (`None` before the first).
+    pub last: Option<LayerReport>,
+}
+
+/// The layer that made a step skip.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedLayer {
+    /// Its index.
+    pub index: usize,
+    /// Its name.
+    pub name: String,
+}
+
+/// What a call to [`Lamb::step`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// The step number (1-based) this call took, or would have taken if skipped.
+    pub step: u64,
+    /// `false` if the step was skipped for a non-finite value; nothing was written then.
+    pub applied: bool,
+    /// The first layer with a non-finite value, if any.
+    pub skipped: Option<SkippedLayer>,
+    /// Global L2 norm of the (unscaled) gradients, computed when clipping is on.
+    pub grad_norm: Option<f64>,
+    /// The factor applied to every gradient element (clipping × inverse loss scale).
+    pub grad_scale: f32,
+    /// The schedule's learning-rate factor at this step.
+    pub lr_factor: f64,
+}
+
+/// A layer's registration (the moments live apart, in `Lamb::moments`, so that a step can
+/// lend them to threads while reading this).
+struct Layer {
+    name: String,
+    group: usize,
+    len: usize,
+    last: Option<LayerReport>,
+}
+
+/// A layer's first and second moments.
+struct Moments {
+    m: AlignedBuf,
+    v: AlignedBuf,
+}
+
+/// The LAMB optimizer over a model's layers.
+///
+/// ```
+/// use lamb_std::{Lamb, lamb_core::LambConfig};
+///
+/// let mut opt = Lamb::new(LambConfig::paper());
+/// opt.add_layer("dense.weight", 6)?;
+/// opt.add_layer("dense.bias", 2)?;
+///
+/// let mut w = vec![0.5f32; 6];
+/// let mut b = vec![0.0f32; 2];
+/// let (gw, gb) = (vec![0.1f32; 6], vec![-0.2f32; 2]);
+/// let report = opt.step(&mut [&mut w, &mut b], &[&gw, &gb])?;
+/// assert!(report.applied);
+/// assert!(w[0] < 0.5 && b[0] > 0.0);
+/// # Ok::<(), lamb_std::Error>(())
+/// ```
+pub struct Lamb {
+    groups: Vec<Group>,
+    layers: Vec<Layer>,
+    moments: Vec<Moments>,
+    step: u64,
+    threads: usize,
+    pool: Option<rayon::ThreadPool>,
+    backend: Result<Backend, Error>,
+    max_grad_norm: Option<f64>,
+    schedule: Schedule,
+    poisoned: bool,
+    no_decay_group: Option<usize>,
+    plan: Vec<Piece>,
+    /// Phase-1 block sums of all layers, laid end to end (layer `i` at its block offset).
+    block_norms: Vec<LayerNorms>,
+    /// Gradient block sums of squares, same layout.
+    block_grad_sq: Vec<f64>,
+    #[cfg(test)]
+    pub(crate) panic_in: Option<(&'static str, usize)>,
+}
+
+/// One thread's share of one layer during a step.
+struct Work<'a> {
+    layer: usize,
+    group: usize,
+    p: &'a mut [f32],
+    g: &'a [f32],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    norms: &'a mut [LayerNorms],
+    grad_sq: &'a mut [f64],
+}
+
+impl Lamb {
+    /// An optimizer with one group, `"default"`, of configuration `config`, one thread, and
+    /// the backend named by the `LAMB_BACKEND` environment variable if set, else the fastest.
+    pub fn new(config: LambConfig) -> Lamb {
+        Lamb {
+            groups: vec![Group {
+                name: "default".into(),
+                config,
+                lr_scale: 1.0,
+            }],
+            layers: Vec::new(),
+            moments: Vec::new(),
+            step: 0,
+            threads: 1,
+            pool: None,
+            backend: backend_from_env(),
+            max_grad_norm: None,
+            schedule: Schedule::Constant,
+            poisoned: false,
+            no_decay_group: None,
+            plan: Vec::new(),
+            block_norms: Vec::new(),
+            block_grad_sq: Vec::new(),
+            #[cfg(test)]
+            panic_in: None,
+        }
+    }
+
+    /// The usual split for transformers (timm's `param_groups_weight_decay`): group
+    /// `"decay"` with `config`, and group `"no_decay"` with weight decay 0 and no trust ratio
+    /// for biases and normalisation scales; [`Lamb::add_param`] picks the group.
+    ///
+    /// ```
+    /// use lamb_std::{GroupId, Lamb, lamb_core::LambConfig};
+    /// let mut opt = Lamb::with_decay_split(LambConfig::paper());
+    /// let w = opt.add_param("fc.weight", &[4, 3])?;
+    /// let b = opt.add_param("fc.bias", &[4])?;
+    /// assert_eq!(opt.layer(w).group, GroupId(0));
+    /// assert_eq!(opt.layer(b).group, GroupId(1));
+    /// # Ok::<(), lamb_std::Error>(())
+    /// ```
+    pub fn with_decay_split(config: LambConfig) -> Lamb {
+        let mut opt = Lamb::new(config);
+        opt.groups[0].name = "decay".into();
+        let no_decay = LambConfig {
+            weight_decay: 0.0,
+            ..config
+        }
+        .adamw();
+        opt.groups.push(Group {
+            name: "no_decay".into(),
+            config: no_decay,
+            lr_scale: 1.0,
+        });
+        opt.no_decay_group = Some(1);
+        opt
+    }
+
+    /// Adds a parameter group and returns its id. Its configuration is validated at once.
+    pub fn add_group(
+        &mut self,
+        name: impl Into<String>,
+        config: LambConfig,
+        lr_scale: f64,
+    ) -> Result<GroupId, Error> {
+        let group = Group {
+            name: name.into(),
+            config,
+            lr_scale,
+        };
+        validate_group(&group)?;
+        self.groups.push(group);
+        Ok(GroupId(self.groups.len() - 1))
+    }
+
+    /// Registers a layer of `len` elements in the first group; its moments start at zero.
+    pub fn add_layer(&mut self, name: impl Into<String>, len: usize) -> Result<LayerId, Error> {
+        self.add_layer_to(GroupId(0), name, len)
+    }
+
+    /// Registers a layer of shape `shape` (for the group choice only; the data is flat). With
+    /// [`Lamb::with_decay_split`], rank ≤ 1 tensors and names ending in `.bias` go to
+    /// `"no_decay"`; otherwise to the first group.
+    pub fn add_param(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+    ) -> Result<LayerId, Error> {
+        let name = name.into();
+        let len = shape.iter().product();
+        let group = match self.no_decay_group {
+            Some(g) if shape.len() <= 1 || name.ends_with(".bias") => g,
+            _ => 0,
+        };
+        self.add_layer_to(GroupId(group), name, len)
+    }
+
+    /// Registers a layer of `len` elements in `group`.
+    pub fn add_layer_to(
+        &mut self,
+        group: GroupId,
+        name: impl Into<String>,
+        len: usize,
+    ) -> Result<LayerId, Error> {
+        let name = name.into();
+        if group.0 >= self.groups.len() {
+            return Err(Error::UnknownGroup(group.0));
+        }
+        if self.layers.iter().any(|l| l.name == name) {
+            return Err(Error::DuplicateName(name));
+        }
+        self.layers.push(Layer {
+            name,
+            group: group.0,
+            len,
+            last: None,
+        });
+        self.moments.push(Moments {
+            m: AlignedBuf::zeroed(len),
+            v: AlignedBuf::zeroed(len),
+        });
+        let blocks = len.div_ceil(BLOCK);
+        self.block_norms
+            .resize(self.block_norms.len() + blocks, LayerNorms::default());
+        self.block_grad_sq
+            .resize(self.block_grad_sq.len() + blocks, 0.0);
+        self.replan();
+        Ok(LayerId(self.layers.len() - 1))
+    }
+
+    /// Number of worker threads: 1 runs on the caller's thread with no pool; 0 means one per
+    /// available core. Results are bit-identical for every count.
+    pub fn set_threads(&mut self, threads: usize) -> Result<(), Error> {
+        let threads = match threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        self.pool = if threads == 1 {
+            None
+        } else {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("lamb-{i}"))
+                    .build()
+                    .map_err(|e| Error::ThreadPool(e.to_string()))?,
+            )
+        };
+        self.threads = threads;
+        self.replan();
+        Ok(())
+    }
+
+    /// The thread count in use.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Uses `backend` for every kernel (refused if this CPU lacks it).
+    pub fn set_backend(&mut self, backend: Backend) -> Result<(), Error> {
+        let b = backend.checked().ok_or(Error::Config {
+            group: None,
+            source: LambError::Unsupported { backend },
+        })?;
+        self.backend = Ok(b);
+        Ok(())
+    }
+
+    /// The backend in use (or the `LAMB_BACKEND` error).
+    pub fn backend(&self) -> Result<Backend, Error> {
+        self.backend.clone()
+    }
+
+    /// Global gradient-norm clipping, NVLAMB's pre-normalisation:
+    /// `g ← g / max(1, ‖g‖ / max_norm)` over all layers, folded into phase 1 as a scale.
+    /// `None` turns it off; `Some(0.0)` is an error (apex and timm would divide by zero).
+    pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
+        if let Some(x) = max_norm
+            && !(x.is_finite() && x > 0.0)
+        {
+            return Err(Error::InvalidMaxGradNorm(x));
+        }
+        self.max_grad_norm = max_norm;
+        Ok(())
+    }
+
+    /// The learning-rate schedule (a factor on every group's lr).
+    pub fn set_schedule(&mut self, schedule: Schedule) -> Result<(), Error> {
+        schedule.validate().map_err(|source| Error::Config {
+            group: None,
+            source,
+        })?;
+        self.schedule = schedule;
+        Ok(())
+    }
+
+    /// Replaces a group's configuration and lr multiplier, after validating them.
+    pub fn set_group(
+        &mut self,
+        id: GroupId,
+        config: LambConfig,
+        lr_scale: f64,
+    ) -> Result<(), Error> {
+        let name = self.group(id)?.name.clone();
+        let group = Group {
+            name,
+            config,
+            lr_scale,
+        };
+        validate_group(&group)?;
+        self.groups[id.0] = group;
+        Ok(())
+    }
+
+    /// A group.
+    pub fn group(&self, id: GroupId) -> Result<&Group, Error> {
+        self.groups.get(id.0).ok_or(Error::UnknownGroup(id.0))
+    }
+
+    /// Number of groups.
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Number of layers.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// A layer's registration, moments and last report.
+    ///
+    /// # Panics
+    /// If `id` was not returned by this optimizer (like slice indexing).
+    pub fn layer(&self, id: LayerId) -> LayerView<'_> {
+        let (l, s) = (&self.layers[id.0], &self.moments[id.0]);
+        LayerView {
+            name: &l.name,
+            len: l.len,
+            group: GroupId(l.group),
+            m: &s.m,
+            v: &s.v,
+            last: l.last,
+        }
+    }
+
+    /// Finds a layer by name.
+    pub fn layer_id(&self, name: &str) -> Option<LayerId> {
+        self.layers.iter().position(|l| l.name == name).map(LayerId)
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Zeroes every moment and the step counter and clears reports and poisoning; layers,
+    /// groups and settings stay.
+    pub fn reset(&mut self) {
+        for (l, s) in self.layers.iter_mut().zip(&mut self.moments) {
+            s.m.fill(0.0);
+            s.v.fill(0.0);
+            l.last = None;
+        }
+        self.step = 0;
+        self.poisoned = false;
+    }
+
+    /// Bytes of optimizer state per parameter (m and v in f32).
+    pub fn bytes_per_param(&self) -> f64 {
+        8.0
+    }
+
+    fn replan(&mut self) {
+        let lens: Vec<usize> = self.layers.iter().map(|l| l.len).collect();
+        self.plan = partition(&lens, self.threads);
+    }
+
+    /// One step over every layer: `params[i]` and `grads[i]` belong to layer `i`.
+    pub fn step(
+        &mut self,
+        params: &mut [&mut [f32]],
+        grads: &[&[f32]],
+    ) -> Result<StepReport, Error> {
+        self.step_scaled(params, grads, 1.0)
+    }
+
+    /// One step with gradients multiplied by `inv_loss_scale` (mixed-precision loss
+    /// scaling; folded into phase 1 with clipping, never a separate pass). With loss
+    /// scaling, a non-finite gradient (overflow) skips the step: check
+    /// [`StepReport::applied`] to lower the scale.
+    pub fn step_scaled(
+        &mut self,
+        params: &mut [&mut [f32]],
+        grads: &[&[f32]],
+        inv_loss_scale: f32,
+    ) -> Result<StepReport, Error> {
+        if self.poisoned {
+            return Err(Error::Poisoned);
+        }
+        let backend = self.backend.clone()?;
+        self.check_inputs(params, grads)?;
+        if !(inv_loss_scale.is_finite() && inv_loss_scale > 0.0) {
+            return Err(Error::Config {
+                group: None,
+                source: LambError::InvalidHyperparameter {
+                    field: Field::GradScale,
+                    value: inv_loss_scale as f64,
+                    expected: "finite and > 0 (inv_loss_scale)",
+                },
+            });
+        }
+        let t = self.step + 1;
+        let lr_factor = self.schedule.factor(t);
+        let configs = self.step_configs(lr_factor)?;
+
+        let Lamb {
+            layers,
+            moments,
+            plan,
+            block_norms,
+            block_grad_sq,
+            pool,
+            max_grad_norm,
+            threads,
+            ..
+        } = self;
+        let layers: &[Layer] = layers;
+        let mut work = split_work(
+            plan,
+            *threads,
+            params,
+            grads,
+            layers,
+            moments,
+            block_norms,
+            block_grad_sq,
+        );
+        #[cfg(test)]
+        let panic_in = self.panic_in;
+        #[cfg(not(test))]
+        let panic_in: Option<(&str, usize)> = None;
+        let fault = |phase: &str, w: &Work| {
+            if panic_in == Some((phase, w.layer)) {
+                panic!("injected fault in layer {}", w.layer);
+            }
+        };
+
+        // Global gradient norm: one read of g, only when clipping is on.
+        let mut grad_norm = None;
+        let mut grad_scale = inv_loss_scale;
+        if let Some(max_norm) = *max_grad_norm {
+            run(pool.as_ref(), &mut work, false, |w| {
+                fault("grad_norm", w);
+                for (b, slot) in w.g.chunks(BLOCK).zip(w.grad_sq.iter_mut()) {
+                    *slot = backend.sum_squares(b)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| e.into_error("norms", layers))?;
+            // Per layer in block order, then layers in order: independent of the thread count.
+            let mut per_layer = vec![0.0f64; layers.len()];
+            for w in work.iter().flatten() {
+                per_layer[w.layer] = w.grad_sq.iter().fold(per_layer[w.layer], |a, b| a + b);
+            }
+            if let Some(i) = per_layer.iter().position(|s| !s.is_finite()) {
+                return skip(layers, i, t, None, inv_loss_scale, lr_factor, &configs);
+            }
+            let norm = per_layer.iter().fold(0.0f64, |a, b| a + b).sqrt() * inv_loss_scale as f64;
+            let clip = 1.0 / (norm / max_norm).max(1.0);
+            grad_scale = (inv_loss_scale as f64 * clip) as f32;
+            grad_norm = Some(norm);
+            if grad_scale <= 0.0 {
+                // The norm is so large that the scale underflows f32: as good as non-finite.
+                return skip(layers, 0, t, grad_norm, 0.0, lr_factor, &configs);
+            }
+        }
+
+        let scalars = configs
+            .iter()
+            .zip(&self.groups)
+            .map(|(c, g)| {
+                StepScalars::new(c, t, grad_scale).map_err(|source| Error::Config {
+                    group: Some(g.name.clone()),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // Phase 1: norms, nothing written.
+        run(pool.as_ref(), &mut work, false, |w| {
+            fault("norms", w);
+            backend.norms_blocks(&scalars[w.group], w.p, w.g, w.m, w.v, w.norms)
+        })
+        .map_err(|e| e.into_error("norms", layers))?;
+
+        // Per layer in block order (the work lists are in plan order, which is block order).
+        let mut norms = vec![LayerNorms::default(); layers.len()];
+        for w in work.iter().flatten() {
+            norms[w.layer] = w.norms.iter().fold(norms[w.layer], |a, &b| a + b);
+        }
+        let mut reports = Vec::with_capacity(layers.len());
+        for (i, (l, n)) in layers.iter().zip(norms).enumerate() {
+            let report = LayerReport::plan(&configs[l.group], n);
+            if report.skipped {
+                return skip(layers, i, t, grad_norm, grad_scale, lr_factor, &configs);
+            }
+            reports.push(report);
+        }
+
+        // Phase 2: apply, each thread walking its pieces backwards (see the module docs).
+        let applied = run(pool.as_ref(), &mut work, true, |w| {
+            fault("apply", w);
+            backend.apply(
+                &scalars[w.group],
+                reports[w.layer].step_size,
+                w.p,
+                w.g,
+                w.m,
+                w.v,
+            )
+        });
+        drop(work);
+        if let Err(e) = applied {
+            self.poisoned = true;
+            return Err(e.into_error("apply", &self.layers));
+        }
+        for (l, r) in self.layers.iter_mut().zip(reports) {
+            l.last = Some(r);
+        }
+        self.step = t;
+        Ok(StepReport {
+            step: t,
+            applied: true,
+            skipped: None,
+            grad_norm,
+            grad_scale,
+            lr_factor,
+        })
+    }
+
+    /// Every check that needs no kernel: counts, lengths, aliasing, empty groups.
+    fn check_inputs(&self, params: &[&mut [f32]], grads: &[&[f32]]) -> Result<(), Error> {
+        if params.len() != self.layers.len() || grads.len() != self.layers.len() {
+            return Err(Error::LayerCount {
+                layers: self.layers.len(),
+                params: params.len(),
+                grads: grads.len(),
+            });
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            for (buffer, len) in [
+                (lamb_core::Buffer::Param, params[i].len()),
+                (lamb_core::Buffer::Grad, grads[i].len()),
+            ] {
+                if len != l.len {
+                    return Err(Error::Layer {
+                        index: i,
+                        name: l.name.clone(),
+                        source: LambError::LengthMismatch {
+                            layer: i,
+                            buffer,
+                            expected: l.len,
+                            found: len,
+                        },
+                    });
+                }
+            }
+        }
+        // Two gradients sharing memory is almost certainly a bug in the caller's bookkeeping.
+        let mut ranges: Vec<(usize, usize, usize)> = grads
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| !g.is_empty())
+            .map(|(i, g)| {
+                let start = g.as_ptr() as usize;
+                (start, start + g.len() * 4, i)
+            })
+            .collect();
+        ranges.sort_unstable();
+        for w in ranges.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(Error::AliasedBuffers {
+                    first: self.layers[w[0].2].name.clone(),
+                    second: self.layers[w[1].2].name.clone(),
+                });
+            }
+        }
+        for (g, group) in self.groups.iter().enumerate() {
+            if !self.layers.iter().any(|l| l.group == g) {
+                return Err(Error::EmptyGroup(group.name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Each group's configuration for this step: scheduled, scaled and validated.
+    fn step_configs(&self, lr_factor: f64) -> Result<Vec<LambConfig>, Error> {
+        self.groups
+            .iter()
+            .map(|g| {
+                validate_group(g)?;
+                let c = LambConfig {
+                    lr: g.config.lr * g.lr_scale * lr_factor,
+                    ..g.config
+                };
+                c.validate().map_err(|source| Error::Config {
+                    group: Some(g.name.clone()),
+                    source,
+                })?;
+                Ok(c)
+            })
+            .collect()
+    }
+}
+
+fn validate_group(g: &Group) -> Result<(), Error> {
+    if !(g.lr_scale.is_finite() && g.lr_scale >= 0.0) {
+        return Err(Error::InvalidLrScale {
+            group: g.name.clone(),
+            value: g.lr_scale,
+        });
+    }
+    g.config.validate().map_err(|source| Error::Config {
+        group: Some(g.name.clone()),
+        source,
+    })
+}
+
+/// The report (or error, per the layer's group policy) of a step skipped at layer `index`.
+fn skip(
+    layers: &[Layer],
+    index: usize,
+    step: u64,
+    grad_norm: Option<f64>,
+    grad_scale: f32,
+    lr_factor: f64,
+    configs: &[LambConfig],
+) -> Result<StepReport, Error> {
+    let layer = &layers[index.min(layers.len().saturating_sub(1))];
+    match configs[layer.group].non_finite {
+        NonFinite::Error => Err(Error::Layer {
+            index,
+            name: layer.name.clone(),
+            source: LambError::NonFinite { layer: index },
+        }),
+        NonFinite::Skip => Ok(StepReport {
+            step,
+            applied: false,
+            skipped: Some(SkippedLayer {
+                index,
+                name: layer.name.clone(),
+            }),
+            grad_norm,
+            grad_scale,
+            lr_factor,
+        }),
+    }
+}
+
+fn backend_from_env() -> Result<Backend, Error> {
+    match std::env::var("LAMB_BACKEND") {
+        Ok(name) if !name.is_empty() => Backend::from_name(&name)
+            .and_then(Backend::checked)
+            .ok_or(Error::BadBackendEnv(name)),
+        _ => Ok(Backend::detect()),
+    }
+}
+
+/// Cuts the step's buffers into each thread's list of pieces (`plan` order).
+#[allow(clippy::too_many_arguments)] // the step's borrowed pieces, split apart on purpose
+fn split_work<'a>(
+    plan: &[Piece],
+    threads: usize,
+    params: &'a mut [&mut [f32]],
+    grads: &'a [&[f32]],
+    layers: &[Layer],
+    moments: &'a mut [Moments],
+    block_norms: &'a mut [LayerNorms],
+    block_grad_sq: &'a mut [f64],
+) -> Vec<Vec<Work<'a>>> {
+    let mut out: Vec<Vec<Work<'a>>> = (0..threads).map(|_| Vec::new()).collect();
+    let (mut norms_rest, mut gsq_rest) = (block_norms, block_grad_sq);
+    let mut cursor = 0;
+    let all = params.iter_mut().zip(grads).zip(layers.iter().zip(moments));
+    for (i, ((p, g), (layer, state))) in all.enumerate() {
+        let blocks = layer.len.div_ceil(BLOCK);
+        let (mut norms, nr) = std::mem::take(&mut norms_rest).split_at_mut(blocks);
+        let (mut gsq, gr) = std::mem::take(&mut gsq_rest).split_at_mut(blocks);
+        (norms_rest, gsq_rest) = (nr, gr);
+        let (mut p, mut g): (&mut [f32], &[f32]) = (&mut **p, &**g);
+        let (mut m, mut v): (&mut [f32], &mut [f32]) = (&mut state.m, &mut state.v);
+        while let Some(piece) = plan.get(cursor).filter(|piece| piece.layer == i) {
+            cursor += 1;
+            let n = piece.end - piece.start;
+            let nb = n.div_ceil(BLOCK);
+            let (ph, pt) = std::mem::take(&mut p).split_at_mut(n);
+            let (gh, gt) = g.split_at(n);
+            let (mh, mt) = std::mem::take(&mut m).split_at_mut(n);
+            let (vh, vt) = std::mem::take(&mut v).split_at_mut(n);
+            let (nh, nt) = std::mem::take(&mut norms).split_at_mut(nb);
+            let (qh, qt) = std::mem::take(&mut gsq).split_at_mut(nb);
+            (p, g, m, v, norms, gsq) = (pt, gt, mt, vt, nt, qt);
+            out[piece.thread].push(Work {
+                layer: i,
+                group: layer.group,
+                p: ph,
+                g: gh,
+                m: mh,
+                v: vh,
+                norms: nh,
+                grad_sq: qh,
+            });
+        }
+    }
+    out
+}
+
+/// Why a phase failed.
+enum RunError {
+    Kernel(LambError, usize),
+    Panic(String),
+}
+
+impl RunError {
+    fn into_error(self, phase: &'static str, layers: &[Layer]) -> Error {
+        match self {
+            RunError::Kernel(source, index) => Error::Layer {
+                index,
+                name: layers[index].name.clone(),
+                source,
+            },
+            RunError::Panic(message) => Error::WorkerPanicked { phase, message },
+        }
+    }
+}
+
+/// Runs `f` over every thread's pieces (`reverse`: last piece first), one list per pool
+/// thread, pinned by thread index so phase 2 finds phase 1's data in that core's cache.
+/// Panics are caught and returned.
+fn run<F>(
+    pool: Option<&rayon::ThreadPool>,
+    work: &mut [Vec<Work<'_>>],
+    reverse: bool,
+    f: F,
+) -> Result<(), RunError>
+where
+    F: Fn(&mut Work<'_>) -> Result<(), LambError> + Sync,
+{
+    let one = |list: &mut Vec<Work<'_>>| -> Result<(), RunError> {
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            let mut go = |w: &mut Work<'_>| f(w).map_err(|e| RunError::Kernel(e, w.layer));
+            if reverse {
+                list.iter_mut().rev().try_for_each(&mut go)
+            } else {
+                list.iter_mut().try_for_each(&mut go)
+            }
+        }));
+        r.unwrap_or_else(|p| Err(RunError::Panic(panic_message(&*p))))
+    };
+    match pool {
+        None => work.iter_mut().try_for_each(one),
+        Some(pool) => {
+            let cells: Vec<Mutex<&mut Vec<Work<'_>>>> = work.iter_mut().map(Mutex::new).collect();
+            let results = pool.broadcast(|ctx| match cells.get(ctx.index()) {
+                Some(cell) => match cell.lock() {
+                    Ok(mut list) => one(&mut list),
+                    Err(_) => Err(RunError::Panic("work list poisoned".into())),
+                },
+                None => Ok(()),
+            });
+            results.into_iter().collect()
+        }
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(non-string panic payload)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(threads: usize) -> (Lamb, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let mut opt = Lamb::new(LambConfig::paper());
+        opt.set_threads(threads).unwrap();
+        let mut params = vec![];
+        let mut grads = vec![];
+        for i in 0..6 {
+            let n = 3000 + i;
+            opt.add_layer(format!("l{i}"), n).unwrap();
+            params.push((0..n).map(|k| (k % 7) as f32 * 0.1 + 0.1).collect());
+            grads.push((0..n).map(|k| (k % 5) as f32 * 0.01 - 0.02).collect());
+        }
+        (opt, params, grads)
+    }
+
+    fn do_step(opt: &mut Lamb, p: &mut [Vec<f32>], g: &[Vec<f32>]) -> Result<StepReport, Error> {
+        let mut pp: Vec<&mut [f32]> = p.iter_mut().map(|x| x.as_mut_slice()).collect();
+        let gg: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
+        opt.step(&mut pp, &gg)
+    }
+
+    fn state(opt: &Lamb, p: &[Vec<f32>]) -> (u64, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let ms = opt.moments.iter().map(|s| s.m.to_vec()).collect();
+        (opt.step, p.to_vec(), ms)
+    }
+
+    #[test]
+    fn a_panic_in_the_norms_phase_is_an_error_and_writes_nothing() {
+        for threads in [1, 2] {
+            for phase in ["norms", "grad_norm"] {
+                let (mut opt, mut p, g) = setup(threads);
+                opt.set_max_grad_norm(Some(1.0)).unwrap();
+                do_step(&mut opt, &mut p, &g).unwrap();
+                let before = state(&opt, &p);
+                opt.panic_in = Some((phase, 4));
+                let e = do_step(&mut opt, &mut p, &g).unwrap_err();
+                assert!(
+                    matches!(e, Error::WorkerPanicked { phase: "norms", .. }),
+                    "{e}"
+                );
+                assert!(e.to_string().contains("injected fault in layer 4"));
+                assert!(e.to_string().contains("nothing was written"));
+                assert!(state(&opt, &p) == before);
+                // Not poisoned: the next step works.
+                opt.panic_in = None;
+                assert!(do_step(&mut opt, &mut p, &g).unwrap().applied);
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_in_the_apply_phase_poisons_until_reset() {
+        for threads in [1, 2] {
+            let (mut opt, mut p, g) = setup(threads);
+            opt.panic_in = Some(("apply", 2));
+            let e = do_step(&mut opt, &mut p, &g).unwrap_err();
+            assert!(matches!(e, Error::WorkerPanicked { phase: "apply", .. }));
+            assert!(e.to_string().contains("poisoned"));
+            opt.panic_in = None;
+            assert_eq!(do_step(&mut opt, &mut p, &g).unwrap_err(), Error::Poisoned);
+            opt.reset();
+            assert!(do_step(&mut opt, &mut p, &g).unwrap().applied);
+        }
+    }
+}
