@@ -193,14 +193,22 @@ impl LambConfig {
     /// `csrc/multi_tensor_lamb.cu`): `lr = 1e-3`, `betas = (0.9, 0.999)`, `eps = 1e-6`,
     /// `weight_decay = 0.01`, `adam_w_mode = True`, `grad_averaging = True`, trust ratio on
     /// every tensor (`ratio = lr·‖p‖/‖u‖`, `lr` where a norm is 0). Its `max_grad_norm = 1.0`
-    /// pre-normalisation is global, like timm's: pass it as `grad_scale`.
+    /// pre-normalisation is global, like timm's: pass it as `grad_scale`. The betas are the
+    /// f32 roundings of 0.9 and 0.999, because apex passes them to its kernel as C++ `float`:
+    /// `1 − β2` and `1 − β^t` are then computed from `f32(0.999)`.
     ///
     /// ```
     /// use lamb_core::{Adaptation, LambConfig};
-    /// assert_eq!(LambConfig::nvlamb().adaptation, Adaptation::Always);
+    /// let cfg = LambConfig::nvlamb();
+    /// assert_eq!(cfg.adaptation, Adaptation::Always);
+    /// assert_eq!(cfg.beta2, 0.999f32 as f64);
     /// ```
     pub const fn nvlamb() -> Self {
-        Self::paper()
+        LambConfig {
+            beta1: 0.9f32 as f64,
+            beta2: 0.999f32 as f64,
+            ..Self::paper()
+        }
     }
 
     /// The seed text's formula: `r = ‖θ‖ / (‖Δ‖ + ε)` with Δ the bias-corrected Adam update,
