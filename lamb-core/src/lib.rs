@@ -28,6 +28,7 @@ mod config;
 mod dispatch;
 mod error;
 pub mod kernels;
+pub mod precision;
 mod schedule;
 mod step;
 

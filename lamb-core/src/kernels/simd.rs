@@ -123,6 +123,85 @@ impl<S: Simd> Splat<S> {
     }
 }
 
+/// The 16-lane f64 accumulators of ‖p‖² and ‖u‖² for one block.
+pub(crate) struct NormAcc<S: Simd> {
+    p: S::Acc,
+    u: S::Acc,
+}
+
+impl<S: Simd> NormAcc<S> {
+    #[inline(always)]
+    pub(crate) unsafe fn new() -> Self {
+        // SAFETY: the caller runs on a CPU with S's instruction set.
+        unsafe {
+            NormAcc {
+                p: S::acc_zero(),
+                u: S::acc_zero(),
+            }
+        }
+    }
+
+    /// Adds the elements of the slices (equal lengths). Element `i` goes to lane `i % 16`,
+    /// so a caller that feeds one block in several calls must start each call (but the
+    /// last) at a multiple of 16 elements into the block.
+    #[inline(always)]
+    pub(crate) unsafe fn add(
+        &mut self,
+        s: &StepScalars,
+        p: &[f32],
+        g: &[f32],
+        m: &[f32],
+        v: &[f32],
+    ) {
+        let n = p.len();
+        debug_assert!(g.len() == n && m.len() == n && v.len() == n);
+        // SAFETY: S's instruction set is available (caller); every load reads 16 elements
+        // starting at `i` with `i + 16 <= n`, or `n - i` elements through `load_partial`, so
+        // all reads stay inside the four slices, which have length `n`.
+        unsafe {
+            let k = Splat::<S>::new(s);
+            let (mut acc_p, mut acc_u) = (self.p, self.u);
+            let mut row = |pv: S::V, gv: S::V, mv: S::V, vv: S::V| {
+                let (_, _, u, denom) = k.update(pv, gv, mv, vv);
+                let u = S::add(u, S::sub(denom, denom));
+                acc_p = S::acc_add_squares(acc_p, pv);
+                acc_u = S::acc_add_squares(acc_u, u);
+            };
+            let mut i = 0;
+            while i + LANES <= n {
+                row(
+                    S::load(p.as_ptr().add(i)),
+                    S::load(g.as_ptr().add(i)),
+                    S::load(m.as_ptr().add(i)),
+                    S::load(v.as_ptr().add(i)),
+                );
+                i += LANES;
+            }
+            if i < n {
+                let r = n - i;
+                row(
+                    S::load_partial(p.as_ptr().add(i), r),
+                    S::load_partial(g.as_ptr().add(i), r),
+                    S::load_partial(m.as_ptr().add(i), r),
+                    S::load_partial(v.as_ptr().add(i), r),
+                );
+            }
+            (self.p, self.u) = (acc_p, acc_u);
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) unsafe fn finish(self) -> LayerNorms {
+        // SAFETY: the caller runs on a CPU with S's instruction set.
+        unsafe {
+            LayerNorms {
+                param_sq: fold_lanes(S::acc_lanes(self.p)),
+                update_sq: fold_lanes(S::acc_lanes(self.u)),
+            }
+        }
+    }
+}
+
 /// Phase 1 of one block (`p.len() <= BLOCK`, all slices of equal length).
 ///
 /// # Safety
@@ -135,43 +214,11 @@ pub(crate) unsafe fn block_norms<S: Simd>(
     m: &[f32],
     v: &[f32],
 ) -> LayerNorms {
-    let n = p.len();
-    debug_assert!(g.len() == n && m.len() == n && v.len() == n);
-    // SAFETY: S's instruction set is available (caller); every load reads 16 elements
-    // starting at `i` with `i + 16 <= n`, or `n - i` elements through `load_partial`, so all
-    // reads stay inside the four slices, which have length `n`.
+    // SAFETY: forwarded from this function's contract.
     unsafe {
-        let k = Splat::<S>::new(s);
-        let (mut acc_p, mut acc_u) = (S::acc_zero(), S::acc_zero());
-        let mut row = |pv: S::V, gv: S::V, mv: S::V, vv: S::V| {
-            let (_, _, u, denom) = k.update(pv, gv, mv, vv);
-            let u = S::add(u, S::sub(denom, denom));
-            acc_p = S::acc_add_squares(acc_p, pv);
-            acc_u = S::acc_add_squares(acc_u, u);
-        };
-        let mut i = 0;
-        while i + LANES <= n {
-            row(
-                S::load(p.as_ptr().add(i)),
-                S::load(g.as_ptr().add(i)),
-                S::load(m.as_ptr().add(i)),
-                S::load(v.as_ptr().add(i)),
-            );
-            i += LANES;
-        }
-        if i < n {
-            let r = n - i;
-            row(
-                S::load_partial(p.as_ptr().add(i), r),
-                S::load_partial(g.as_ptr().add(i), r),
-                S::load_partial(m.as_ptr().add(i), r),
-                S::load_partial(v.as_ptr().add(i), r),
-            );
-        }
-        LayerNorms {
-            param_sq: fold_lanes(S::acc_lanes(acc_p)),
-            update_sq: fold_lanes(S::acc_lanes(acc_u)),
-        }
+        let mut acc = NormAcc::<S>::new();
+        acc.add(s, p, g, m, v);
+        acc.finish()
     }
 }
 

@@ -1,0 +1,366 @@
+//! Compact storage: bf16/f16 parameters and gradients, bf16 and 8-bit moments.
+//!
+//! All arithmetic stays f32 (the kernels of [`crate::kernels`]); these types only say how
+//! each buffer is stored, and the codecs here say exactly how a value is encoded and
+//! decoded. Every codec is integer and bit manipulation (or an exactly rounded f32
+//! operation), so every backend produces the same bits.
+//!
+//! 8-bit moments are quantised in blocks of [`QBLOCK`] elements with one f32 `absmax` per
+//! block: `x ≈ absmax · value(code)`. The codes are small floating-point formats of
+//! `|x| / absmax ∈ [0, 1]`, a dynamic (non-linear) code like bitsandbytes' dynamic map:
+//! - m (signed): sign bit + 4 exponent bits + 3 mantissa bits (E4M3, bias 15); relative
+//!   step 1/8 from 1 down to 6.1e-5, then linear down to 7.6e-6.
+//! - v (unsigned): 5 exponent bits + 3 mantissa bits (E5M3, bias 31), down to 1.2e-10, as
+//!   v spans the square of the gradient's range.
+//!
+//! Rounding is to nearest, ties to even, everywhere (stochastic for bf16 parameters if asked).
+
+use half::{bf16, f16};
+
+/// Elements per 8-bit quantisation block (one `absmax` each).
+pub const QBLOCK: usize = 256;
+
+/// How a layer's parameters are stored.
+#[derive(Debug)]
+pub enum Params<'a> {
+    /// f32, updated in place.
+    F32(&'a mut [f32]),
+    /// bf16 updated in place, no master copy.
+    Bf16 {
+        /// The parameters.
+        data: &'a mut [bf16],
+        /// How the new value is rounded to bf16.
+        rounding: Rounding,
+    },
+    /// An f32 master copy (the optimizer's), updated in place, and the model's half-precision
+    /// copy, overwritten with the rounded master after the update.
+    Master {
+        /// The master copy.
+        master: &'a mut [f32],
+        /// The model's copy.
+        model: HalfMut<'a>,
+    },
+}
+
+/// A half-precision buffer.
+#[derive(Debug)]
+pub enum HalfMut<'a> {
+    /// bfloat16.
+    Bf16(&'a mut [bf16]),
+    /// IEEE binary16.
+    F16(&'a mut [f16]),
+}
+
+/// How bf16 parameters are rounded after the update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Rounding {
+    /// To nearest, ties to even.
+    #[default]
+    Nearest,
+    /// Stochastic: up with probability equal to the discarded fraction. The random bits are
+    /// a hash of `seed` and the element's index in the layer, so the same seed gives the same
+    /// bits on every backend and thread count. Vary the seed per step and layer.
+    Stochastic {
+        /// The seed.
+        seed: u64,
+    },
+}
+
+/// How a layer's gradients are stored.
+#[derive(Clone, Copy, Debug)]
+pub enum Grads<'a> {
+    /// f32.
+    F32(&'a [f32]),
+    /// bfloat16.
+    Bf16(&'a [bf16]),
+    /// IEEE binary16.
+    F16(&'a [f16]),
+}
+
+/// How a layer's moments are stored.
+#[derive(Debug)]
+pub enum Moments<'a> {
+    /// f32 (12 bytes of state per parameter with f32 params: 4 param + 8 moments).
+    F32 {
+        /// First moment.
+        m: &'a mut [f32],
+        /// Second moment.
+        v: &'a mut [f32],
+    },
+    /// bfloat16, rounded to nearest even (4 bytes of moments per parameter).
+    Bf16 {
+        /// First moment.
+        m: &'a mut [bf16],
+        /// Second moment.
+        v: &'a mut [bf16],
+    },
+    /// 8-bit blockwise (2 bytes + 8/[`QBLOCK`] per parameter).
+    Q8 {
+        /// First-moment codes (signed E4M3).
+        m: &'a mut [u8],
+        /// Second-moment codes (unsigned E5M3).
+        v: &'a mut [u8],
+        /// One absmax per block of m: `len.div_ceil(QBLOCK)` entries.
+        m_absmax: &'a mut [f32],
+        /// One absmax per block of v.
+        v_absmax: &'a mut [f32],
+    },
+}
+
+impl Params<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Params::F32(p) => p.len(),
+            Params::Bf16 { data, .. } => data.len(),
+            Params::Master { master, .. } => master.len(),
+        }
+    }
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Grads<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Grads::F32(g) => g.len(),
+            Grads::Bf16(g) => g.len(),
+            Grads::F16(g) => g.len(),
+        }
+    }
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// bf16 → f32 (exact).
+#[inline(always)]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// f32 → bf16, round to nearest even; NaN stays NaN (quieted).
+///
+/// ```
+/// use lamb_core::precision::{bf16_to_f32, f32_to_bf16};
+/// assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0); // tie: to even
+/// assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0);
+/// assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+/// ```
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
+        ((b >> 16) as u16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+/// f32 → bf16 with stochastic rounding from 16 random bits `r`: adds `r` below the kept
+/// bits and truncates, so it rounds away from zero with probability (discarded bits)/2^16.
+#[inline(always)]
+pub fn f32_to_bf16_stochastic(x: f32, r: u32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(r & 0xffff) >> 16) as u16;
+    if x.is_nan() {
+        ((b >> 16) as u16) | 0x40
+    } else {
+        rounded
+    }
+}
+
+/// The 16 random bits of element `index` under `seed` (a SplitMix64-style hash).
+#[inline(always)]
+pub fn stochastic_bits(seed: u64, index: u64) -> u32 {
+    let mut z = seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    ((z ^ (z >> 31)) >> 48) as u32
+}
+
+/// f16 → f32 (exact).
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    f16::from_bits(h).to_f32()
+}
+
+/// f32 → f16, round to nearest even (the `half` crate's conversion, which F16C matches).
+#[inline(always)]
+pub fn f32_to_f16(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+
+/// Value of an unsigned minifloat code with 3 mantissa bits and exponent bias `bias`.
+#[inline(always)]
+fn minifloat_value(code: u32, bias: i32) -> f32 {
+    let e = (code >> 3) as i32;
+    let f = (code & 7) as f32;
+    if e == 0 {
+        f * pow2(-(bias + 2))
+    } else {
+        (8.0 + f) * pow2(e - bias - 3)
+    }
+}
+
+/// Code of `y ∈ [0, 1]` in the minifloat with 3 mantissa bits and exponent bias `bias`.
+#[inline(always)]
+fn minifloat_code(y: f32, bias: i32) -> u32 {
+    if y < pow2(1 - bias) {
+        // Subnormal range: y·2^(bias+2) < 8, rounded to an integer, ties to even.
+        const MAGIC: f32 = 8_388_608.0; // 2^23
+        ((y * pow2(bias + 2) + MAGIC) - MAGIC) as u32
+    } else {
+        let b = y.to_bits();
+        let r = b + 0x7_ffff + ((b >> 20) & 1);
+        (r >> 20) - (((127 - bias) as u32) << 3)
+    }
+}
+
+/// 2^e for e in the normal f32 range, exactly.
+#[inline(always)]
+fn pow2(e: i32) -> f32 {
+    f32::from_bits(((e + 127) as u32) << 23)
+}
+
+const M_BIAS: i32 = 15;
+const V_BIAS: i32 = 31;
+
+/// Dequantises a first-moment code: `absmax · value(code)`.
+#[inline(always)]
+pub fn q8_m_decode(code: u8, absmax: f32) -> f32 {
+    let mag = minifloat_value((code & 0x7f) as u32, M_BIAS) * absmax;
+    if code & 0x80 != 0 { -mag } else { mag }
+}
+
+/// Quantises a first moment: sign bit + E4M3 code of `|x| / absmax` (0 if `absmax` is 0).
+///
+/// ```
+/// use lamb_core::precision::{q8_m_decode, q8_m_encode};
+/// assert_eq!(q8_m_decode(q8_m_encode(-0.5, 2.0), 2.0), -0.5);
+/// assert_eq!(q8_m_decode(q8_m_encode(2.0, 2.0), 2.0), 2.0);
+/// let x = 0.3;
+/// assert!((q8_m_decode(q8_m_encode(x, 1.0), 1.0) - x).abs() <= x / 16.0);
+/// ```
+#[inline(always)]
+pub fn q8_m_encode(x: f32, absmax: f32) -> u8 {
+    if absmax <= 0.0 {
+        return 0;
+    }
+    let code = minifloat_code(x.abs() / absmax, M_BIAS) as u8;
+    if x.is_sign_negative() && code != 0 {
+        code | 0x80
+    } else {
+        code
+    }
+}
+
+/// Dequantises a second-moment code.
+#[inline(always)]
+pub fn q8_v_decode(code: u8, absmax: f32) -> f32 {
+    minifloat_value(code as u32, V_BIAS) * absmax
+}
+
+/// Quantises a second moment (`x >= 0`): E5M3 code of `x / absmax`.
+///
+/// ```
+/// use lamb_core::precision::{q8_v_decode, q8_v_encode};
+/// let x = 1e-6;
+/// assert!((q8_v_decode(q8_v_encode(x, 1.0), 1.0) - x).abs() <= x / 16.0);
+/// assert_eq!(q8_v_encode(0.0, 1.0), 0);
+/// assert_eq!(q8_v_decode(q8_v_encode(4.0, 4.0), 4.0), 4.0);
+/// ```
+#[inline(always)]
+pub fn q8_v_encode(x: f32, absmax: f32) -> u8 {
+    if absmax <= 0.0 {
+        return 0;
+    }
+    minifloat_code(x.abs() / absmax, V_BIAS) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code decodes to a value that encodes back to the same code, and codes are
+    /// monotonic in value: the code is a proper rounding grid.
+    #[test]
+    fn codes_round_trip_and_are_monotonic() {
+        for code in 0u8..=0x78 {
+            let y = q8_m_decode(code, 1.0);
+            assert_eq!(q8_m_encode(y, 1.0), code, "m code {code}");
+            assert_eq!(
+                q8_m_encode(-y, 1.0),
+                if code == 0 { 0 } else { code | 0x80 }
+            );
+            if code > 0 {
+                assert!(y > q8_m_decode(code - 1, 1.0));
+            }
+        }
+        for code in 0u8..=248 {
+            let y = q8_v_decode(code, 1.0);
+            assert_eq!(q8_v_encode(y, 1.0), code, "v code {code}");
+            if code > 0 {
+                assert!(y > q8_v_decode(code - 1, 1.0));
+            }
+        }
+    }
+
+    /// Encoding picks the nearest code (ties to the even code), checked against a search.
+    #[test]
+    fn encoding_is_round_to_nearest() {
+        let mut x = 1e-12f32;
+        while x <= 1.0 {
+            for (enc, dec, max) in [
+                (
+                    q8_m_encode as fn(f32, f32) -> u8,
+                    q8_m_decode as fn(u8, f32) -> f32,
+                    0x78u8,
+                ),
+                (q8_v_encode, q8_v_decode, 248),
+            ] {
+                let c = enc(x, 1.0);
+                let err = (dec(c, 1.0) as f64 - x as f64).abs();
+                for other in 0..=max {
+                    let e2 = (dec(other, 1.0) as f64 - x as f64).abs();
+                    assert!(
+                        err <= e2,
+                        "x={x}: code {c} err {err} but code {other} err {e2}"
+                    );
+                    if e2 == err && other != c {
+                        assert_eq!(c % 2, 0, "x={x}: tie must go to the even code");
+                    }
+                }
+            }
+            x *= 1.013;
+        }
+    }
+
+    #[test]
+    fn bf16_rounding() {
+        for bits in (0u32..u32::MAX).step_by(65_537 * 17) {
+            let x = f32::from_bits(bits);
+            let b = f32_to_bf16(x);
+            if x.is_nan() {
+                assert!(bf16_to_f32(b).is_nan());
+                continue;
+            }
+            let expect = half::bf16::from_f32(x).to_bits();
+            assert_eq!(b, expect, "{x:e}");
+        }
+    }
+
+    #[test]
+    fn stochastic_rounding_is_unbiased() {
+        let x = 1.0f32 + 1.0 / 512.0; // a quarter of the way between two bf16 values
+        let ups = (0..100_000u64)
+            .filter(|&i| bf16_to_f32(f32_to_bf16_stochastic(x, stochastic_bits(7, i))) > x)
+            .count();
+        assert!((ups as f64 / 1e5 - 0.25).abs() < 0.01, "{ups}");
+    }
+}
