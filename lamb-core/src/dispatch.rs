@@ -9,6 +9,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::error::LambError;
 use crate::kernels::{arch, scalar};
+use crate::precision::{Grads, Moments, Params};
 use crate::step::{LayerNorms, StepScalars};
 
 /// A kernel implementation. All backends give identical bits.
@@ -32,7 +33,7 @@ pub enum Backend {
     Scalar = 0,
     /// `wide` compile-time SIMD: SSE2 on x86-64, simd128 on wasm, NEON on aarch64.
     Portable = 1,
-    /// x86-64 AVX2 (`core::arch` intrinsics; no FMA by the bit-exact rule).
+    /// x86-64 AVX2 + F16C (`core::arch` intrinsics; no FMA by the bit-exact rule).
     Avx2 = 2,
     /// x86-64 AVX-512F, masked tails.
     Avx512 = 3,
@@ -47,6 +48,28 @@ pub(crate) struct Kernels {
     pub(crate) block_norms: BlockNormsFn,
     pub(crate) apply: ApplyFn,
     pub(crate) block_sum_squares: unsafe fn(&[f32]) -> f64,
+    pub(crate) mixed_block_norms: MixedNormsFn,
+    pub(crate) mixed_apply: MixedApplyFn,
+    pub(crate) mixed_block_sum_squares: unsafe fn(&Grads, usize, usize) -> f64,
+}
+
+/// Phase 1 of one block in compact storage: `(scalars, p, g, moments, at, n) -> sums`.
+type MixedNormsFn = unsafe fn(&StepScalars, &Params, &Grads, &Moments, usize, usize) -> LayerNorms;
+/// Phase 2 in compact storage: `(scalars, step_size, p, g, moments, index0)`.
+type MixedApplyFn = unsafe fn(&StepScalars, f32, &mut Params, &Grads, &mut Moments, usize);
+
+/// The [`Kernels`] of a backend module.
+macro_rules! kernels_of {
+    ($($m:ident)::+) => {
+        Kernels {
+            block_norms: $($m)::+::block_norms,
+            apply: $($m)::+::apply,
+            block_sum_squares: $($m)::+::block_sum_squares,
+            mixed_block_norms: $($m)::+::mixed_block_norms,
+            mixed_apply: $($m)::+::mixed_apply,
+            mixed_block_sum_squares: $($m)::+::mixed_block_sum_squares,
+        }
+    };
 }
 
 /// Phase 1 of one block: `(scalars, p, g, m, v) -> sums`.
@@ -141,36 +164,16 @@ impl Backend {
             return Err(LambError::Unsupported { backend: self });
         }
         Ok(match self {
-            Backend::Scalar => Kernels {
-                block_norms: scalar::block_norms,
-                apply: scalar::apply,
-                block_sum_squares: scalar::block_sum_squares,
-            },
+            Backend::Scalar => kernels_of!(scalar),
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx2 => Kernels {
-                block_norms: arch::avx2::block_norms,
-                apply: arch::avx2::apply,
-                block_sum_squares: arch::avx2::block_sum_squares,
-            },
+            Backend::Avx2 => kernels_of!(arch::avx2),
             #[cfg(target_arch = "x86_64")]
-            Backend::Avx512 => Kernels {
-                block_norms: arch::avx512::block_norms,
-                apply: arch::avx512::apply,
-                block_sum_squares: arch::avx512::block_sum_squares,
-            },
+            Backend::Avx512 => kernels_of!(arch::avx512),
             #[cfg(target_arch = "aarch64")]
-            Backend::Neon => Kernels {
-                block_norms: arch::neon::block_norms,
-                apply: arch::neon::apply,
-                block_sum_squares: arch::neon::block_sum_squares,
-            },
+            Backend::Neon => kernels_of!(arch::neon),
             // Portable, and any backend not compiled for this architecture (whose support
             // bit is never set, so it was refused above).
-            _ => Kernels {
-                block_norms: arch::portable::block_norms,
-                apply: arch::portable::apply,
-                block_sum_squares: arch::portable::block_sum_squares,
-            },
+            _ => kernels_of!(arch::portable),
         })
     }
 }
@@ -234,6 +237,8 @@ mod x86 {
         let (max_leaf, leaf1) = unsafe { (__cpuid(0).eax, __cpuid(1)) };
         let osxsave = leaf1.ecx & (1 << 27) != 0;
         let avx = leaf1.ecx & (1 << 28) != 0;
+        // The avx2 backend converts f16 with F16C (every AVX2 CPU has it, but check).
+        let f16c = leaf1.ecx & (1 << 29) != 0;
         if !(osxsave && avx) || max_leaf < 7 {
             return none;
         }
@@ -243,7 +248,7 @@ mod x86 {
         // SAFETY: leaf 7 exists (max_leaf >= 7).
         let leaf7 = unsafe { __cpuid_count(7, 0) };
         Features {
-            avx2: xcr0 & XCR0_YMM == XCR0_YMM && leaf7.ebx & (1 << 5) != 0,
+            avx2: xcr0 & XCR0_YMM == XCR0_YMM && leaf7.ebx & (1 << 5) != 0 && f16c,
             avx512f: xcr0 & XCR0_ZMM == XCR0_ZMM && leaf7.ebx & (1 << 16) != 0,
         }
     }

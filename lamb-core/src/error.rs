@@ -44,6 +44,12 @@ pub enum Buffer {
     Grad,
     ExpAvg,
     ExpAvgSq,
+    /// The model's half-precision copy of master parameters.
+    ModelCopy,
+    /// The per-block absmax of 8-bit m.
+    ExpAvgAbsmax,
+    /// The per-block absmax of 8-bit v.
+    ExpAvgSqAbsmax,
 }
 
 impl Buffer {
@@ -54,6 +60,9 @@ impl Buffer {
             Buffer::Grad => "grad",
             Buffer::ExpAvg => "m",
             Buffer::ExpAvgSq => "v",
+            Buffer::ModelCopy => "model copy",
+            Buffer::ExpAvgAbsmax => "m absmax",
+            Buffer::ExpAvgSqAbsmax => "v absmax",
         }
     }
 }
@@ -114,6 +123,12 @@ pub enum LambError {
     Unsupported {
         /// The backend asked for.
         backend: crate::Backend,
+    },
+    /// A layer in compact storage was split at an element that is not a multiple of
+    /// [`QBLOCK`](crate::precision::QBLOCK) (8-bit moments are quantised in those blocks).
+    MisalignedSplit {
+        /// The split point.
+        at: usize,
     },
     /// A gradient, moment, parameter or update was NaN or infinite (policy [`NonFinite::Error`](crate::NonFinite::Error)).
     NonFinite {
@@ -196,6 +211,11 @@ impl fmt::Display for LambError {
             LambError::Unsupported { backend } => {
                 write!(f, "backend {backend} is not supported by this CPU")
             }
+            LambError::MisalignedSplit { at } => write!(
+                f,
+                "cannot split a compact layer at element {at}: not a multiple of {}",
+                crate::precision::QBLOCK
+            ),
             LambError::NonFinite { layer } => write!(
                 f,
                 "layer {layer}: non-finite value (NaN or infinity) in the gradient, state or update; nothing was written"

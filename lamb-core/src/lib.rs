@@ -35,6 +35,7 @@ mod step;
 pub use config::{Adaptation, BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule};
 pub use dispatch::Backend;
 pub use error::{Buffer, Field, LambError};
+pub use half;
 pub use kernels::{BLOCK, LANES};
 pub use schedule::Schedule;
 pub use step::{LayerNorms, LayerReport, StepScalars, step_layer};

@@ -364,3 +364,173 @@ mod tests {
         assert!((ups as f64 / 1e5 - 0.25).abs() < 0.01, "{ups}");
     }
 }
+
+/// One layer in compact storage: each buffer in its own format.
+#[derive(Debug)]
+pub struct MixedLayer<'a> {
+    /// Parameters (and master copy).
+    pub params: Params<'a>,
+    /// Gradients.
+    pub grads: Grads<'a>,
+    /// Moments.
+    pub moments: Moments<'a>,
+}
+
+impl<'a> MixedLayer<'a> {
+    /// The layer's length, after checking that every buffer agrees with it.
+    pub fn check(&self) -> Result<usize, crate::LambError> {
+        use crate::error::Buffer;
+        let n = self.params.len();
+        let mut lens = [(Buffer::Grad, self.grads.len()); 5];
+        let mut k = 1;
+        if let Params::Master { model, .. } = &self.params {
+            let len = match model {
+                HalfMut::Bf16(h) => h.len(),
+                HalfMut::F16(h) => h.len(),
+            };
+            lens[k] = (Buffer::ModelCopy, len);
+            k += 1;
+        }
+        let (m, v) = match &self.moments {
+            Moments::F32 { m, v } => (m.len(), v.len()),
+            Moments::Bf16 { m, v } => (m.len(), v.len()),
+            Moments::Q8 { m, v, .. } => (m.len(), v.len()),
+        };
+        lens[k] = (Buffer::ExpAvg, m);
+        lens[k + 1] = (Buffer::ExpAvgSq, v);
+        k += 2;
+        if let Moments::Q8 {
+            m_absmax, v_absmax, ..
+        } = &self.moments
+        {
+            for (buffer, len) in [
+                (Buffer::ExpAvgAbsmax, m_absmax.len()),
+                (Buffer::ExpAvgSqAbsmax, v_absmax.len()),
+            ] {
+                if len != n.div_ceil(QBLOCK) {
+                    return Err(crate::LambError::LengthMismatch {
+                        layer: 0,
+                        buffer,
+                        expected: n.div_ceil(QBLOCK),
+                        found: len,
+                    });
+                }
+            }
+        }
+        for &(buffer, len) in &lens[..k] {
+            if len != n {
+                return Err(crate::LambError::LengthMismatch {
+                    layer: 0,
+                    buffer,
+                    expected: n,
+                    found: len,
+                });
+            }
+        }
+        Ok(n)
+    }
+
+    /// Splits into elements `[0, mid)` and `[mid, len)`, e.g. to hand pieces to threads.
+    /// `mid` must be a multiple of [`QBLOCK`] (or the length). The second half's element 0
+    /// is element `mid` of the layer: pass `index0 + mid` to
+    /// [`Backend::apply_mixed`](crate::Backend::apply_mixed) for stochastic rounding.
+    pub fn split_at(
+        self,
+        mid: usize,
+    ) -> Result<(MixedLayer<'a>, MixedLayer<'a>), crate::LambError> {
+        let n = self.check()?;
+        if mid > n || (mid % QBLOCK != 0 && mid != n) {
+            return Err(crate::LambError::MisalignedSplit { at: mid });
+        }
+        let (p0, p1) = match self.params {
+            Params::F32(x) => {
+                let (a, b) = x.split_at_mut(mid);
+                (Params::F32(a), Params::F32(b))
+            }
+            Params::Bf16 { data, rounding } => {
+                let (a, b) = data.split_at_mut(mid);
+                (
+                    Params::Bf16 { data: a, rounding },
+                    Params::Bf16 { data: b, rounding },
+                )
+            }
+            Params::Master { master, model } => {
+                let (a, b) = master.split_at_mut(mid);
+                let (ma, mb) = match model {
+                    HalfMut::Bf16(h) => {
+                        let (x, y) = h.split_at_mut(mid);
+                        (HalfMut::Bf16(x), HalfMut::Bf16(y))
+                    }
+                    HalfMut::F16(h) => {
+                        let (x, y) = h.split_at_mut(mid);
+                        (HalfMut::F16(x), HalfMut::F16(y))
+                    }
+                };
+                (
+                    Params::Master {
+                        master: a,
+                        model: ma,
+                    },
+                    Params::Master {
+                        master: b,
+                        model: mb,
+                    },
+                )
+            }
+        };
+        let (g0, g1) = match self.grads {
+            Grads::F32(x) => (Grads::F32(&x[..mid]), Grads::F32(&x[mid..])),
+            Grads::Bf16(x) => (Grads::Bf16(&x[..mid]), Grads::Bf16(&x[mid..])),
+            Grads::F16(x) => (Grads::F16(&x[..mid]), Grads::F16(&x[mid..])),
+        };
+        let (m0, m1) = match self.moments {
+            Moments::F32 { m, v } => {
+                let ((ma, mb), (va, vb)) = (m.split_at_mut(mid), v.split_at_mut(mid));
+                (Moments::F32 { m: ma, v: va }, Moments::F32 { m: mb, v: vb })
+            }
+            Moments::Bf16 { m, v } => {
+                let ((ma, mb), (va, vb)) = (m.split_at_mut(mid), v.split_at_mut(mid));
+                (
+                    Moments::Bf16 { m: ma, v: va },
+                    Moments::Bf16 { m: mb, v: vb },
+                )
+            }
+            Moments::Q8 {
+                m,
+                v,
+                m_absmax,
+                v_absmax,
+            } => {
+                let q = mid.div_ceil(QBLOCK);
+                let ((ma, mb), (va, vb)) = (m.split_at_mut(mid), v.split_at_mut(mid));
+                let ((sa, sb), (ta, tb)) = (m_absmax.split_at_mut(q), v_absmax.split_at_mut(q));
+                (
+                    Moments::Q8 {
+                        m: ma,
+                        v: va,
+                        m_absmax: sa,
+                        v_absmax: ta,
+                    },
+                    Moments::Q8 {
+                        m: mb,
+                        v: vb,
+                        m_absmax: sb,
+                        v_absmax: tb,
+                    },
+                )
+            }
+        };
+        Ok((
+            MixedLayer {
+                params: p0,
+                grads: g0,
+                moments: m0,
+            },
+            MixedLayer {
+                params: p1,
+                grads: g1,
+                moments: m1,
+            },
+        ))
+    }
+}

@@ -356,3 +356,156 @@ impl Backend {
         }))
     }
 }
+
+/// Steps and phases of layers in compact storage ([`crate::precision`]).
+impl Backend {
+    /// One LAMB step of a layer in compact storage; see [`Backend::step_layer`]. The trust
+    /// ratio is exact LAMB on the decoded values; on any `Err` or skip nothing is written.
+    ///
+    /// ```
+    /// use half::bf16;
+    /// use lamb_core::{Backend, LambConfig};
+    /// use lamb_core::precision::{Grads, MixedLayer, Moments, Params, Rounding, QBLOCK};
+    ///
+    /// let n = 1000;
+    /// let mut p = vec![bf16::from_f32(0.5); n];
+    /// let g = vec![bf16::from_f32(0.01); n];
+    /// let (mut m, mut v) = (vec![0u8; n], vec![0u8; n]);
+    /// let (mut ms, mut vs) = (vec![0.0f32; n.div_ceil(QBLOCK)], vec![0.0f32; n.div_ceil(QBLOCK)]);
+    /// let mut layer = MixedLayer {
+    ///     params: Params::Bf16 { data: &mut p, rounding: Rounding::Stochastic { seed: 42 } },
+    ///     grads: Grads::Bf16(&g),
+    ///     moments: Moments::Q8 { m: &mut m, v: &mut v, m_absmax: &mut ms, v_absmax: &mut vs },
+    /// };
+    /// let cfg = LambConfig { lr: 0.01, ..LambConfig::paper() };
+    /// let r = Backend::detect().step_layer_mixed(&cfg, 1, 1.0, &mut layer)?;
+    /// assert!(!r.skipped);
+    /// assert!(p.iter().all(|x| x.to_f32() < 0.5));
+    /// # Ok::<(), lamb_core::LambError>(())
+    /// ```
+    pub fn step_layer_mixed(
+        self,
+        config: &LambConfig,
+        step: u64,
+        grad_scale: f32,
+        layer: &mut crate::precision::MixedLayer<'_>,
+    ) -> Result<LayerReport, LambError> {
+        let scalars = StepScalars::new(config, step, grad_scale)?;
+        let norms = self.norms_mixed(&scalars, layer)?;
+        let report = LayerReport::plan(config, norms);
+        if report.skipped {
+            return match config.non_finite {
+                NonFinite::Skip => Ok(report),
+                NonFinite::Error => Err(LambError::NonFinite { layer: 0 }),
+            };
+        }
+        self.apply_mixed(&scalars, report.step_size, layer, 0)?;
+        Ok(report)
+    }
+
+    /// Phase 1 of a compact layer: Σp² and Σu², blocks added in order.
+    pub fn norms_mixed(
+        self,
+        scalars: &StepScalars,
+        layer: &crate::precision::MixedLayer<'_>,
+    ) -> Result<LayerNorms, LambError> {
+        let n = layer.check()?;
+        let k = self.kernels()?;
+        let mut total = LayerNorms::default();
+        for at in (0..n).step_by(crate::BLOCK) {
+            // SAFETY: `kernels()` checked CPU support; `check()` checked that every buffer
+            // has `n` elements, so the block `[at, at + len)` is in bounds.
+            total = total
+                + unsafe {
+                    (k.mixed_block_norms)(
+                        scalars,
+                        &layer.params,
+                        &layer.grads,
+                        &layer.moments,
+                        at,
+                        crate::BLOCK.min(n - at),
+                    )
+                };
+        }
+        Ok(total)
+    }
+
+    /// Phase 1 of a compact layer (or a block-aligned piece of one), one entry per block.
+    /// See [`Backend::norms_blocks`].
+    pub fn norms_blocks_mixed(
+        self,
+        scalars: &StepScalars,
+        layer: &crate::precision::MixedLayer<'_>,
+        out: &mut [LayerNorms],
+    ) -> Result<(), LambError> {
+        let n = layer.check()?;
+        let k = self.kernels()?;
+        let blocks = n.div_ceil(crate::BLOCK);
+        if out.len() < blocks {
+            return Err(LambError::LengthMismatch {
+                layer: 0,
+                buffer: Buffer::Param,
+                expected: out.len() * crate::BLOCK,
+                found: n,
+            });
+        }
+        for (b, slot) in out.iter_mut().take(blocks).enumerate() {
+            let at = b * crate::BLOCK;
+            // SAFETY: as in `norms_mixed`.
+            *slot = unsafe {
+                (k.mixed_block_norms)(
+                    scalars,
+                    &layer.params,
+                    &layer.grads,
+                    &layer.moments,
+                    at,
+                    crate::BLOCK.min(n - at),
+                )
+            };
+        }
+        Ok(())
+    }
+
+    /// Phase 2 of a compact layer. `index0` is the index in the whole layer of this
+    /// (piece of a) layer's element 0, used by stochastic rounding; 0 for a whole layer.
+    pub fn apply_mixed(
+        self,
+        scalars: &StepScalars,
+        step_size: f32,
+        layer: &mut crate::precision::MixedLayer<'_>,
+        index0: usize,
+    ) -> Result<(), LambError> {
+        layer.check()?;
+        let k = self.kernels()?;
+        // SAFETY: `kernels()` checked CPU support; `check()` checked all lengths.
+        unsafe {
+            (k.mixed_apply)(
+                scalars,
+                step_size,
+                &mut layer.params,
+                &layer.grads,
+                &mut layer.moments,
+                index0,
+            )
+        };
+        Ok(())
+    }
+
+    /// Σg² of gradients in any storage, with the fixed block/lane order.
+    ///
+    /// ```
+    /// use lamb_core::{Backend, precision::Grads};
+    /// let g = [half::f16::from_f32(3.0), half::f16::from_f32(4.0)];
+    /// assert_eq!(Backend::Scalar.sum_squares_grads(&Grads::F16(&g)), Ok(25.0));
+    /// ```
+    pub fn sum_squares_grads(self, grads: &crate::precision::Grads<'_>) -> Result<f64, LambError> {
+        let k = self.kernels()?;
+        let n = grads.len();
+        let mut total = 0.0;
+        for at in (0..n).step_by(crate::BLOCK) {
+            // SAFETY: `kernels()` checked CPU support; the block is inside `grads`.
+            total += unsafe { (k.mixed_block_sum_squares)(grads, at, crate::BLOCK.min(n - at)) };
+        }
+        Ok(total)
+    }
+}

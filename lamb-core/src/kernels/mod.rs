@@ -10,6 +10,7 @@
 //! any finite f32 tensor has a finite f64 sum of squares.
 
 pub(crate) mod arch;
+pub(crate) mod mixed;
 pub mod scalar;
 pub(crate) mod simd;
 

@@ -1,7 +1,12 @@
 //! The scalar reference: one element at a time, written to be obviously right. Every other
 //! backend is tested bit for bit against it.
 
+use super::mixed::{
+    Chunk, decode_grads, decode_moments, decode_params, encode_moments, encode_params,
+};
+use super::simd::Soft;
 use super::{LANES, fold_lanes};
+use crate::precision::{Grads, Moments, Params, QBLOCK};
 use crate::step::{LayerNorms, StepScalars};
 
 /// New m, v and the update u of one element, in the canonical order of operations.
@@ -68,6 +73,89 @@ pub fn block_sum_squares(x: &[f32]) -> f64 {
     let mut l = [0.0f64; LANES];
     for (i, &xi) in x.iter().enumerate() {
         l[i % LANES] += xi as f64 * xi as f64;
+    }
+    fold_lanes(l)
+}
+
+/// Phase 1 in compact storage: decode (the shared codecs), then this module's per-element
+/// math. The range `[at, at + n)` is one block (`at` a multiple of `BLOCK`).
+pub fn mixed_block_norms(
+    s: &StepScalars,
+    p: &Params,
+    g: &Grads,
+    mo: &Moments,
+    at: usize,
+    n: usize,
+) -> LayerNorms {
+    let mut lp = [0.0f64; LANES];
+    let mut lu = [0.0f64; LANES];
+    let mut c = Chunk::new();
+    let mut off = 0;
+    while off < n {
+        let len = QBLOCK.min(n - off);
+        decode_params(p, at + off, &mut c.p[..len]);
+        // SAFETY: `Soft` needs no instruction set.
+        unsafe { decode_grads::<Soft>(g, at + off, &mut c.g[..len]) };
+        decode_moments(mo, at + off, &mut c.m[..len], &mut c.v[..len]);
+        for i in 0..len {
+            let u = checked_update(s, c.p[i], c.g[i], c.m[i], c.v[i]);
+            lp[(off + i) % LANES] += c.p[i] as f64 * c.p[i] as f64;
+            lu[(off + i) % LANES] += u as f64 * u as f64;
+        }
+        off += len;
+    }
+    LayerNorms {
+        param_sq: fold_lanes(lp),
+        update_sq: fold_lanes(lu),
+    }
+}
+
+/// Phase 2 in compact storage, chunk by chunk (8-bit moments need a chunk's absmax).
+pub fn mixed_apply(
+    s: &StepScalars,
+    step: f32,
+    p: &mut Params,
+    g: &Grads,
+    mo: &mut Moments,
+    index0: usize,
+) {
+    let n = p.len();
+    let mut c = Chunk::new();
+    let mut at = 0;
+    while at < n {
+        let len = QBLOCK.min(n - at);
+        decode_params(p, at, &mut c.p[..len]);
+        // SAFETY: `Soft` needs no instruction set.
+        unsafe { decode_grads::<Soft>(g, at, &mut c.g[..len]) };
+        decode_moments(mo, at, &mut c.m[..len], &mut c.v[..len]);
+        apply(
+            s,
+            step,
+            &mut c.p[..len],
+            &c.g[..len],
+            &mut c.m[..len],
+            &mut c.v[..len],
+        );
+        // SAFETY: `Soft` needs no instruction set.
+        unsafe { encode_params::<Soft>(p, at, &c.p[..len], index0) };
+        encode_moments(mo, at, &c.m[..len], &c.v[..len]);
+        at += len;
+    }
+}
+
+/// Σg² of one block of gradients in any storage.
+pub fn mixed_block_sum_squares(g: &Grads, at: usize, n: usize) -> f64 {
+    let mut l = [0.0f64; LANES];
+    let mut buf = [0.0f32; QBLOCK];
+    let mut off = 0;
+    while off < n {
+        let len = QBLOCK.min(n - off);
+        // SAFETY: `Soft` needs no instruction set.
+        unsafe { decode_grads::<Soft>(g, at + off, &mut buf[..len]) };
+        for (i, &x) in buf[..len].iter().enumerate() {
+            l[(off + i) % LANES] += x as f64 * x as f64;
+        }
+        off += len;
     }
     fold_lanes(l)
 }

@@ -19,7 +19,7 @@ use crate::step::{LayerNorms, StepScalars};
 /// # Safety
 /// Implementations may only be used where their instruction set is available; the
 /// methods are `unsafe` for that reason, and pointer arguments must be valid as documented.
-pub(crate) unsafe trait Simd: Copy {
+pub(crate) unsafe trait Simd: Copy + HalfConv {
     /// 16 f32 lanes.
     type V: Copy;
     /// 16 f64 lanes.
@@ -62,6 +62,37 @@ pub(crate) unsafe trait Simd: Copy {
         }
     }
 }
+
+/// f16 ⇄ f32 conversion of a run of elements. The defaults are the `half` crate's exact
+/// software conversions (round to nearest even); x86 backends override them with F16C,
+/// which gives the same bits.
+pub(crate) trait HalfConv {
+    /// `out[i] = f32(src[i])` (exact). Equal lengths.
+    ///
+    /// # Safety
+    /// The implementation's instruction set must be available.
+    #[inline(always)]
+    unsafe fn f16_to_f32(src: &[half::f16], out: &mut [f32]) {
+        for (o, h) in out.iter_mut().zip(src) {
+            *o = crate::precision::f16_to_f32(h.to_bits());
+        }
+    }
+
+    /// `out[i] = f16(src[i])`, round to nearest even. Equal lengths.
+    ///
+    /// # Safety
+    /// The implementation's instruction set must be available.
+    #[inline(always)]
+    unsafe fn f32_to_f16(src: &[f32], out: &mut [half::f16]) {
+        for (o, &x) in out.iter_mut().zip(src) {
+            *o = half::f16::from_bits(crate::precision::f32_to_f16(x));
+        }
+    }
+}
+
+/// The software conversions, for the scalar reference.
+pub(crate) struct Soft;
+impl HalfConv for Soft {}
 
 /// The per-step scalars, splatted once.
 #[derive(Clone, Copy)]
@@ -274,16 +305,15 @@ pub(crate) unsafe fn apply<S: Simd>(
     }
 }
 
-/// Σx² of one block.
+/// Adds x² of every element of `x` to the lanes (element `i` to lane `i % 16`).
 ///
 /// # Safety
 /// The CPU must support `S`'s instruction set.
 #[inline(always)]
-pub(crate) unsafe fn block_sum_squares<S: Simd>(x: &[f32]) -> f64 {
+pub(crate) unsafe fn add_squares<S: Simd>(mut acc: S::Acc, x: &[f32]) -> S::Acc {
     let n = x.len();
-    // SAFETY: as in `block_norms`: every read stays inside `x`.
+    // SAFETY: as in `NormAcc::add`: every read stays inside `x`.
     unsafe {
-        let mut acc = S::acc_zero();
         let mut i = 0;
         while i + LANES <= n {
             acc = S::acc_add_squares(acc, S::load(x.as_ptr().add(i)));
@@ -292,8 +322,18 @@ pub(crate) unsafe fn block_sum_squares<S: Simd>(x: &[f32]) -> f64 {
         if i < n {
             acc = S::acc_add_squares(acc, S::load_partial(x.as_ptr().add(i), n - i));
         }
-        fold_lanes(S::acc_lanes(acc))
+        acc
     }
+}
+
+/// Σx² of one block.
+///
+/// # Safety
+/// The CPU must support `S`'s instruction set.
+#[inline(always)]
+pub(crate) unsafe fn block_sum_squares<S: Simd>(x: &[f32]) -> f64 {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { fold_lanes(S::acc_lanes(add_squares::<S>(S::acc_zero(), x))) }
 }
 
 /// Declares a backend module's three `#[target_feature]` entry points over the generic
@@ -343,6 +383,54 @@ macro_rules! entry_points {
         pub(crate) unsafe fn block_sum_squares(x: &[f32]) -> f64 {
             // SAFETY: forwarded from this function's contract.
             unsafe { crate::kernels::simd::block_sum_squares::<$simd>(x) }
+        }
+
+        /// Phase 1 of one block in compact storage.
+        ///
+        /// # Safety
+        /// The CPU must support the enabled features; the range must be in bounds.
+        #[target_feature($(enable = $feature),+)]
+        pub(crate) unsafe fn mixed_block_norms(
+            s: &StepScalars,
+            p: &crate::precision::Params,
+            g: &crate::precision::Grads,
+            mo: &crate::precision::Moments,
+            at: usize,
+            n: usize,
+        ) -> LayerNorms {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { crate::kernels::mixed::block_norms::<$simd>(s, p, g, mo, at, n) }
+        }
+
+        /// Phase 2 in compact storage.
+        ///
+        /// # Safety
+        /// The CPU must support the enabled features; the buffers must match in length.
+        #[target_feature($(enable = $feature),+)]
+        pub(crate) unsafe fn mixed_apply(
+            s: &StepScalars,
+            step: f32,
+            p: &mut crate::precision::Params,
+            g: &crate::precision::Grads,
+            mo: &mut crate::precision::Moments,
+            index0: usize,
+        ) {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { crate::kernels::mixed::apply::<$simd>(s, step, p, g, mo, index0) }
+        }
+
+        /// Σg² of one block of gradients in any storage.
+        ///
+        /// # Safety
+        /// The CPU must support the enabled features; the range must be in bounds.
+        #[target_feature($(enable = $feature),+)]
+        pub(crate) unsafe fn mixed_block_sum_squares(
+            g: &crate::precision::Grads,
+            at: usize,
+            n: usize,
+        ) -> f64 {
+            // SAFETY: forwarded from this function's contract.
+            unsafe { crate::kernels::mixed::block_sum_squares::<$simd>(g, at, n) }
         }
     };
 }

@@ -5,7 +5,7 @@
 use core::arch::aarch64::*;
 
 use crate::kernels::LANES;
-use crate::kernels::simd::{Simd, entry_points};
+use crate::kernels::simd::{HalfConv, Simd, entry_points};
 
 #[derive(Clone, Copy)]
 pub(crate) struct Neon;
@@ -104,5 +104,8 @@ unsafe impl Simd for Neon {
         out
     }
 }
+
+// f16 in software: the NEON conversion intrinsics need Rust's unstable `f16` support.
+impl HalfConv for Neon {}
 
 entry_points!(Neon, "neon");

@@ -1,0 +1,349 @@
+//! Compact storage: every combination of parameter, gradient and moment formats gives the
+//! same bits on every backend as on `scalar`, and the all-f32 combination equals the f32
+//! kernels.
+
+use half::{bf16, f16};
+use lamb_core::precision::{Grads, HalfMut, MixedLayer, Moments, Params, QBLOCK, Rounding};
+use lamb_core::{Backend, LambConfig, LayerReport};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn value(&mut self, scale: f32) -> f32 {
+        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+        match self.next() % 50 {
+            0 => 0.0,
+            1 => -0.0,
+            2 => f32::from_bits(1 + (self.next() % 0x7f_ffff) as u32), // f32 denormal
+            3 => u * 6e-8,                                             // f16 denormal range
+            4 => u * 7e4, // beyond f16's range: rounds to infinity in f16
+            _ => u * scale,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum P {
+    F32,
+    Bf16,
+    Bf16Sr,
+    MasterBf16,
+    MasterF16,
+}
+#[derive(Clone, Copy, Debug)]
+enum G {
+    F32,
+    Bf16,
+    F16,
+}
+#[derive(Clone, Copy, Debug)]
+enum M {
+    F32,
+    Bf16,
+    Q8,
+}
+
+/// Owned storage for one layer in one combination of formats.
+#[derive(Clone)]
+struct Owned {
+    p32: Vec<f32>,
+    pb: Vec<bf16>,
+    ph: Vec<f16>,
+    g32: Vec<f32>,
+    gb: Vec<bf16>,
+    gh: Vec<f16>,
+    m32: Vec<f32>,
+    v32: Vec<f32>,
+    mb: Vec<bf16>,
+    vb: Vec<bf16>,
+    mq: Vec<u8>,
+    vq: Vec<u8>,
+    ms: Vec<f32>,
+    vs: Vec<f32>,
+}
+
+impl Owned {
+    fn new(rng: &mut Rng, n: usize) -> Owned {
+        let p32: Vec<f32> = (0..n).map(|_| rng.value(1.0)).collect();
+        let g32: Vec<f32> = (0..n).map(|_| rng.value(0.1)).collect();
+        let q = n.div_ceil(QBLOCK);
+        Owned {
+            pb: p32.iter().map(|&x| bf16::from_f32(x)).collect(),
+            ph: p32.iter().map(|&x| f16::from_f32(x)).collect(),
+            gb: g32.iter().map(|&x| bf16::from_f32(x)).collect(),
+            gh: g32.iter().map(|&x| f16::from_f32(x)).collect(),
+            p32,
+            g32,
+            m32: vec![0.0; n],
+            v32: vec![0.0; n],
+            mb: vec![bf16::ZERO; n],
+            vb: vec![bf16::ZERO; n],
+            mq: vec![0; n],
+            vq: vec![0; n],
+            ms: vec![0.0; q],
+            vs: vec![0.0; q],
+        }
+    }
+
+    fn layer(&mut self, p: P, g: G, m: M) -> MixedLayer<'_> {
+        MixedLayer {
+            params: match p {
+                P::F32 => Params::F32(&mut self.p32),
+                P::Bf16 => Params::Bf16 {
+                    data: &mut self.pb,
+                    rounding: Rounding::Nearest,
+                },
+                P::Bf16Sr => Params::Bf16 {
+                    data: &mut self.pb,
+                    rounding: Rounding::Stochastic { seed: 0xfeed },
+                },
+                P::MasterBf16 => Params::Master {
+                    master: &mut self.p32,
+                    model: HalfMut::Bf16(&mut self.pb),
+                },
+                P::MasterF16 => Params::Master {
+                    master: &mut self.p32,
+                    model: HalfMut::F16(&mut self.ph),
+                },
+            },
+            grads: match g {
+                G::F32 => Grads::F32(&self.g32),
+                G::Bf16 => Grads::Bf16(&self.gb),
+                G::F16 => Grads::F16(&self.gh),
+            },
+            moments: match m {
+                M::F32 => Moments::F32 {
+                    m: &mut self.m32,
+                    v: &mut self.v32,
+                },
+                M::Bf16 => Moments::Bf16 {
+                    m: &mut self.mb,
+                    v: &mut self.vb,
+                },
+                M::Q8 => Moments::Q8 {
+                    m: &mut self.mq,
+                    v: &mut self.vq,
+                    m_absmax: &mut self.ms,
+                    v_absmax: &mut self.vs,
+                },
+            },
+        }
+    }
+
+    /// Every stored bit.
+    fn bits(&self) -> Vec<u32> {
+        let mut out: Vec<u32> = vec![];
+        out.extend(
+            self.p32
+                .iter()
+                .chain(&self.m32)
+                .chain(&self.v32)
+                .chain(&self.ms)
+                .chain(&self.vs)
+                .map(|x| x.to_bits()),
+        );
+        out.extend(
+            self.pb
+                .iter()
+                .chain(&self.mb)
+                .chain(&self.vb)
+                .map(|x| x.to_bits() as u32),
+        );
+        out.extend(self.ph.iter().map(|x| x.to_bits() as u32));
+        out.extend(self.mq.iter().chain(&self.vq).map(|&x| x as u32));
+        out
+    }
+}
+
+fn report_bits(r: &LayerReport) -> [u32; 5] {
+    let b = |x: f32| if x.is_nan() { u32::MAX } else { x.to_bits() };
+    [
+        b(r.param_norm),
+        b(r.update_norm),
+        b(r.trust_ratio),
+        b(r.step_size),
+        r.skipped as u32,
+    ]
+}
+
+fn run(
+    backend: Backend,
+    owned: &Owned,
+    p: P,
+    g: G,
+    m: M,
+    cfg: &LambConfig,
+) -> (Owned, Vec<[u32; 5]>) {
+    let mut o = owned.clone();
+    let mut reports = vec![];
+    for step in 1..=2 {
+        let mut layer = o.layer(p, g, m);
+        let r = backend
+            .step_layer_mixed(cfg, step, 1.0, &mut layer)
+            .unwrap();
+        reports.push(report_bits(&r));
+    }
+    (o, reports)
+}
+
+const PS: [P; 5] = [P::F32, P::Bf16, P::Bf16Sr, P::MasterBf16, P::MasterF16];
+const GS: [G; 3] = [G::F32, G::Bf16, G::F16];
+const MS: [M; 3] = [M::F32, M::Bf16, M::Q8];
+
+#[test]
+fn every_format_combination_is_bit_exact_on_every_backend() {
+    let mut rng = Rng(0xabcdef);
+    let cfg = LambConfig {
+        lr: 0.01,
+        ..LambConfig::paper()
+    };
+    let backends: Vec<Backend> = Backend::available()
+        .filter(|&b| b != Backend::Scalar)
+        .collect();
+    for b in Backend::ALL {
+        if b.checked().is_none() {
+            println!("SKIPPED backend {b}: not supported by this CPU");
+        }
+    }
+    for n in [0, 1, 7, 16, 17, 255, 256, 257, 1023, 1024, 1025, 2500] {
+        let owned = Owned::new(&mut rng, n);
+        for p in PS {
+            for g in GS {
+                for m in MS {
+                    let (ref_o, ref_r) = run(Backend::Scalar, &owned, p, g, m, &cfg);
+                    for &b in &backends {
+                        let (o, r) = run(b, &owned, p, g, m, &cfg);
+                        assert_eq!(r, ref_r, "{b} {p:?} {g:?} {m:?} n={n}: report");
+                        assert!(
+                            o.bits() == ref_o.bits(),
+                            "{b} {p:?} {g:?} {m:?} n={n}: state"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    println!("backends {backends:?}: 45 combinations x 12 lengths bit-exact");
+}
+
+#[test]
+fn all_f32_mixed_equals_the_f32_kernels() {
+    let mut rng = Rng(5);
+    let cfg = LambConfig::paper();
+    for b in Backend::available() {
+        for n in [0, 5, 300, 2049] {
+            let owned = Owned::new(&mut rng, n);
+            let (o, _) = run(b, &owned, P::F32, G::F32, M::F32, &cfg);
+            let (mut p, mut m, mut v) = (owned.p32.clone(), owned.m32.clone(), owned.v32.clone());
+            for step in 1..=2 {
+                b.step_layer(&cfg, step, 1.0, &mut p, &owned.g32, &mut m, &mut v)
+                    .unwrap();
+            }
+            assert!(o.p32 == p && o.m32 == m && o.v32 == v, "{b} n={n}");
+        }
+    }
+}
+
+#[test]
+fn split_pieces_equal_the_whole_layer() {
+    // lamb-std cuts layers into block-aligned pieces for threads: the pieces must compute
+    // what the whole layer computes, stochastic rounding included.
+    let mut rng = Rng(11);
+    let cfg = LambConfig::paper();
+    let b = Backend::detect();
+    let n = 5000;
+    let owned = Owned::new(&mut rng, n);
+    for (p, m) in [(P::Bf16Sr, M::Q8), (P::MasterF16, M::Bf16)] {
+        let mut whole = owned.clone();
+        {
+            let mut layer = whole.layer(p, G::F32, m);
+            b.step_layer_mixed(&cfg, 1, 1.0, &mut layer).unwrap();
+        }
+        let mut parts = owned.clone();
+        {
+            let layer = parts.layer(p, G::F32, m);
+            let s = lamb_core::StepScalars::new(&cfg, 1, 1.0).unwrap();
+            let whole_norms = b.norms_mixed(&s, &layer).unwrap();
+            let report = lamb_core::LayerReport::plan(&cfg, whole_norms);
+            let (mut a, mut c) = layer.split_at(2048).unwrap();
+            let mut blocks = vec![lamb_core::LayerNorms::default(); 5];
+            b.norms_blocks_mixed(&s, &a, &mut blocks[..2]).unwrap();
+            b.norms_blocks_mixed(&s, &c, &mut blocks[2..]).unwrap();
+            let sum = blocks
+                .iter()
+                .fold(lamb_core::LayerNorms::default(), |x, &y| x + y);
+            assert_eq!(sum, whole_norms);
+            b.apply_mixed(&s, report.step_size, &mut a, 0).unwrap();
+            b.apply_mixed(&s, report.step_size, &mut c, 2048).unwrap();
+        }
+        assert!(whole.bits() == parts.bits(), "{p:?} {m:?}");
+    }
+    let mut o = owned.clone();
+    let layer = o.layer(P::F32, G::F32, M::Q8);
+    assert!(
+        layer.split_at(100).is_err(),
+        "8-bit moments split inside a block"
+    );
+}
+
+#[test]
+fn non_finite_gradients_skip_in_every_format() {
+    let mut rng = Rng(3);
+    let cfg = LambConfig::paper();
+    let mut owned = Owned::new(&mut rng, 600);
+    owned.g32[300] = f32::NAN;
+    owned.gb[300] = bf16::NAN;
+    owned.gh[300] = f16::INFINITY;
+    for b in Backend::available() {
+        for p in PS {
+            for g in GS {
+                for m in MS {
+                    let mut o = owned.clone();
+                    let before = o.bits();
+                    let r = b
+                        .step_layer_mixed(&cfg, 1, 1.0, &mut o.layer(p, g, m))
+                        .unwrap();
+                    assert!(r.skipped, "{b} {p:?} {g:?} {m:?}");
+                    assert!(o.bits() == before);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn length_mismatches_are_refused_untouched() {
+    let mut rng = Rng(4);
+    let mut o = Owned::new(&mut rng, 300);
+    o.ms.pop();
+    let before = o.bits();
+    let e = Backend::Scalar
+        .step_layer_mixed(
+            &LambConfig::paper(),
+            1,
+            1.0,
+            &mut o.layer(P::F32, G::F32, M::Q8),
+        )
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "layer 0: m absmax has 1 elements, param has 2"
+    );
+    let mut o2 = Owned::new(&mut rng, 300);
+    o2.ph.pop();
+    let e = Backend::Scalar
+        .step_layer_mixed(
+            &LambConfig::paper(),
+            1,
+            1.0,
+            &mut o2.layer(P::MasterF16, G::F32, M::F32),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("model copy has 299 elements"), "{e}");
+    assert!(o.bits() == before);
+}
