@@ -1,1 +1,220 @@
-//! Benchmarks for lamb (see `benches/`).
+//! Benchmarks for lamb: shared pieces of the criterion benches (`benches/`) and the result
+//! tools (`src/bin/`). See `benches/README.md` for what is measured and how to run it.
+
+pub mod pulp_lamb;
+pub mod results;
+pub mod roofline;
+
+use std::path::PathBuf;
+
+use lamb_std::buffer::{AlignedBuf, Placement};
+
+/// The single-layer sizes of the kernel benches, with their labels.
+pub const LAYER_SIZES: [(&str, usize); 4] = [
+    ("1K", 1 << 10),
+    ("64K", 1 << 16),
+    ("1M", 1 << 20),
+    ("16M", 1 << 24),
+];
+
+/// The whole-model workloads: (label, tensor lengths).
+pub fn model_workloads() -> Vec<(&'static str, Vec<(String, usize)>)> {
+    vec![
+        ("bert_base", lamb_std::shapes::bert_base()),
+        ("uniform_1000x1024", lamb_std::shapes::uniform(1000, 1024)),
+        ("single_16M", vec![("layer".to_string(), 1 << 24)]),
+    ]
+}
+
+/// Thread counts of the model benches: 1, 2 and all cores, without repeats.
+pub fn thread_counts() -> Vec<usize> {
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut t = vec![1, 2, all];
+    t.sort_unstable();
+    t.dedup();
+    t
+}
+
+/// Fills `x` with deterministic values `scale · (offset + w)`, `w` uniform in `[-1, 1)`
+/// (xorshift), never exactly zero when `offset` is 0 (so no gradient element is 0 and
+/// v stays positive).
+pub fn fill(x: &mut [f32], seed: u64, scale: f32, offset: f32) {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for e in x.iter_mut() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let w = ((s >> 40) as f32 + 0.5) / (1u64 << 23) as f32 - 1.0;
+        *e = scale * (offset + w);
+    }
+}
+
+/// A human description of how a set of buffers was placed, e.g.
+/// `4 × 64 MiB AlignedBuf: 4 huge-page (2 MiB-aligned, MADV_HUGEPAGE accepted)`.
+pub fn describe_placement<'a>(bufs: impl IntoIterator<Item = &'a AlignedBuf>) -> String {
+    let (mut n, mut bytes) = (0usize, 0usize);
+    let (mut huge, mut aligned, mut line) = (0, 0, 0);
+    for b in bufs {
+        n += 1;
+        bytes += b.len() * 4;
+        match b.placement() {
+            Placement::HugePages => huge += 1,
+            Placement::HugeAligned => aligned += 1,
+            Placement::CacheLine => line += 1,
+        }
+    }
+    let mut parts = vec![];
+    if huge > 0 {
+        parts.push(format!(
+            "{huge} huge-page (2 MiB-aligned, MADV_HUGEPAGE accepted)"
+        ));
+    }
+    if aligned > 0 {
+        parts.push(format!(
+            "{aligned} 2 MiB-aligned (MADV_HUGEPAGE refused/unavailable)"
+        ));
+    }
+    if line > 0 {
+        parts.push(format!("{line} 64 B-aligned (< 2 MiB)"));
+    }
+    format!(
+        "{n} AlignedBuf, {} total: {}",
+        human_bytes(bytes),
+        parts.join(", ")
+    )
+}
+
+/// `12.0 MiB` style.
+pub fn human_bytes(b: usize) -> String {
+    let b = b as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1 << 20) as f64 {
+        format!("{:.1} MiB", b / (1 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+/// The CPU model line of `/proc/cpuinfo` (`unknown` elsewhere).
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The transparent-huge-page mode (`always [madvise] never` → `madvise`).
+pub fn thp_mode() -> String {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .ok()
+        .and_then(|s| {
+            let a = s.find('[')?;
+            let b = s[a..].find(']')?;
+            Some(s[a + 1..a + b].to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// KiB of transparent huge pages in the mappings that hold `bufs`: the `AnonHugePages` of
+/// every `/proc/self/smaps` mapping that overlaps one of them, each mapping counted once.
+/// A mapping can be larger than the buffers in it, so this is an upper bound; `None` where
+/// smaps is unreadable.
+pub fn huge_kib_of<'a>(bufs: impl IntoIterator<Item = &'a AlignedBuf>) -> Option<u64> {
+    let ranges: Vec<(usize, usize)> = bufs
+        .into_iter()
+        .filter(|b| !b.is_empty())
+        .map(|b| (b.as_ptr() as usize, b.as_ptr() as usize + b.len() * 4))
+        .collect();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let (mut total, mut hit) = (0u64, false);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                hit = ranges.iter().any(|&(s, e)| s < b && a < e);
+                continue;
+            }
+        }
+        if hit && line.starts_with("AnonHugePages:") {
+            total += line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
+}
+
+/// One line for a bench's output: how `bufs` were placed, and how much of them the kernel
+/// actually backs with huge pages (call it after the buffers were written).
+pub fn placement_line<'a>(
+    what: &str,
+    bufs: impl IntoIterator<Item = &'a AlignedBuf> + Clone,
+) -> String {
+    let bytes: usize = bufs.clone().into_iter().map(|b| b.len() * 4).sum();
+    let huge = huge_kib_of(bufs.clone())
+        .map(|k| {
+            format!(
+                "; backed by THP: {} of {}",
+                human_bytes(k as usize * 1024),
+                human_bytes(bytes)
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "[alloc] {what}: {} (THP mode: {}{huge})",
+        describe_placement(bufs),
+        thp_mode()
+    )
+}
+
+/// Where criterion writes its results: `$CRITERION_HOME`, else `$CARGO_TARGET_DIR/criterion`,
+/// else the workspace's `target/criterion` (criterion's own order of preference).
+pub fn criterion_dir() -> PathBuf {
+    if let Some(h) = std::env::var_os("CRITERION_HOME") {
+        return h.into();
+    }
+    if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(t).join("criterion");
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("criterion")
+}
+
+/// Notes a bench prints as it goes (how buffers were placed, which backend ran, what was
+/// skipped) and saves next to criterion's results as `lamb-meta-<name>.txt` for the report.
+#[derive(Default)]
+pub struct Meta(Vec<String>);
+
+impl Meta {
+    /// Prints `line` and keeps it.
+    pub fn note(&mut self, line: impl Into<String>) {
+        let line = line.into();
+        println!("{line}");
+        self.0.push(line);
+    }
+
+    /// Writes the notes to `<criterion dir>/lamb-meta-<name>.txt`; a failure is reported,
+    /// never fatal.
+    pub fn save(&self, name: &str) {
+        let dir = criterion_dir();
+        let text = self.0.join("\n") + "\n";
+        let path = dir.join(format!("lamb-meta-{name}.txt"));
+        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, text)) {
+            eprintln!("note: could not write {}: {e}", path.display());
+        }
+    }
+}
+
+/// `true` when the command line sets the sample size or asks for criterion's quick or test
+/// modes: the benches then leave criterion's settings alone.
+pub fn cli_sets_sampling() -> bool {
+    std::env::args().any(|a| {
+        a == "--quick" || a == "--test" || a == "--sample-size" || a.starts_with("--sample-size=")
+    })
+}

@@ -439,7 +439,7 @@ impl<'a> MixedLayer<'a> {
         mid: usize,
     ) -> Result<(MixedLayer<'a>, MixedLayer<'a>), crate::LambError> {
         let n = self.check()?;
-        if mid > n || (mid % QBLOCK != 0 && mid != n) {
+        if mid > n || (!mid.is_multiple_of(QBLOCK) && mid != n) {
             return Err(crate::LambError::MisalignedSplit { at: mid });
         }
         let (p0, p1) = match self.params {
