@@ -271,7 +271,7 @@ fn split_pieces_equal_the_whole_layer() {
             let whole_norms = b.norms_mixed(&s, &layer).unwrap();
             let report = lamb_core::LayerReport::plan(&cfg, whole_norms);
             let (mut a, mut c) = layer.split_at(2048).unwrap();
-            let mut blocks = vec![lamb_core::LayerNorms::default(); 5];
+            let mut blocks = [lamb_core::LayerNorms::default(); 5];
             b.norms_blocks_mixed(&s, &a, &mut blocks[..2]).unwrap();
             b.norms_blocks_mixed(&s, &c, &mut blocks[2..]).unwrap();
             let sum = blocks
