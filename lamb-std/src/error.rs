@@ -1,6 +1,7 @@
 //! Errors of the optimizer: the core's, attributed to a named layer, plus the whole-model ones.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use lamb_core::LambError;
 
@@ -60,6 +61,10 @@ pub enum Error {
     BadBackendEnv(String),
     /// The thread pool could not be built.
     ThreadPool(String),
+    /// A group's precision can only be set before it has layers.
+    PrecisionAfterLayers(String),
+    /// f16 parameters need an f32 master copy (`Precision::master`).
+    NeedsMaster(String),
     /// A worker thread panicked. In the norms phase nothing was written; in the apply phase
     /// some layers may have been written, the optimizer is poisoned and refuses further
     /// steps until [`Lamb::reset`](crate::Lamb::reset).
@@ -71,6 +76,26 @@ pub enum Error {
     },
     /// A worker panicked in an earlier apply phase; the state is inconsistent.
     Poisoned,
+    /// (Checkpoints, issue #8.) A checkpoint was refused: not one, corrupted, truncated, of
+    /// another version, or of another model. The optimizer is unchanged.
+    Checkpoint {
+        /// The file, when loading from one.
+        path: Option<PathBuf>,
+        /// What is wrong, naming the layer, tensor or field and both values.
+        what: String,
+    },
+    /// (Checkpoints, issue #8.) A file operation failed; an existing checkpoint at the
+    /// target path is untouched.
+    Io {
+        /// The path operated on.
+        path: PathBuf,
+        /// What was being done (`"read"`, `"create a temporary file beside"`, ...).
+        op: &'static str,
+        /// The OS error's kind.
+        kind: std::io::ErrorKind,
+        /// The OS error's message.
+        message: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -132,6 +157,14 @@ impl fmt::Display for Error {
                 f,
                 "LAMB_BACKEND='{v}' is not a backend this CPU supports (scalar, portable, avx2, avx512, neon)"
             ),
+            Error::PrecisionAfterLayers(g) => write!(
+                f,
+                "group '{g}' already has layers: set its precision before adding them"
+            ),
+            Error::NeedsMaster(l) => write!(
+                f,
+                "layer '{l}': f16 parameters need an f32 master copy (Precision::master = true)"
+            ),
             Error::ThreadPool(e) => write!(f, "could not build the thread pool: {e}"),
             Error::WorkerPanicked { phase, message } => write!(
                 f,
@@ -146,6 +179,14 @@ impl fmt::Display for Error {
                 f,
                 "the optimizer is poisoned by a panic in an earlier step; call reset() or reload a checkpoint"
             ),
+            Error::Checkpoint {
+                path: Some(p),
+                what,
+            } => write!(f, "checkpoint '{}': {what}", p.display()),
+            Error::Checkpoint { path: None, what } => write!(f, "checkpoint: {what}"),
+            Error::Io {
+                path, op, message, ..
+            } => write!(f, "could not {op} '{}': {message}", path.display()),
         }
     }
 }

@@ -34,4 +34,7 @@ mod partition;
 pub mod shapes;
 
 pub use error::Error;
-pub use optimizer::{Group, GroupId, Lamb, LayerId, LayerView, SkippedLayer, StepReport};
+pub use optimizer::{
+    Group, GroupId, Lamb, LayerId, LayerView, ParamsIn, Precision, SkippedLayer, StateFormat,
+    StateView, StepReport,
+};

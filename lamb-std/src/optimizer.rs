@@ -14,6 +14,10 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 
+use lamb_core::half::{bf16, f16};
+use lamb_core::precision::{
+    Grads, HalfMut, MixedLayer, Moments as CoreMoments, Params, QBLOCK, Rounding,
+};
 use lamb_core::{
     BLOCK, Backend, Field, LambConfig, LambError, LayerNorms, LayerReport, NonFinite, Schedule,
     StepScalars,
@@ -41,6 +45,111 @@ pub struct Group {
     pub config: LambConfig,
     /// Multiplier of `config.lr` for this group (1 by default).
     pub lr_scale: f64,
+    /// How the group's state is stored.
+    pub precision: Precision,
+}
+
+/// How a group stores its moments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum StateFormat {
+    /// f32 m and v: 8 bytes per parameter.
+    #[default]
+    F32,
+    /// bf16 m and v, rounded to nearest even: 4 bytes per parameter.
+    Bf16,
+    /// 8-bit blockwise m and v ([`lamb_core::precision`]): 2 bytes + 8/256 per parameter.
+    Q8,
+}
+
+/// A group's precision settings.
+///
+/// ```
+/// use lamb_std::{Lamb, ParamsIn, Precision, StateFormat, lamb_core::{LambConfig, half::bf16, precision::Grads}};
+/// let mut opt = Lamb::new(LambConfig::paper());
+/// opt.set_precision(lamb_std::GroupId(0), Precision { moments: StateFormat::Q8, ..Precision::default() })?;
+/// opt.add_layer("w", 8192)?;
+/// let mut w = vec![bf16::from_f32(0.1); 8192];
+/// let g = vec![bf16::from_f32(0.01); 8192];
+/// opt.step_mixed(&mut [ParamsIn::Bf16(&mut w)], &[Grads::Bf16(&g)])?;
+/// // 8-bit moments, the absmax scales and an f32 master copy of the bf16 weights:
+/// assert!((opt.bytes_per_param() - (2.0 + 8.0 / 256.0 + 4.0)).abs() < 1e-9);
+/// # Ok::<(), lamb_std::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Precision {
+    /// Storage of m and v.
+    pub moments: StateFormat,
+    /// Layers with fewer elements keep f32 moments (compact formats pay off on big
+    /// tensors; biases and norms are small and sensitive). Default 4096.
+    pub compact_min_len: usize,
+    /// Keep an f32 master copy of bf16/f16 parameters (default `true`). Without it, bf16
+    /// parameters are updated in place with `rounding`; f16 parameters always need one.
+    pub master: bool,
+    /// Rounding of bf16 parameters updated in place. A stochastic seed is mixed with the
+    /// step and the layer index, so runs are reproducible on any backend and thread count.
+    pub rounding: Rounding,
+}
+
+impl Default for Precision {
+    fn default() -> Precision {
+        Precision {
+            moments: StateFormat::F32,
+            compact_min_len: 4096,
+            master: true,
+            rounding: Rounding::Nearest,
+        }
+    }
+}
+
+/// A layer's parameters as the model holds them.
+#[derive(Debug)]
+pub enum ParamsIn<'a> {
+    /// f32, updated in place.
+    F32(&'a mut [f32]),
+    /// bf16: updated through the f32 master copy, or in place (see [`Precision::master`]).
+    Bf16(&'a mut [bf16]),
+    /// f16: updated through the f32 master copy.
+    F16(&'a mut [f16]),
+}
+
+impl ParamsIn<'_> {
+    fn len(&self) -> usize {
+        match self {
+            ParamsIn::F32(p) => p.len(),
+            ParamsIn::Bf16(p) => p.len(),
+            ParamsIn::F16(p) => p.len(),
+        }
+    }
+}
+
+/// A layer's moments as stored, from [`Lamb::layer`].
+#[derive(Clone, Copy, Debug)]
+pub enum StateView<'a> {
+    /// f32.
+    F32 {
+        /// First moment.
+        m: &'a [f32],
+        /// Second moment.
+        v: &'a [f32],
+    },
+    /// bf16.
+    Bf16 {
+        /// First moment.
+        m: &'a [bf16],
+        /// Second moment.
+        v: &'a [bf16],
+    },
+    /// 8-bit codes and per-block absmax.
+    Q8 {
+        /// First-moment codes.
+        m: &'a [u8],
+        /// Second-moment codes.
+        v: &'a [u8],
+        /// First-moment absmax per block.
+        m_absmax: &'a [f32],
+        /// Second-moment absmax per block.
+        v_absmax: &'a [f32],
+    },
 }
 
 /// A layer's registration and state, as [`Lamb::layer`] shows it.
@@ -52,10 +161,14 @@ pub struct LayerView<'a> {
     pub len: usize,
     /// Its group.
     pub group: GroupId,
-    /// First moment.
+    /// First moment in f32 (empty if the layer stores its state compactly: see `state`).
     pub m: &'a [f32],
-    /// Second moment.
+    /// Second moment in f32 (empty if compact).
     pub v: &'a [f32],
+    /// The moments as stored.
+    pub state: StateView<'a>,
+    /// The f32 master copy of half-precision parameters, once the first step made it.
+    pub master: Option<&'a [f32]>,
     /// Norms and ratio of the last applied step (`None` before the first).
     pub last: Option<LayerReport>,
 }
@@ -95,10 +208,140 @@ struct Layer {
     last: Option<LayerReport>,
 }
 
-/// A layer's first and second moments.
+/// A layer's optimizer state: f32 moments in `m`, `v` (empty when `compact` holds them),
+/// and the f32 master copy of half-precision parameters.
 struct Moments {
     m: AlignedBuf,
     v: AlignedBuf,
+    compact: Compact,
+    master: Option<AlignedBuf>,
+}
+
+/// Compact moments.
+enum Compact {
+    None,
+    Bf16 {
+        m: Vec<bf16>,
+        v: Vec<bf16>,
+    },
+    Q8 {
+        m: Vec<u8>,
+        v: Vec<u8>,
+        m_absmax: Vec<f32>,
+        v_absmax: Vec<f32>,
+    },
+}
+
+impl Moments {
+    fn new(len: usize, precision: &Precision) -> Moments {
+        let compact = if len < precision.compact_min_len {
+            StateFormat::F32
+        } else {
+            precision.moments
+        };
+        let f32_len = if compact == StateFormat::F32 { len } else { 0 };
+        let q = len.div_ceil(QBLOCK);
+        Moments {
+            m: AlignedBuf::zeroed(f32_len),
+            v: AlignedBuf::zeroed(f32_len),
+            compact: match compact {
+                StateFormat::F32 => Compact::None,
+                StateFormat::Bf16 => Compact::Bf16 {
+                    m: vec![bf16::ZERO; len],
+                    v: vec![bf16::ZERO; len],
+                },
+                StateFormat::Q8 => Compact::Q8 {
+                    m: vec![0; len],
+                    v: vec![0; len],
+                    m_absmax: vec![0.0; q],
+                    v_absmax: vec![0.0; q],
+                },
+            },
+            master: None,
+        }
+    }
+
+    fn zero(&mut self) {
+        self.m.fill(0.0);
+        self.v.fill(0.0);
+        match &mut self.compact {
+            Compact::None => {}
+            Compact::Bf16 { m, v } => {
+                m.fill(bf16::ZERO);
+                v.fill(bf16::ZERO);
+            }
+            Compact::Q8 {
+                m,
+                v,
+                m_absmax,
+                v_absmax,
+            } => {
+                m.fill(0);
+                v.fill(0);
+                m_absmax.fill(0.0);
+                v_absmax.fill(0.0);
+            }
+        }
+    }
+
+    fn view(&self) -> StateView<'_> {
+        match &self.compact {
+            Compact::None => StateView::F32 {
+                m: &self.m,
+                v: &self.v,
+            },
+            Compact::Bf16 { m, v } => StateView::Bf16 { m, v },
+            Compact::Q8 {
+                m,
+                v,
+                m_absmax,
+                v_absmax,
+            } => StateView::Q8 {
+                m,
+                v,
+                m_absmax,
+                v_absmax,
+            },
+        }
+    }
+
+    /// The moments as the core's type, from disjoint borrows of the fields.
+    fn core<'a>(
+        m: &'a mut AlignedBuf,
+        v: &'a mut AlignedBuf,
+        compact: &'a mut Compact,
+    ) -> CoreMoments<'a> {
+        match compact {
+            Compact::None => CoreMoments::F32 { m, v },
+            Compact::Bf16 { m, v } => CoreMoments::Bf16 { m, v },
+            Compact::Q8 {
+                m,
+                v,
+                m_absmax,
+                v_absmax,
+            } => CoreMoments::Q8 {
+                m,
+                v,
+                m_absmax,
+                v_absmax,
+            },
+        }
+    }
+
+    /// Bytes of optimizer state this layer holds.
+    fn bytes(&self) -> usize {
+        let compact = match &self.compact {
+            Compact::None => 0,
+            Compact::Bf16 { m, v } => 2 * (m.len() + v.len()),
+            Compact::Q8 {
+                m,
+                v,
+                m_absmax,
+                v_absmax,
+            } => m.len() + v.len() + 4 * (m_absmax.len() + v_absmax.len()),
+        };
+        4 * (self.m.len() + self.v.len() + self.master.as_ref().map_or(0, |b| b.len())) + compact
+    }
 }
 
 /// The LAMB optimizer over a model's layers.
@@ -143,12 +386,52 @@ pub struct Lamb {
 struct Work<'a> {
     layer: usize,
     group: usize,
-    p: &'a mut [f32],
-    g: &'a [f32],
-    m: &'a mut [f32],
-    v: &'a mut [f32],
+    /// The piece's buffers.
+    data: MixedLayer<'a>,
+    /// Index in the layer of the piece's element 0 (for stochastic rounding).
+    index0: usize,
     norms: &'a mut [LayerNorms],
     grad_sq: &'a mut [f64],
+}
+
+impl Work<'_> {
+    /// Phase 1 of this piece: the f32 kernels where everything is f32, else the compact ones.
+    fn norms(&mut self, b: Backend, s: &StepScalars) -> Result<(), LambError> {
+        match &self.data {
+            MixedLayer {
+                params: Params::F32(p),
+                grads: Grads::F32(g),
+                moments: CoreMoments::F32 { m, v },
+            } => b.norms_blocks(s, p, g, m, v, self.norms),
+            data => b.norms_blocks_mixed(s, data, self.norms),
+        }
+    }
+
+    /// Phase 2 of this piece.
+    fn apply(&mut self, b: Backend, s: &StepScalars, step_size: f32) -> Result<(), LambError> {
+        match &mut self.data {
+            MixedLayer {
+                params: Params::F32(p),
+                grads: Grads::F32(g),
+                moments: CoreMoments::F32 { m, v },
+            } => b.apply(s, step_size, p, g, m, v),
+            data => b.apply_mixed(s, step_size, data, self.index0),
+        }
+    }
+
+    /// Σg² of each block of this piece.
+    fn grad_sq(&mut self, b: Backend) -> Result<(), LambError> {
+        let g = self.data.grads;
+        for (k, slot) in self.grad_sq.iter_mut().enumerate() {
+            let r = k * BLOCK..((k + 1) * BLOCK).min(g.len());
+            *slot = match g {
+                Grads::F32(x) => b.sum_squares(&x[r])?,
+                Grads::Bf16(x) => b.sum_squares_grads(&Grads::Bf16(&x[r]))?,
+                Grads::F16(x) => b.sum_squares_grads(&Grads::F16(&x[r]))?,
+            };
+        }
+        Ok(())
+    }
 }
 
 impl Lamb {
@@ -160,6 +443,7 @@ impl Lamb {
                 name: "default".into(),
                 config,
                 lr_scale: 1.0,
+                precision: Precision::default(),
             }],
             layers: Vec::new(),
             moments: Vec::new(),
@@ -204,6 +488,7 @@ impl Lamb {
             name: "no_decay".into(),
             config: no_decay,
             lr_scale: 1.0,
+            precision: Precision::default(),
         });
         opt.no_decay_group = Some(1);
         opt
@@ -220,10 +505,22 @@ impl Lamb {
             name: name.into(),
             config,
             lr_scale,
+            precision: Precision::default(),
         };
         validate_group(&group)?;
         self.groups.push(group);
         Ok(GroupId(self.groups.len() - 1))
+    }
+
+    /// Sets how a group stores its state. Only before the group has layers: the layers'
+    /// state is allocated in the group's format when they are added.
+    pub fn set_precision(&mut self, id: GroupId, precision: Precision) -> Result<(), Error> {
+        let name = self.group(id)?.name.clone();
+        if self.layers.iter().any(|l| l.group == id.0) {
+            return Err(Error::PrecisionAfterLayers(name));
+        }
+        self.groups[id.0].precision = precision;
+        Ok(())
     }
 
     /// Registers a layer of `len` elements in the first group; its moments start at zero.
@@ -268,10 +565,8 @@ impl Lamb {
             len,
             last: None,
         });
-        self.moments.push(Moments {
-            m: AlignedBuf::zeroed(len),
-            v: AlignedBuf::zeroed(len),
-        });
+        self.moments
+            .push(Moments::new(len, &self.groups[group.0].precision));
         let blocks = len.div_ceil(BLOCK);
         self.block_norms
             .resize(self.block_norms.len() + blocks, LayerNorms::default());
@@ -354,11 +649,12 @@ impl Lamb {
         config: LambConfig,
         lr_scale: f64,
     ) -> Result<(), Error> {
-        let name = self.group(id)?.name.clone();
+        let old = self.group(id)?;
         let group = Group {
-            name,
+            name: old.name.clone(),
             config,
             lr_scale,
+            precision: old.precision,
         };
         validate_group(&group)?;
         self.groups[id.0] = group;
@@ -392,6 +688,8 @@ impl Lamb {
             group: GroupId(l.group),
             m: &s.m,
             v: &s.v,
+            state: s.view(),
+            master: s.master.as_deref(),
             last: l.last,
         }
     }
@@ -410,17 +708,25 @@ impl Lamb {
     /// groups and settings stay.
     pub fn reset(&mut self) {
         for (l, s) in self.layers.iter_mut().zip(&mut self.moments) {
-            s.m.fill(0.0);
-            s.v.fill(0.0);
+            s.zero();
+            s.master = None;
             l.last = None;
         }
         self.step = 0;
         self.poisoned = false;
     }
 
-    /// Bytes of optimizer state per parameter (m and v in f32).
+    /// Bytes of optimizer state per parameter, over all layers: moments in their storage
+    /// format, 8-bit absmax scales, and f32 master copies (made at the first step). 8 for
+    /// the default f32 state; 0 with no parameters.
     pub fn bytes_per_param(&self) -> f64 {
-        8.0
+        let params: usize = self.layers.iter().map(|l| l.len).sum();
+        let bytes: usize = self.moments.iter().map(Moments::bytes).sum();
+        if params == 0 {
+            0.0
+        } else {
+            bytes as f64 / params as f64
+        }
     }
 
     fn replan(&mut self) {
@@ -447,6 +753,28 @@ impl Lamb {
         grads: &[&[f32]],
         inv_loss_scale: f32,
     ) -> Result<StepReport, Error> {
+        let mut p: Vec<ParamsIn<'_>> = params.iter_mut().map(|x| ParamsIn::F32(x)).collect();
+        let g: Vec<Grads<'_>> = grads.iter().map(|x| Grads::F32(x)).collect();
+        self.step_mixed_scaled(&mut p, &g, inv_loss_scale)
+    }
+
+    /// One step with parameters and gradients in any storage (f32, bf16, f16); the state
+    /// is stored as each group's [`Precision`] says.
+    pub fn step_mixed(
+        &mut self,
+        params: &mut [ParamsIn<'_>],
+        grads: &[Grads<'_>],
+    ) -> Result<StepReport, Error> {
+        self.step_mixed_scaled(params, grads, 1.0)
+    }
+
+    /// [`Lamb::step_mixed`] with loss scaling; see [`Lamb::step_scaled`].
+    pub fn step_mixed_scaled(
+        &mut self,
+        params: &mut [ParamsIn<'_>],
+        grads: &[Grads<'_>],
+        inv_loss_scale: f32,
+    ) -> Result<StepReport, Error> {
         if self.poisoned {
             return Err(Error::Poisoned);
         }
@@ -465,10 +793,12 @@ impl Lamb {
         let t = self.step + 1;
         let lr_factor = self.schedule.factor(t);
         let configs = self.step_configs(lr_factor)?;
+        self.make_masters(params);
 
         let Lamb {
             layers,
             moments,
+            groups,
             plan,
             block_norms,
             block_grad_sq,
@@ -481,13 +811,20 @@ impl Lamb {
         let mut work = split_work(
             plan,
             *threads,
+            t,
             params,
             grads,
             layers,
+            groups,
             moments,
             block_norms,
             block_grad_sq,
-        );
+        )
+        .map_err(|e| Error::Layer {
+            index: e.1,
+            name: layers[e.1].name.clone(),
+            source: e.0,
+        })?;
         #[cfg(test)]
         let panic_in = self.panic_in;
         #[cfg(not(test))]
@@ -504,10 +841,7 @@ impl Lamb {
         if let Some(max_norm) = *max_grad_norm {
             run(pool.as_ref(), &mut work, false, |w| {
                 fault("grad_norm", w);
-                for (b, slot) in w.g.chunks(BLOCK).zip(w.grad_sq.iter_mut()) {
-                    *slot = backend.sum_squares(b)?;
-                }
-                Ok(())
+                w.grad_sq(backend)
             })
             .map_err(|e| e.into_error("norms", layers))?;
             // Per layer in block order, then layers in order: independent of the thread count.
@@ -530,7 +864,7 @@ impl Lamb {
 
         let scalars = configs
             .iter()
-            .zip(&self.groups)
+            .zip(groups.iter())
             .map(|(c, g)| {
                 StepScalars::new(c, t, grad_scale).map_err(|source| Error::Config {
                     group: Some(g.name.clone()),
@@ -542,7 +876,7 @@ impl Lamb {
         // Phase 1: norms, nothing written.
         run(pool.as_ref(), &mut work, false, |w| {
             fault("norms", w);
-            backend.norms_blocks(&scalars[w.group], w.p, w.g, w.m, w.v, w.norms)
+            w.norms(backend, &scalars[w.group])
         })
         .map_err(|e| e.into_error("norms", layers))?;
 
@@ -563,14 +897,8 @@ impl Lamb {
         // Phase 2: apply, each thread walking its pieces backwards (see the module docs).
         let applied = run(pool.as_ref(), &mut work, true, |w| {
             fault("apply", w);
-            backend.apply(
-                &scalars[w.group],
-                reports[w.layer].step_size,
-                w.p,
-                w.g,
-                w.m,
-                w.v,
-            )
+            let step_size = reports[w.layer].step_size;
+            w.apply(backend, &scalars[w.group], step_size)
         });
         drop(work);
         if let Err(e) = applied {
@@ -591,8 +919,40 @@ impl Lamb {
         })
     }
 
-    /// Every check that needs no kernel: counts, lengths, aliasing, empty groups.
-    fn check_inputs(&self, params: &[&mut [f32]], grads: &[&[f32]]) -> Result<(), Error> {
+    /// Makes the f32 master copy of every half-precision layer whose group keeps one and
+    /// that has none yet, from the model's current values (exact: bf16/f16 → f32). The
+    /// master then equals the model, so making it changes nothing even if the step is
+    /// later refused.
+    fn make_masters(&mut self, params: &[ParamsIn<'_>]) {
+        for (i, p) in params.iter().enumerate() {
+            let group = &self.groups[self.layers[i].group];
+            let state = &mut self.moments[i];
+            if !group.precision.master || state.master.is_some() {
+                continue;
+            }
+            let master = match p {
+                ParamsIn::F32(_) => continue,
+                ParamsIn::Bf16(x) => {
+                    let mut b = AlignedBuf::zeroed(x.len());
+                    b.iter_mut()
+                        .zip(x.iter())
+                        .for_each(|(o, h)| *o = h.to_f32());
+                    b
+                }
+                ParamsIn::F16(x) => {
+                    let mut b = AlignedBuf::zeroed(x.len());
+                    b.iter_mut()
+                        .zip(x.iter())
+                        .for_each(|(o, h)| *o = h.to_f32());
+                    b
+                }
+            };
+            state.master = Some(master);
+        }
+    }
+
+    /// Every check that needs no kernel: counts, lengths, formats, aliasing, empty groups.
+    fn check_inputs(&self, params: &[ParamsIn<'_>], grads: &[Grads<'_>]) -> Result<(), Error> {
         if params.len() != self.layers.len() || grads.len() != self.layers.len() {
             return Err(Error::LayerCount {
                 layers: self.layers.len(),
@@ -601,22 +961,26 @@ impl Lamb {
             });
         }
         for (i, l) in self.layers.iter().enumerate() {
+            let layer_err = |source| Error::Layer {
+                index: i,
+                name: l.name.clone(),
+                source,
+            };
             for (buffer, len) in [
                 (lamb_core::Buffer::Param, params[i].len()),
                 (lamb_core::Buffer::Grad, grads[i].len()),
             ] {
                 if len != l.len {
-                    return Err(Error::Layer {
-                        index: i,
-                        name: l.name.clone(),
-                        source: LambError::LengthMismatch {
-                            layer: i,
-                            buffer,
-                            expected: l.len,
-                            found: len,
-                        },
-                    });
+                    return Err(layer_err(LambError::LengthMismatch {
+                        layer: i,
+                        buffer,
+                        expected: l.len,
+                        found: len,
+                    }));
                 }
+            }
+            if matches!(params[i], ParamsIn::F16(_)) && !self.groups[l.group].precision.master {
+                return Err(Error::NeedsMaster(l.name.clone()));
             }
         }
         // Two gradients sharing memory is almost certainly a bug in the caller's bookkeeping.
@@ -625,8 +989,12 @@ impl Lamb {
             .enumerate()
             .filter(|(_, g)| !g.is_empty())
             .map(|(i, g)| {
-                let start = g.as_ptr() as usize;
-                (start, start + g.len() * 4, i)
+                let (start, bytes) = match g {
+                    Grads::F32(x) => (x.as_ptr() as usize, x.len() * 4),
+                    Grads::Bf16(x) => (x.as_ptr() as usize, x.len() * 2),
+                    Grads::F16(x) => (x.as_ptr() as usize, x.len() * 2),
+                };
+                (start, start + bytes, i)
             })
             .collect();
         ranges.sort_unstable();
@@ -719,18 +1087,21 @@ fn backend_from_env() -> Result<Backend, Error> {
     }
 }
 
-/// Cuts the step's buffers into each thread's list of pieces (`plan` order).
+/// Cuts the step's buffers into each thread's list of pieces (`plan` order). Errors carry
+/// the layer index.
 #[allow(clippy::too_many_arguments)] // the step's borrowed pieces, split apart on purpose
 fn split_work<'a>(
     plan: &[Piece],
     threads: usize,
-    params: &'a mut [&mut [f32]],
-    grads: &'a [&[f32]],
+    step: u64,
+    params: &'a mut [ParamsIn<'_>],
+    grads: &'a [Grads<'_>],
     layers: &[Layer],
+    groups: &[Group],
     moments: &'a mut [Moments],
     block_norms: &'a mut [LayerNorms],
     block_grad_sq: &'a mut [f64],
-) -> Vec<Vec<Work<'a>>> {
+) -> Result<Vec<Vec<Work<'a>>>, (LambError, usize)> {
     let mut out: Vec<Vec<Work<'a>>> = (0..threads).map(|_| Vec::new()).collect();
     let (mut norms_rest, mut gsq_rest) = (block_norms, block_grad_sq);
     let mut cursor = 0;
@@ -740,32 +1111,72 @@ fn split_work<'a>(
         let (mut norms, nr) = std::mem::take(&mut norms_rest).split_at_mut(blocks);
         let (mut gsq, gr) = std::mem::take(&mut gsq_rest).split_at_mut(blocks);
         (norms_rest, gsq_rest) = (nr, gr);
-        let (mut p, mut g): (&mut [f32], &[f32]) = (&mut **p, &**g);
-        let (mut m, mut v): (&mut [f32], &mut [f32]) = (&mut state.m, &mut state.v);
+        let precision = &groups[layer.group].precision;
+        let Moments {
+            m,
+            v,
+            compact,
+            master,
+        } = state;
+        let params = match (p, master.as_deref_mut()) {
+            (ParamsIn::F32(x), _) => Params::F32(x),
+            (ParamsIn::Bf16(x), Some(master)) => Params::Master {
+                master,
+                model: HalfMut::Bf16(x),
+            },
+            (ParamsIn::F16(x), Some(master)) => Params::Master {
+                master,
+                model: HalfMut::F16(x),
+            },
+            (ParamsIn::Bf16(x), None) => Params::Bf16 {
+                data: x,
+                rounding: match precision.rounding {
+                    Rounding::Nearest => Rounding::Nearest,
+                    // The same seed for every piece of the layer: the hash also takes the
+                    // element's index, so the bits do not depend on how the layer was cut.
+                    Rounding::Stochastic { seed } => Rounding::Stochastic {
+                        seed: mix(seed ^ mix(step) ^ mix(!(i as u64))),
+                    },
+                },
+            },
+            // `check_inputs` refused f16 without a master, and `make_masters` made one.
+            (ParamsIn::F16(_), None) => return Err((LambError::NonFinite { layer: i }, i)),
+        };
+        let mut rest = MixedLayer {
+            params,
+            grads: *g,
+            moments: Moments::core(m, v, compact),
+        };
+        let mut done = 0;
         while let Some(piece) = plan.get(cursor).filter(|piece| piece.layer == i) {
             cursor += 1;
             let n = piece.end - piece.start;
             let nb = n.div_ceil(BLOCK);
-            let (ph, pt) = std::mem::take(&mut p).split_at_mut(n);
-            let (gh, gt) = g.split_at(n);
-            let (mh, mt) = std::mem::take(&mut m).split_at_mut(n);
-            let (vh, vt) = std::mem::take(&mut v).split_at_mut(n);
+            let (head, tail) = rest.split_at(n).map_err(|e| (e.in_layer(i), i))?;
+            rest = tail;
             let (nh, nt) = std::mem::take(&mut norms).split_at_mut(nb);
             let (qh, qt) = std::mem::take(&mut gsq).split_at_mut(nb);
-            (p, g, m, v, norms, gsq) = (pt, gt, mt, vt, nt, qt);
+            (norms, gsq) = (nt, qt);
             out[piece.thread].push(Work {
                 layer: i,
                 group: layer.group,
-                p: ph,
-                g: gh,
-                m: mh,
-                v: vh,
+                data: head,
+                index0: done,
                 norms: nh,
                 grad_sq: qh,
             });
+            done += n;
         }
     }
-    out
+    Ok(out)
+}
+
+/// SplitMix64's finaliser: spreads a seed's bits.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// Why a phase failed.
