@@ -28,6 +28,7 @@
 pub use lamb_core;
 
 pub mod buffer;
+pub mod checkpoint; // issue #8: save/load (impl Lamb lives there)
 mod error;
 mod optimizer;
 mod partition;

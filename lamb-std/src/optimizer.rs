@@ -1244,6 +1244,61 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(non-string panic payload)".into())
 }
 
+// ---- Checkpoint support (issue #8): accessors for `crate::checkpoint`, which holds the
+// ---- format and the public save/load methods. Keep these in step with the fields.
+impl Lamb {
+    /// The global gradient-norm clipping threshold (`None`: off).
+    pub fn max_grad_norm(&self) -> Option<f64> {
+        self.max_grad_norm
+    }
+
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
+    /// Whether a panic in an apply phase left the state inconsistent.
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Layer `i`'s stored moments and f32 master copy, writable.
+    pub(crate) fn state_mut(&mut self, i: usize) -> (CoreMoments<'_>, &mut Option<AlignedBuf>) {
+        let Moments {
+            m,
+            v,
+            compact,
+            master,
+        } = &mut self.moments[i];
+        (Moments::core(m, v, compact), master)
+    }
+
+    /// Replaces the step counter, the groups' configurations and lr multipliers (same
+    /// count, names kept), clipping and schedule, as a checkpoint load does after validating
+    /// them; clears the per-layer reports and the poisoning.
+    pub(crate) fn restore_scalars(
+        &mut self,
+        step: u64,
+        groups: &[(LambConfig, f64)],
+        max_grad_norm: Option<f64>,
+        schedule: Schedule,
+    ) {
+        debug_assert_eq!(groups.len(), self.groups.len());
+        for (g, &(config, lr_scale)) in self.groups.iter_mut().zip(groups) {
+            g.config = config;
+            g.lr_scale = lr_scale;
+        }
+        for l in &mut self.layers {
+            l.last = None;
+        }
+        self.step = step;
+        self.max_grad_norm = max_grad_norm;
+        self.schedule = schedule;
+        self.poisoned = false;
+    }
+}
+// ---- end of checkpoint support.
+
 #[cfg(test)]
 mod tests {
     use super::*;

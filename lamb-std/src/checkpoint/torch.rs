@@ -1,0 +1,492 @@
+//! Reading a PyTorch optimizer state (timm `Lamb`'s) saved as safetensors: tensors
+//! `state.{i}.{key}`, the `param_groups` list as JSON in the metadata. The mapping is
+//! described in the parent module's docs, section "PyTorch and timm".
+
+use std::collections::HashMap;
+
+use lamb_core::precision::Moments as CoreMoments;
+use lamb_core::{Adaptation, BiasCorrection, LambConfig};
+use safetensors::Dtype;
+use serde_json::{Map, Value};
+
+use super::{
+    KEY_FORMAT, Refusal, Tensor, check_group, check_max_grad_norm, check_moment, f32s, parse,
+};
+use crate::optimizer::{GroupId, Lamb, LayerId, StateView};
+
+/// The metadata key holding the JSON of `state_dict()["param_groups"]`.
+const KEY_PARAM_GROUPS: &str = "param_groups";
+/// The largest step an f64 (or an f32 step tensor below it) holds exactly.
+const MAX_EXACT_STEP: f64 = 9_007_199_254_740_992.0;
+
+struct Decoded<'a> {
+    step: u64,
+    groups: Vec<(LambConfig, f64)>,
+    max_grad_norm: Option<f64>,
+    /// Per lamb layer: m and v, or `None` for a parameter without state (zeros).
+    moments: Vec<Option<(&'a [u8], &'a [u8])>>,
+}
+
+pub(super) fn load(lamb: &mut Lamb, bytes: &[u8]) -> Result<(), Refusal> {
+    let d = decode(lamb, bytes)?;
+    // Everything is checked: from here nothing can fail.
+    for (i, mv) in d.moments.iter().enumerate() {
+        let (moments, master) = lamb.state_mut(i);
+        // A torch state has no master copy: the next step makes one from the model.
+        *master = None;
+        // `decode` refused layers whose moments are not f32.
+        if let CoreMoments::F32 { m, v } = moments {
+            match mv {
+                Some((sm, sv)) => {
+                    for (d, s) in m.iter_mut().zip(f32s(sm)) {
+                        *d = s;
+                    }
+                    for (d, s) in v.iter_mut().zip(f32s(sv)) {
+                        *d = s;
+                    }
+                }
+                None => {
+                    m.fill(0.0);
+                    v.fill(0.0);
+                }
+            }
+        }
+    }
+    let schedule = lamb.schedule();
+    lamb.restore_scalars(d.step, &d.groups, d.max_grad_norm, schedule);
+    Ok(())
+}
+
+/// One entry of `param_groups`.
+struct TorchGroup<'a> {
+    ids: Vec<usize>,
+    names: Option<Vec<&'a str>>,
+    raw: &'a Map<String, Value>,
+}
+
+fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
+    let f = parse(bytes)?;
+    if f.metadata.contains_key(KEY_FORMAT) {
+        return Err(
+            "this is a lamb checkpoint, not a PyTorch state: load it with Lamb::load".into(),
+        );
+    }
+    let pg_json = f.metadata.get(KEY_PARAM_GROUPS).ok_or_else(|| {
+        format!(
+            "not a PyTorch optimizer state: no '{KEY_PARAM_GROUPS}' in the safetensors metadata"
+        )
+    })?;
+    let pg: Vec<Map<String, Value>> = serde_json::from_str(pg_json)
+        .map_err(|e| format!("bad '{KEY_PARAM_GROUPS}' (a JSON list of objects): {e}"))?;
+    let groups = torch_groups(&pg)?;
+
+    let nl = lamb.layer_count();
+    for i in 0..nl {
+        let l = lamb.layer(LayerId(i));
+        if !matches!(l.state, StateView::F32 { .. }) {
+            return Err(format!(
+                "layer '{}' stores its moments compactly (its group's precision); a PyTorch \
+                 state loads into f32 moments only",
+                l.name
+            ));
+        }
+    }
+    let total: usize = groups.iter().map(|g| g.ids.len()).sum();
+    if total != nl {
+        return Err(format!(
+            "the PyTorch state has {total} parameters, the optimizer has {nl} layers"
+        ));
+    }
+    let (layer_of, lamb_group_of) = map_params(lamb, &groups)?;
+
+    // Tensors: state.{id}.{exp_avg, exp_avg_sq, step}.
+    let mut moments: Vec<[Option<&'a [u8]>; 2]> = vec![[None, None]; nl];
+    let mut steps: Vec<(f64, String)> = Vec::new();
+    let mut names: Vec<&String> = f.tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = &f.tensors[name];
+        let parsed = name
+            .strip_prefix("state.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(id, key)| {
+                // Canonical indices only ("01" would alias "1").
+                let n = id.parse::<usize>().ok()?;
+                (n.to_string() == id).then_some((n, key))
+            });
+        let Some((id, key)) = parsed else {
+            return Err(format!(
+                "unexpected tensor '{name}' (a PyTorch state has only state.{{index}}.{{key}})"
+            ));
+        };
+        let Some(&layer) = layer_of.get(&id) else {
+            return Err(format!(
+                "tensor '{name}': parameter index {id} is in no param_groups entry"
+            ));
+        };
+        let lname = lamb.layer(LayerId(layer)).name;
+        match key {
+            "exp_avg" | "exp_avg_sq" => {
+                let data = moment(t, name, lname, lamb.layer(LayerId(layer)).len)?;
+                moments[layer][usize::from(key == "exp_avg_sq")] = Some(data);
+            }
+            "step" => steps.push((step_value(t, name)?, format!("tensor '{name}'"))),
+            other => {
+                return Err(format!(
+                    "tensor '{name}': state '{other}' of parameter {id} ('{lname}') is not one \
+                     lamb keeps (exp_avg, exp_avg_sq, step)"
+                ));
+            }
+        }
+    }
+    let mut out_moments = Vec::with_capacity(nl);
+    for (layer, mv) in moments.iter().enumerate() {
+        let lname = lamb.layer(LayerId(layer)).name;
+        out_moments.push(match *mv {
+            [Some(m), Some(v)] => {
+                check_moment(lname, "exp_avg", m)?;
+                check_moment(lname, "exp_avg_sq", v)?;
+                Some((m, v))
+            }
+            [None, None] => None,
+            [m, _] => {
+                let (has, lacks) = if m.is_some() {
+                    ("exp_avg", "exp_avg_sq")
+                } else {
+                    ("exp_avg_sq", "exp_avg")
+                };
+                return Err(format!(
+                    "layer '{lname}': the PyTorch state has {has} but no {lacks}"
+                ));
+            }
+        });
+    }
+
+    // The step: per parameter (Adam) or per group (timm); one value for lamb.
+    for (g, grp) in groups.iter().enumerate() {
+        match grp.raw.get("step") {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                let x = v.as_f64().ok_or_else(|| {
+                    format!("param_groups[{g}]: 'step' is {v}, expected a number")
+                })?;
+                steps.push((x, format!("param_groups[{g}].step")));
+            }
+        }
+    }
+    let step = match steps.split_first() {
+        None if out_moments.iter().any(Option::is_some) => {
+            return Err(
+                "no step counter: neither param_groups[*].step nor state.*.step tensors".into(),
+            );
+        }
+        None => 0,
+        Some(((x, src), rest)) => {
+            if let Some((y, other)) = rest.iter().find(|(y, _)| y != x) {
+                return Err(format!(
+                    "{src} is {x} but {other} is {y}: lamb keeps one step counter for all layers"
+                ));
+            }
+            if !(x.is_finite() && *x >= 0.0 && x.fract() == 0.0 && *x <= MAX_EXACT_STEP) {
+                return Err(format!(
+                    "{src} is {x}: a step counter must be a whole number in [0, 2^53]"
+                ));
+            }
+            *x as u64
+        }
+    };
+
+    // Hyperparameters.
+    let mut configs: Vec<(LambConfig, f64)> = (0..lamb.group_count())
+        .map(|g| lamb.group(GroupId(g)).map(|grp| (grp.config, grp.lr_scale)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut max_grad_norm = lamb.max_grad_norm();
+    let mut mgn_seen: Option<(Option<f64>, usize)> = None;
+    for (g, grp) in groups.iter().enumerate() {
+        if let Some(lg) = lamb_group_of[g] {
+            let name = &lamb.group(GroupId(lg)).map_err(|e| e.to_string())?.name;
+            let config = timm_config(g, grp.raw, configs[lg].0)?;
+            check_group(name, &config, configs[lg].1)
+                .map_err(|e| format!("param_groups[{g}] → {e}"))?;
+            configs[lg].0 = config;
+        }
+        if let Some(v) = grp.raw.get("max_grad_norm") {
+            let x = match v {
+                Value::Null => None,
+                v => Some(v.as_f64().ok_or_else(|| {
+                    format!("param_groups[{g}]: 'max_grad_norm' is {v}, expected a number or null")
+                })?),
+            };
+            match mgn_seen {
+                Some((y, h)) if y != x => {
+                    return Err(format!(
+                        "param_groups[{h}] and [{g}] disagree on max_grad_norm ({y:?}, {x:?}); \
+                         lamb clips the whole model with one"
+                    ));
+                }
+                _ => mgn_seen = Some((x, g)),
+            }
+            max_grad_norm = x;
+        }
+    }
+    check_max_grad_norm(max_grad_norm)?;
+    Ok(Decoded {
+        step,
+        groups: configs,
+        max_grad_norm,
+        moments: out_moments,
+    })
+}
+
+fn torch_groups(pg: &[Map<String, Value>]) -> Result<Vec<TorchGroup<'_>>, Refusal> {
+    let mut out = Vec::with_capacity(pg.len());
+    for (g, raw) in pg.iter().enumerate() {
+        let bad = |what: &str| format!("param_groups[{g}]: {what}");
+        let ids = raw
+            .get("params")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no 'params' list"))?
+            .iter()
+            .map(|v| v.as_u64().and_then(|x| usize::try_from(x).ok()))
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| bad("'params' must be a list of parameter indices"))?;
+        let names = match raw.get("param_names") {
+            None => None,
+            Some(v) => Some(
+                v.as_array()
+                    .and_then(|a| a.iter().map(Value::as_str).collect::<Option<Vec<&str>>>())
+                    .filter(|n| n.len() == ids.len())
+                    .ok_or_else(|| {
+                        bad("'param_names' must be a list of names, one per 'params'")
+                    })?,
+            ),
+        };
+        out.push(TorchGroup { ids, names, raw });
+    }
+    if out.iter().any(|g| g.names.is_some()) && out.iter().any(|g| g.names.is_none()) {
+        return Err("some param_groups have 'param_names' and others not".into());
+    }
+    Ok(out)
+}
+
+/// PyTorch parameter index → lamb layer, and torch group → lamb group (`None` for an empty
+/// torch group matched by name).
+type Mapping = (HashMap<usize, usize>, Vec<Option<usize>>);
+
+fn map_params(lamb: &Lamb, groups: &[TorchGroup<'_>]) -> Result<Mapping, Refusal> {
+    let by_name = groups.first().is_some_and(|g| g.names.is_some());
+    let mut layer_of = HashMap::new();
+    let mut torch_of_layer: Vec<Option<usize>> = vec![None; lamb.layer_count()];
+    let mut lamb_group_of = Vec::with_capacity(groups.len());
+    let lamb_groups: Vec<Vec<usize>> = (0..lamb.group_count())
+        .map(|g| {
+            (0..lamb.layer_count())
+                .filter(|&i| lamb.layer(LayerId(i)).group.0 == g)
+                .collect()
+        })
+        .collect();
+    if !by_name && groups.len() != lamb.group_count() {
+        return Err(format!(
+            "the PyTorch state has {} param_groups, the optimizer has {} groups (without \
+             param_names, groups are matched by position)",
+            groups.len(),
+            lamb.group_count()
+        ));
+    }
+    for (g, grp) in groups.iter().enumerate() {
+        let layers: Vec<usize> = match &grp.names {
+            Some(names) => names
+                .iter()
+                .zip(&grp.ids)
+                .map(|(name, id)| {
+                    lamb.layer_id(name).map(|l| l.0).ok_or_else(|| {
+                        format!(
+                            "PyTorch parameter '{name}' (index {id}) is not a layer of this optimizer"
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            None => {
+                let ours = &lamb_groups[g];
+                if ours.len() != grp.ids.len() {
+                    let name = lamb.group(GroupId(g)).map(|g| g.name.clone()).unwrap_or_default();
+                    return Err(format!(
+                        "param_groups[{g}] has {} parameters, lamb group '{name}' has {} layers",
+                        grp.ids.len(),
+                        ours.len()
+                    ));
+                }
+                ours.clone()
+            }
+        };
+        for (&id, &layer) in grp.ids.iter().zip(&layers) {
+            if layer_of.insert(id, layer).is_some() {
+                return Err(format!(
+                    "parameter index {id} appears twice in param_groups"
+                ));
+            }
+            if let Some(other) = torch_of_layer[layer].replace(id) {
+                return Err(format!(
+                    "PyTorch parameters {other} and {id} both map to layer '{}'",
+                    lamb.layer(LayerId(layer)).name
+                ));
+            }
+        }
+        let mut lgs = layers.iter().map(|&l| lamb.layer(LayerId(l)).group.0);
+        let lg = match lgs.next() {
+            None if by_name => None,
+            None => Some(g),
+            Some(first) => {
+                if let Some(other) = lgs.find(|&x| x != first) {
+                    let n = |x| {
+                        lamb.group(GroupId(x))
+                            .map(|g| g.name.clone())
+                            .unwrap_or_default()
+                    };
+                    return Err(format!(
+                        "param_groups[{g}] holds layers of lamb groups '{}' and '{}'",
+                        n(first),
+                        n(other)
+                    ));
+                }
+                Some(first)
+            }
+        };
+        if let Some(lg) = lg
+            && let Some(h) = lamb_group_of.iter().position(|&x| x == Some(lg))
+        {
+            let name = lamb
+                .group(GroupId(lg))
+                .map(|g| g.name.clone())
+                .unwrap_or_default();
+            return Err(format!(
+                "param_groups[{h}] and [{g}] both map to lamb group '{name}'"
+            ));
+        }
+        lamb_group_of.push(lg);
+    }
+    Ok((layer_of, lamb_group_of))
+}
+
+/// An f32 moment tensor of any shape with `len` elements.
+fn moment<'a>(t: &Tensor<'a>, name: &str, layer: &str, len: usize) -> Result<&'a [u8], Refusal> {
+    if t.dtype != Dtype::F32 {
+        return Err(format!(
+            "tensor '{name}' (layer '{layer}'): dtype {:?}; lamb reads f32 moments",
+            t.dtype
+        ));
+    }
+    let numel = t.shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+    if numel != Some(len) {
+        return Err(format!(
+            "layer '{layer}': checkpoint has {} elements, model has {len} (tensor '{name}', \
+             shape {:?})",
+            numel.map_or_else(|| "too many".to_string(), |n| n.to_string()),
+            t.shape
+        ));
+    }
+    Ok(t.data)
+}
+
+/// A 0-d or 1-element step tensor's value.
+fn step_value(t: &Tensor<'_>, name: &str) -> Result<f64, Refusal> {
+    if !(t.shape.is_empty() || t.shape == [1]) {
+        return Err(format!(
+            "tensor '{name}': shape {:?}, a step is 0-d or [1]",
+            t.shape
+        ));
+    }
+    let d = t.data;
+    let x = match t.dtype {
+        Dtype::F32 => d.first_chunk::<4>().map(|b| f32::from_le_bytes(*b) as f64),
+        Dtype::F64 => d.first_chunk::<8>().map(|b| f64::from_le_bytes(*b)),
+        Dtype::I64 => d.first_chunk::<8>().map(|b| i64::from_le_bytes(*b) as f64),
+        Dtype::I32 => d.first_chunk::<4>().map(|b| i32::from_le_bytes(*b) as f64),
+        other => {
+            return Err(format!(
+                "tensor '{name}': dtype {other:?}, a step is F32, F64, I64 or I32"
+            ));
+        }
+    };
+    x.ok_or_else(|| format!("tensor '{name}': no data"))
+}
+
+/// timm `Lamb` hyperparameters of one `param_groups` entry over `base`.
+fn timm_config(
+    g: usize,
+    raw: &Map<String, Value>,
+    base: LambConfig,
+) -> Result<LambConfig, Refusal> {
+    let bad = |key: &str, v: &Value, want: &str| {
+        format!("param_groups[{g}]: '{key}' is {v}, expected {want}")
+    };
+    let num = |key: &str| -> Result<Option<f64>, Refusal> {
+        match raw.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| bad(key, v, "a number")),
+        }
+    };
+    let flag = |key: &str| -> Result<Option<bool>, Refusal> {
+        match raw.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| bad(key, v, "true or false")),
+        }
+    };
+    for key in ["caution", "amsgrad", "maximize"] {
+        if flag(key)? == Some(true) {
+            return Err(format!(
+                "param_groups[{g}]: '{key}' is on; lamb cannot continue such a state"
+            ));
+        }
+    }
+    let mut c = base;
+    if let Some(lr) = num("initial_lr")?.or(num("lr")?) {
+        c.lr = lr;
+    }
+    if let Some(v) = raw.get("betas") {
+        let b = v
+            .as_array()
+            .filter(|a| a.len() == 2)
+            .and_then(|a| Some((a[0].as_f64()?, a[1].as_f64()?)))
+            .ok_or_else(|| bad("betas", v, "[beta1, beta2]"))?;
+        (c.beta1, c.beta2) = b;
+    }
+    if let Some(x) = num("eps")? {
+        c.eps = x;
+    }
+    if let Some(x) = num("weight_decay")? {
+        c.weight_decay = x;
+    }
+    if flag("decoupled_decay")? == Some(true) && c.weight_decay != 0.0 {
+        return Err(format!(
+            "param_groups[{g}]: 'decoupled_decay' with weight decay {}: lamb adds the decay to \
+             the update (timm's default), it cannot continue this state",
+            c.weight_decay
+        ));
+    }
+    if let Some(b) = flag("bias_correction")? {
+        c.bias_correction = if b {
+            BiasCorrection::F64
+        } else {
+            BiasCorrection::Off
+        };
+    }
+    if let Some(b) = flag("grad_averaging")? {
+        c.grad_averaging = b;
+    }
+    if let Some(b) = flag("trust_clip")? {
+        c.ratio_max = if b { 1.0 } else { f64::INFINITY };
+    }
+    if let Some(b) = flag("always_adapt")? {
+        c.adaptation = if b {
+            Adaptation::Always
+        } else {
+            Adaptation::WhenDecayed
+        };
+    }
+    Ok(c)
+}

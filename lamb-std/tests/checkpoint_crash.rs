@@ -1,0 +1,214 @@
+//! Never losing a checkpoint (issue #8): a child process trains and saves in a loop, resuming
+//! from the checkpoint on disk each time it starts, and is killed with SIGKILL after a random
+//! delay, hundreds of times. After every kill the checkpoint on disk must load, equal the
+//! state of an uninterrupted run at its step (so it is one of the saved states, complete),
+//! and never go back in steps.
+//!
+//! The child is this test binary itself, running [`crash_child`] with
+//! `LAMB_CHECKPOINT_CRASH_CHILD` set to the directory to work in.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lamb_std::lamb_core::{LambConfig, Schedule};
+use lamb_std::{Lamb, LayerId};
+
+const CHILD_ENV: &str = "LAMB_CHECKPOINT_CRASH_CHILD";
+const FILE: &str = "ckpt.safetensors";
+const READY: &str = "crash-child-ready";
+const SAVED: &str = "crash-child-saved";
+/// How many times the saving child is killed.
+const KILLS: usize = 200;
+/// The random delay between the child's "ready" and the kill.
+const MAX_DELAY_US: u64 = 8_000;
+
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 11
+    }
+    fn next(&mut self) -> f32 {
+        ((self.next_u64() >> 29) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+const LAYERS: [(&str, usize); 4] = [("w1", 1536), ("b1", 48), ("w2", 480), ("b2", 10)];
+
+fn model() -> (Lamb, Vec<Vec<f32>>) {
+    let mut opt = Lamb::with_decay_split(LambConfig::timm());
+    let mut rng = Rng(3);
+    let mut params = Vec::new();
+    for (name, len) in LAYERS {
+        let shape: &[usize] = if name.starts_with('w') {
+            &[len / 16, 16]
+        } else {
+            &[len]
+        };
+        opt.add_param(name, shape).unwrap();
+        params.push((0..len).map(|_| rng.next() * 0.1).collect());
+    }
+    opt.set_max_grad_norm(Some(1.0)).unwrap();
+    opt.set_schedule(Schedule::WarmupPoly {
+        warmup: 5,
+        total: 100_000,
+        power: 1.0,
+        end: 0.0,
+    })
+    .unwrap();
+    (opt, params)
+}
+
+/// Step `t + 1` with its own gradients.
+fn step(opt: &mut Lamb, params: &mut [Vec<f32>]) {
+    let mut rng = Rng(opt.steps() + 1);
+    let g: Vec<Vec<f32>> = LAYERS
+        .iter()
+        .map(|(_, n)| (0..*n).map(|_| rng.next() * 0.01).collect())
+        .collect();
+    let mut pp: Vec<&mut [f32]> = params.iter_mut().map(|x| x.as_mut_slice()).collect();
+    let gg: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
+    assert!(opt.step(&mut pp, &gg).unwrap().applied);
+}
+
+fn bits(opt: &Lamb, params: &[Vec<f32>]) -> Vec<u32> {
+    let mut out = vec![opt.steps() as u32];
+    for (i, p) in params.iter().enumerate() {
+        let l = opt.layer(LayerId(i));
+        out.extend(p.iter().chain(l.m).chain(l.v).map(|x| x.to_bits()));
+    }
+    out
+}
+
+fn load(path: &Path) -> Result<(Lamb, Vec<Vec<f32>>), lamb_std::Error> {
+    let (mut opt, mut params) = model();
+    let mut pp: Vec<&mut [f32]> = params.iter_mut().map(|x| x.as_mut_slice()).collect();
+    opt.load_with_params(path, &mut pp)?;
+    Ok((opt, params))
+}
+
+/// The child: resume from the checkpoint if there is one, say "ready", then step and save
+/// until killed. Does nothing in a normal test run.
+#[test]
+fn crash_child() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let path = PathBuf::from(dir).join(FILE);
+    let (mut opt, mut params) = if path.exists() {
+        load(&path).expect("the checkpoint left by the killed child loads")
+    } else {
+        model()
+    };
+    // (libtest prints "test crash_child ... " before it on the same line.)
+    println!("{READY} {}", opt.steps());
+    loop {
+        step(&mut opt, &mut params);
+        let pp: Vec<&[f32]> = params.iter().map(|x| x.as_slice()).collect();
+        opt.save_with_params(&path, &pp).unwrap();
+        println!("{SAVED} {}", opt.steps());
+    }
+}
+
+#[test]
+fn killed_while_saving_the_checkpoint_on_disk_always_loads() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("checkpoint-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(FILE);
+    let exe = std::env::current_exe().unwrap();
+
+    let (mut reference, mut reference_params) = model();
+    let mut rng = Rng(0xC0FFEE);
+    let (mut last_step, mut with_temp, mut resumed_at_same) = (0u64, 0usize, 0usize);
+    let start = Instant::now();
+    for kill in 0..KILLS {
+        let mut child = Command::new(&exe)
+            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, &dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until the child has loaded the checkpoint, and then for 0 or 1 save (so
+        // that the run progresses however slow the disk), then kill it after a random delay.
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let mut saves = rng.next_u64() % 2;
+        let ready = loop {
+            line.clear();
+            if out.read_line(&mut line).unwrap() == 0 {
+                break false;
+            }
+            if line.contains(READY) && saves == 0 {
+                break true;
+            }
+            if line.contains(SAVED) {
+                saves -= 1;
+                if saves == 0 {
+                    break true;
+                }
+            }
+        };
+        if !ready {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("kill #{kill}: the child did not start:\n{err}");
+        }
+        std::thread::sleep(Duration::from_micros(rng.next_u64() % MAX_DELAY_US));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        // A temporary file left behind means the kill landed inside a save.
+        let temps: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap() != FILE)
+            .collect();
+        with_temp += usize::from(!temps.is_empty());
+        for t in temps {
+            std::fs::remove_file(t).unwrap();
+        }
+
+        if !path.exists() {
+            assert_eq!(last_step, 0, "kill #{kill}: the checkpoint disappeared");
+            continue;
+        }
+        let (opt, params) = load(&path)
+            .unwrap_or_else(|e| panic!("kill #{kill}: the checkpoint on disk does not load: {e}"));
+        let k = opt.steps();
+        assert!(
+            k >= last_step,
+            "kill #{kill}: went back from step {last_step} to {k}"
+        );
+        resumed_at_same += usize::from(k == last_step);
+        last_step = k;
+        while reference.steps() < k {
+            step(&mut reference, &mut reference_params);
+        }
+        assert!(
+            bits(&opt, &params) == bits(&reference, &reference_params),
+            "kill #{kill}: the checkpoint of step {k} is not the state of step {k}"
+        );
+    }
+    let elapsed = start.elapsed();
+    println!(
+        "{KILLS} SIGKILLs of a saving process in {elapsed:.2?}: the checkpoint always loaded and \
+         equalled the saved state of its step; {with_temp} kills landed inside a save (a \
+         temporary file left behind); reached step {last_step}; {resumed_at_same} kills left \
+         the step where it was"
+    );
+    assert!(last_step > 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
