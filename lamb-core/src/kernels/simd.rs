@@ -192,29 +192,34 @@ impl<S: Simd> NormAcc<S> {
         unsafe {
             let k = Splat::<S>::new(s);
             let (mut acc_p, mut acc_u) = (self.p, self.u);
-            let mut row = |pv: S::V, gv: S::V, mv: S::V, vv: S::V| {
-                let (_, _, u, denom) = k.update(pv, gv, mv, vv);
-                let u = S::add(u, S::sub(denom, denom));
-                acc_p = S::acc_add_squares(acc_p, pv);
-                acc_u = S::acc_add_squares(acc_u, u);
-            };
+            // A macro, not a closure: a closure is a function of its own, compiled without
+            // the entry point's target features, and its intrinsics would not inline.
+            macro_rules! row {
+                ($pv:expr, $gv:expr, $mv:expr, $vv:expr) => {{
+                    let pv = $pv;
+                    let (_, _, u, denom) = k.update(pv, $gv, $mv, $vv);
+                    let u = S::add(u, S::sub(denom, denom));
+                    acc_p = S::acc_add_squares(acc_p, pv);
+                    acc_u = S::acc_add_squares(acc_u, u);
+                }};
+            }
             let mut i = 0;
             while i + LANES <= n {
-                row(
+                row!(
                     S::load(p.as_ptr().add(i)),
                     S::load(g.as_ptr().add(i)),
                     S::load(m.as_ptr().add(i)),
-                    S::load(v.as_ptr().add(i)),
+                    S::load(v.as_ptr().add(i))
                 );
                 i += LANES;
             }
             if i < n {
                 let r = n - i;
-                row(
+                row!(
                     S::load_partial(p.as_ptr().add(i), r),
                     S::load_partial(g.as_ptr().add(i), r),
                     S::load_partial(m.as_ptr().add(i), r),
-                    S::load_partial(v.as_ptr().add(i), r),
+                    S::load_partial(v.as_ptr().add(i), r)
                 );
             }
             (self.p, self.u) = (acc_p, acc_u);
