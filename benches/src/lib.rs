@@ -135,11 +135,11 @@ pub fn huge_kib_of<'a>(bufs: impl IntoIterator<Item = &'a AlignedBuf>) -> Option
     let (mut total, mut hit) = (0u64, false);
     for line in smaps.lines() {
         let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
-                hit = ranges.iter().any(|&(s, e)| s < b && a < e);
-                continue;
-            }
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+        {
+            hit = ranges.iter().any(|&(s, e)| s < b && a < e);
+            continue;
         }
         if hit && line.starts_with("AnonHugePages:") {
             total += line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
@@ -200,8 +200,14 @@ impl Meta {
     }
 
     /// Writes the notes to `<criterion dir>/lamb-meta-<name>.txt`; a failure is reported,
-    /// never fatal.
+    /// never fatal. Not in criterion's `--test`, `--list` or `--profile-time` modes, which
+    /// store no results either (so a CI smoke run leaves a real run's notes alone).
     pub fn save(&self, name: &str) {
+        if std::env::args()
+            .any(|a| a == "--test" || a == "--list" || a.starts_with("--profile-time"))
+        {
+            return;
+        }
         let dir = criterion_dir();
         let text = self.0.join("\n") + "\n";
         let path = dir.join(format!("lamb-meta-{name}.txt"));
