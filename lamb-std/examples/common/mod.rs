@@ -1,0 +1,542 @@
+//! What the examples share: the digits data (shipped in `examples/data`, embedded at compile
+//! time), a seeded random generator, a small MLP with its forward and backward pass written
+//! out as plain loops, and the PNG plot setup.
+//!
+//! No ML framework: the model is three dense layers, `64 → 128 → 128 → 10`, ReLU between
+//! them and softmax cross-entropy at the end, all in f32. A weight matrix is stored
+//! `[inputs][outputs]` row-major, so that both the forward pass and the weight gradient are
+//! `axpy` loops over contiguous rows (which the compiler vectorises), and the only
+//! reduction (the gradient of the hidden activations) is a dot product with eight
+//! independent accumulators.
+
+use std::io::Read;
+
+/// Pixels per image (8×8).
+pub const INPUTS: usize = 64;
+/// Digits 0–9.
+pub const CLASSES: usize = 10;
+/// Hidden width of both hidden layers.
+pub const HIDDEN: usize = 128;
+/// Seed of everything: the split, the initial weights, the shuffles.
+pub const SEED: u64 = 2019;
+/// Test-set share of the split (sklearn's `train_test_split` default, 25%).
+pub const TEST_FRACTION: f64 = 0.25;
+
+/// The UCI handwritten digits as scikit-learn ships them (see `examples/data/README.md`).
+const DIGITS_CSV_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
+/// DejaVu Sans cut down to ASCII (see `examples/data/README.md`).
+pub const FONT: &[u8] = include_bytes!("../data/DejaVuSans-subset.ttf");
+
+/// A labelled set: `x` is `len × INPUTS`, pixels scaled from 0..=16 to 0..=1.
+pub struct Dataset {
+    pub x: Vec<f32>,
+    pub y: Vec<u8>,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    fn pick(&self, idx: &[usize]) -> Dataset {
+        let mut x = Vec::with_capacity(idx.len() * INPUTS);
+        let mut y = Vec::with_capacity(idx.len());
+        for &i in idx {
+            x.extend_from_slice(&self.x[i * INPUTS..(i + 1) * INPUTS]);
+            y.push(self.y[i]);
+        }
+        Dataset { x, y }
+    }
+}
+
+/// All 1797 images, in file order.
+pub fn load_digits() -> Dataset {
+    let mut csv = String::new();
+    flate2::read::GzDecoder::new(DIGITS_CSV_GZ)
+        .read_to_string(&mut csv)
+        .expect("examples/data/digits.csv.gz is a gzip'd text file");
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for (n, line) in csv.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let fields: Vec<f32> = line
+            .split(',')
+            .map(|f| f.trim().parse::<f32>().expect("a number"))
+            .collect();
+        assert_eq!(fields.len(), INPUTS + 1, "line {} of digits.csv", n + 1);
+        x.extend(fields[..INPUTS].iter().map(|p| p / 16.0));
+        let label = fields[INPUTS];
+        assert!((0.0..10.0).contains(&label) && label.fract() == 0.0);
+        y.push(label as u8);
+    }
+    assert_eq!(y.len(), 1797, "the UCI digits set has 1797 images");
+    Dataset { x, y }
+}
+
+/// The fixed split: a seeded shuffle, the last 25% is the test set.
+pub fn split(all: &Dataset) -> (Dataset, Dataset) {
+    let mut idx: Vec<usize> = (0..all.len()).collect();
+    Rng::new(SEED ^ 0x5EED_5917).shuffle(&mut idx);
+    let test = (all.len() as f64 * TEST_FRACTION).ceil() as usize;
+    let (train, test) = idx.split_at(all.len() - test);
+    (all.pick(train), all.pick(test))
+}
+
+/// SplitMix64: tiny, seeded, good enough for shuffles and initial weights.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [0, n) (n small: the modulo bias is negligible).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// A dense layer's shape.
+#[derive(Clone, Copy)]
+struct Dense {
+    inputs: usize,
+    outputs: usize,
+}
+
+const LAYERS: [Dense; 3] = [
+    Dense {
+        inputs: INPUTS,
+        outputs: HIDDEN,
+    },
+    Dense {
+        inputs: HIDDEN,
+        outputs: HIDDEN,
+    },
+    Dense {
+        inputs: HIDDEN,
+        outputs: CLASSES,
+    },
+];
+
+/// Names and shapes of the tensors, in the order of [`Mlp::params`] (what the optimizer is
+/// told with `add_param`: rank-2 weights get weight decay and the trust ratio, biases not).
+pub fn param_specs() -> Vec<(String, Vec<usize>)> {
+    let mut specs = Vec::new();
+    for (l, d) in LAYERS.iter().enumerate() {
+        specs.push((format!("fc{}.weight", l + 1), vec![d.inputs, d.outputs]));
+        specs.push((format!("fc{}.bias", l + 1), vec![d.outputs]));
+    }
+    specs
+}
+
+/// The model's parameters: `[w1, b1, w2, b2, w3, b3]`, weights `[inputs][outputs]`.
+#[derive(Clone)]
+pub struct Mlp {
+    pub params: Vec<Vec<f32>>,
+}
+
+impl Mlp {
+    /// He-uniform weights (`±√(6/fan_in)`), zero biases.
+    pub fn new(seed: u64) -> Mlp {
+        let mut rng = Rng::new(seed);
+        let mut params = Vec::new();
+        for d in LAYERS {
+            let bound = (6.0 / d.inputs as f64).sqrt();
+            params.push(
+                (0..d.inputs * d.outputs)
+                    .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                    .collect(),
+            );
+            params.push(vec![0.0; d.outputs]);
+        }
+        Mlp { params }
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.params.iter().map(Vec::len).sum()
+    }
+
+    /// Gradient buffers shaped like the parameters.
+    pub fn zeros_like(&self) -> Vec<Vec<f32>> {
+        self.params.iter().map(|p| vec![0.0; p.len()]).collect()
+    }
+
+    /// Forward pass of `x` (`n × INPUTS`) into `acts`: `acts[0]` and `acts[1]` the hidden
+    /// activations after ReLU, `acts[2]` the logits.
+    fn forward(&self, x: &[f32], n: usize, acts: &mut [Vec<f32>; 3]) {
+        for (l, d) in LAYERS.iter().enumerate() {
+            let (w, b) = (&self.params[2 * l], &self.params[2 * l + 1]);
+            let (before, rest) = acts.split_at_mut(l);
+            let input: &[f32] = if l == 0 { x } else { &before[l - 1] };
+            let out = &mut rest[0];
+            out.resize(n * d.outputs, 0.0);
+            for i in 0..n {
+                let row = &mut out[i * d.outputs..(i + 1) * d.outputs];
+                row.copy_from_slice(b);
+                // Inputs are sparse (blank pixels, ReLU zeros): skip the zero ones.
+                for (k, &a) in input[i * d.inputs..(i + 1) * d.inputs].iter().enumerate() {
+                    if a != 0.0 {
+                        axpy(row, a, &w[k * d.outputs..(k + 1) * d.outputs]);
+                    }
+                }
+                if l + 1 < LAYERS.len() {
+                    for v in row.iter_mut() {
+                        *v = v.max(0.0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Mean softmax cross-entropy and accuracy over a whole set.
+    pub fn evaluate(&self, data: &Dataset, scratch: &mut Scratch) -> (f64, f64) {
+        const CHUNK: usize = 256;
+        let (mut loss, mut correct) = (0.0f64, 0usize);
+        for start in (0..data.len()).step_by(CHUNK) {
+            let n = CHUNK.min(data.len() - start);
+            let x = &data.x[start * INPUTS..(start + n) * INPUTS];
+            self.forward(x, n, &mut scratch.acts);
+            for i in 0..n {
+                let logits = &scratch.acts[2][i * CLASSES..(i + 1) * CLASSES];
+                let label = data.y[start + i] as usize;
+                loss += cross_entropy(logits, label, None);
+                let argmax = (0..CLASSES)
+                    .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+                    .unwrap();
+                correct += (argmax == label) as usize;
+            }
+        }
+        (loss / data.len() as f64, correct as f64 / data.len() as f64)
+    }
+
+    /// Loss and gradients (into `grads`, overwritten) of the mean cross-entropy over the
+    /// samples `batch` of `data`. Returns the mean loss.
+    pub fn loss_and_grad(
+        &self,
+        data: &Dataset,
+        batch: &[usize],
+        grads: &mut [Vec<f32>],
+        scratch: &mut Scratch,
+    ) -> f64 {
+        let n = batch.len();
+        scratch.x.clear();
+        for &i in batch {
+            scratch
+                .x
+                .extend_from_slice(&data.x[i * INPUTS..(i + 1) * INPUTS]);
+        }
+        let x = std::mem::take(&mut scratch.x);
+        self.forward(&x, n, &mut scratch.acts);
+
+        // d loss / d logits = (softmax − onehot) / n, written over the logits.
+        let mut loss = 0.0f64;
+        let inv_n = 1.0 / n as f32;
+        {
+            let logits = &mut scratch.acts[2];
+            let mut d = [0.0f32; CLASSES];
+            for (i, &s) in batch.iter().enumerate() {
+                let row = &mut logits[i * CLASSES..(i + 1) * CLASSES];
+                loss += cross_entropy(row, data.y[s] as usize, Some(&mut d));
+                for (r, dv) in row.iter_mut().zip(d) {
+                    *r = dv * inv_n;
+                }
+            }
+        }
+
+        for g in grads.iter_mut() {
+            g.fill(0.0);
+        }
+        // Layers from the last to the first: `delta` is d loss / d (layer output).
+        for l in (0..LAYERS.len()).rev() {
+            let d = LAYERS[l];
+            let (before, rest) = scratch.acts.split_at_mut(l);
+            let delta = &rest[0];
+            let input: &[f32] = if l == 0 { &x } else { &before[l - 1] };
+            let (gw, gb) = {
+                let (a, b) = grads.split_at_mut(2 * l + 1);
+                (&mut a[2 * l], &mut b[0])
+            };
+            for i in 0..n {
+                let drow = &delta[i * d.outputs..(i + 1) * d.outputs];
+                add(gb, drow);
+                for (k, &a) in input[i * d.inputs..(i + 1) * d.inputs].iter().enumerate() {
+                    if a != 0.0 {
+                        axpy(&mut gw[k * d.outputs..(k + 1) * d.outputs], a, drow);
+                    }
+                }
+            }
+            if l > 0 {
+                // d loss / d (previous activation), through its ReLU: zero where the unit
+                // was off, so only active units need the dot product.
+                let w = &self.params[2 * l];
+                let prev = &mut before[l - 1];
+                for i in 0..n {
+                    let drow = &delta[i * d.outputs..(i + 1) * d.outputs];
+                    for k in 0..d.inputs {
+                        let a = &mut prev[i * d.inputs + k];
+                        *a = if *a > 0.0 {
+                            dot(drow, &w[k * d.outputs..(k + 1) * d.outputs])
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+        scratch.x = x;
+        loss / n as f64
+    }
+}
+
+/// Working memory of the passes, reused from batch to batch.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    acts: [Vec<f32>; 3],
+}
+
+/// `−log softmax(logits)[label]`, computed stably; optionally the gradient
+/// `softmax − onehot` into `grad`.
+fn cross_entropy(logits: &[f32], label: usize, grad: Option<&mut [f32; CLASSES]>) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut e = [0.0f32; CLASSES];
+    let mut sum = 0.0f32;
+    for (e, &z) in e.iter_mut().zip(logits) {
+        *e = (z - max).exp();
+        sum += *e;
+    }
+    if let Some(g) = grad {
+        for (c, (g, e)) in g.iter_mut().zip(e).enumerate() {
+            *g = e / sum - (c == label) as u32 as f32;
+        }
+    }
+    (sum.ln() - (logits[label] - max)) as f64
+}
+
+/// `y += a·x`.
+#[inline]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// `y += x`.
+#[inline]
+fn add(y: &mut [f32], x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += x;
+    }
+}
+
+/// Dot product with eight independent partial sums (vectorisable without fast-math).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// What one training run produced.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// Mean cross-entropy over the whole training set (no weight-decay term), before
+    /// training and after every epoch.
+    pub curve: Vec<f64>,
+    /// The last point of `curve`.
+    pub train_loss: f64,
+    pub test_loss: f64,
+    pub test_acc: f64,
+    /// Optimizer steps taken, and how many the optimizer skipped (non-finite gradients).
+    pub steps: u64,
+    pub skipped: u64,
+    /// Wall time of the whole run (forward, backward, optimizer), and of `Lamb::step` alone.
+    pub wall: std::time::Duration,
+    pub opt_time: std::time::Duration,
+}
+
+/// Optimizer steps of `epochs` epochs over `n` samples in batches of `batch` (the last
+/// batch of an epoch may be smaller: every epoch sees every sample once).
+pub fn total_steps(n: usize, batch: usize, epochs: usize) -> u64 {
+    (n.div_ceil(batch) * epochs) as u64
+}
+
+/// Registers the model's tensors with `opt`, in the order of [`Mlp::params`].
+pub fn register(opt: &mut lamb_std::Lamb) {
+    for (name, shape) in param_specs() {
+        opt.add_param(name, &shape).expect("valid layer");
+    }
+}
+
+/// Trains `model` with `opt` (its tensors registered, its schedule set) for `epochs` epochs
+/// of shuffles (from `seed`) in batches of `batch`. `on_epoch` is called after every epoch
+/// (for a progress bar).
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    mut opt: lamb_std::Lamb,
+    mut model: Mlp,
+    train: &Dataset,
+    test: &Dataset,
+    batch: usize,
+    epochs: usize,
+    seed: u64,
+    on_epoch: &dyn Fn(),
+) -> RunResult {
+    let started = std::time::Instant::now();
+    let mut grads = model.zeros_like();
+    let mut scratch = Scratch::default();
+    // The same sequence of shuffles for every run of a seed, whatever its batch size or
+    // optimizer.
+    let mut rng = Rng::new(seed ^ 0xBA7C4);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let mut curve = vec![model.evaluate(train, &mut scratch).0];
+    let (mut steps, mut skipped) = (0u64, 0u64);
+    let mut opt_time = std::time::Duration::ZERO;
+    for _ in 0..epochs {
+        rng.shuffle(&mut order);
+        for chunk in order.chunks(batch) {
+            model.loss_and_grad(train, chunk, &mut grads, &mut scratch);
+            let t = std::time::Instant::now();
+            let mut ps: Vec<&mut [f32]> = model.params.iter_mut().map(|p| &mut p[..]).collect();
+            let gs: Vec<&[f32]> = grads.iter().map(|g| &g[..]).collect();
+            let report = opt.step(&mut ps, &gs).expect("a valid step");
+            opt_time += t.elapsed();
+            steps += 1;
+            skipped += !report.applied as u64;
+        }
+        curve.push(model.evaluate(train, &mut scratch).0);
+        on_epoch();
+    }
+    let (test_loss, test_acc) = model.evaluate(test, &mut scratch);
+    RunResult {
+        train_loss: *curve.last().unwrap(),
+        curve,
+        test_loss,
+        test_acc,
+        steps,
+        skipped,
+        wall: started.elapsed(),
+        opt_time,
+    }
+}
+
+/// Runs `jobs` on `threads` worker threads (each run is single-threaded and independent),
+/// returning the results in job order.
+pub fn run_parallel<J: Sync, R: Send>(
+    jobs: &[J],
+    threads: usize,
+    run: impl Fn(&J) -> R + Sync,
+) -> Vec<R> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<R>>> =
+        jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= jobs.len() {
+                        break;
+                    }
+                    let r = run(&jobs[i]);
+                    *results[i].lock().unwrap() = Some(r);
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| r.into_inner().unwrap().expect("every job ran"))
+        .collect()
+}
+
+/// Worker threads: one per core.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Makes the shipped font plotters' `"sans-serif"` (no system fonts needed).
+pub fn register_font() {
+    use plotters::style::{FontStyle, register_font};
+    if register_font("sans-serif", FontStyle::Normal, FONT).is_err() {
+        panic!("examples/data/DejaVuSans-subset.ttf is not a font");
+    }
+}
+
+/// Writes an RGB8 buffer as a PNG file.
+pub fn write_png(
+    path: &std::path::Path,
+    rgb: &[u8],
+    width: u32,
+    height: u32,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut enc = png::Encoder::new(file, width, height);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_compression(png::Compression::High);
+    let mut w = enc.write_header()?;
+    w.write_image_data(rgb)?;
+    w.finish()?;
+    Ok(())
+}
+
+/// The workspace's `docs/`, where the examples write their plots and tables.
+pub fn docs_dir() -> std::path::PathBuf {
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).join("docs")
+}
+
+/// CPU time of this process so far (user + system, all threads), where Linux's
+/// `/proc/self/stat` tells it; `None` elsewhere. Wall time on a busy machine overstates what a
+/// run needs; this does not.
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15, in
+    // clock ticks of USER_HZ = 100 on every Linux architecture.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// "12.3 s" of wall time, with the CPU time when known.
+pub fn time_summary(wall: std::time::Duration) -> String {
+    match cpu_seconds() {
+        Some(cpu) => format!(
+            "{:.1} s wall time, {cpu:.1} s of CPU time over {} cores",
+            wall.as_secs_f64(),
+            cores()
+        ),
+        None => format!("{:.1} s wall time", wall.as_secs_f64()),
+    }
+}
