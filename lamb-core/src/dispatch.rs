@@ -194,6 +194,8 @@ fn supported_bits() -> u8 {
     bits
 }
 
+// `mut` is unused on targets with no runtime-detected backend (e.g. Cortex-M).
+#[allow(unused_mut)]
 fn detect_bits() -> u8 {
     let mut bits = 1 << Backend::Scalar as u8 | 1 << Backend::Portable as u8;
     #[cfg(target_arch = "x86_64")]

@@ -343,6 +343,7 @@ pub(crate) unsafe fn block_sum_squares<S: Simd>(x: &[f32]) -> f64 {
 
 /// Declares a backend module's three `#[target_feature]` entry points over the generic
 /// algorithm, so that each ISA module is only its [`Simd`] impl.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! entry_points {
     ($simd:ty, $($feature:literal),+) => {
         use crate::step::{LayerNorms, StepScalars};
@@ -439,4 +440,5 @@ macro_rules! entry_points {
         }
     };
 }
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) use entry_points;
