@@ -262,6 +262,15 @@ impl LambConfig {
             if !(0.0..1.0).contains(&beta) {
                 return bad(field, beta, "in [0, 1)");
             }
+            // The kernels use f32(β): 0.99999999 rounds to 1.0, the moments would never
+            // forget and the f32 bias correction 1 − 1^t would be 0.
+            if beta as f32 >= 1.0 {
+                return bad(
+                    field,
+                    beta,
+                    "in [0, 1) and below 1 once rounded to f32 (β <= 0.99999994)",
+                );
+            }
         }
         if !(finite_in_f32(self.eps) && self.eps as f32 > 0.0) {
             return bad(

@@ -159,7 +159,12 @@ impl LayerReport {
             r.max(config.ratio_min).min(config.ratio_max)
         };
         let step_size = (config.lr * ratio) as f32;
-        let skipped = !(pn.is_finite() && un.is_finite() && step_size.is_finite());
+        // Every new parameter is |p − s·u| ≤ ‖p‖ + s·‖u‖; if that bound (with room for the
+        // f32 roundings) is finite in f32, no parameter can overflow. Otherwise the step
+        // would write ±inf: refuse it like any other non-finite step.
+        let bound = pn + step_size as f64 * un;
+        let fits = bound <= f32::MAX as f64 * (1.0 - 1.0 / 65536.0);
+        let skipped = !(pn.is_finite() && un.is_finite() && step_size.is_finite() && fits);
         LayerReport {
             param_norm: pn as f32,
             update_norm: un as f32,

@@ -1179,7 +1179,18 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8], want_params: bool) -> Result<Decoded
             ));
         }
         let master = if lm.master {
-            Some(get("master", Dtype::F32, &[len])?)
+            let bytes = get("master", Dtype::F32, &[len])?;
+            // Like the moments, the master copy is state the next step reads: a NaN in it
+            // would skip every step until reset().
+            if let Some(k) = bytes
+                .chunks_exact(4)
+                .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite())
+            {
+                return Err(format!(
+                    "layer '{lname}': the master copy has a non-finite value at element {k}"
+                ));
+            }
+            Some(bytes)
         } else {
             None
         };

@@ -61,6 +61,13 @@ pub enum Error {
     BadBackendEnv(String),
     /// The thread pool could not be built.
     ThreadPool(String),
+    /// A parameter's shape has more elements than `usize` can count.
+    ShapeOverflow {
+        /// The layer's name.
+        name: String,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
     /// A group's precision can only be set before it has layers.
     PrecisionAfterLayers(String),
     /// f16 parameters need an f32 master copy (`Precision::master`).
@@ -156,6 +163,10 @@ impl fmt::Display for Error {
             Error::BadBackendEnv(v) => write!(
                 f,
                 "LAMB_BACKEND='{v}' is not a backend this CPU supports (scalar, portable, avx2, avx512, neon)"
+            ),
+            Error::ShapeOverflow { name, shape } => write!(
+                f,
+                "layer '{name}': shape {shape:?} has more elements than usize can count"
             ),
             Error::PrecisionAfterLayers(g) => write!(
                 f,

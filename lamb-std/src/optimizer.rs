@@ -537,7 +537,12 @@ impl Lamb {
         shape: &[usize],
     ) -> Result<LayerId, Error> {
         let name = name.into();
-        let len = shape.iter().product();
+        let Some(len) = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
+            return Err(Error::ShapeOverflow {
+                name,
+                shape: shape.to_vec(),
+            });
+        };
         let group = match self.no_decay_group {
             Some(g) if shape.len() <= 1 || name.ends_with(".bias") => g,
             _ => 0,
@@ -793,8 +798,39 @@ impl Lamb {
         let t = self.step + 1;
         let lr_factor = self.schedule.factor(t);
         let configs = self.step_configs(lr_factor)?;
-        self.make_masters(params);
+        let made = self.make_masters(params);
+        let result = self.step_with_masters(
+            params,
+            grads,
+            inv_loss_scale,
+            backend,
+            t,
+            lr_factor,
+            configs,
+        );
+        // A master copy made for a step that was not applied is dropped: it holds the
+        // model's values of a refused step (maybe a NaN), and the next step must take the
+        // model's values then, not these.
+        if !matches!(result, Ok(StepReport { applied: true, .. })) {
+            for i in made {
+                self.moments[i].master = None;
+            }
+        }
+        result
+    }
 
+    /// The part of a step after the inputs were checked and the master copies made.
+    #[allow(clippy::too_many_arguments)]
+    fn step_with_masters(
+        &mut self,
+        params: &mut [ParamsIn<'_>],
+        grads: &[Grads<'_>],
+        inv_loss_scale: f32,
+        backend: Backend,
+        t: u64,
+        lr_factor: f64,
+        configs: Vec<LambConfig>,
+    ) -> Result<StepReport, Error> {
         let Lamb {
             layers,
             moments,
@@ -923,7 +959,8 @@ impl Lamb {
     /// that has none yet, from the model's current values (exact: bf16/f16 → f32). The
     /// master then equals the model, so making it changes nothing even if the step is
     /// later refused.
-    fn make_masters(&mut self, params: &[ParamsIn<'_>]) {
+    fn make_masters(&mut self, params: &[ParamsIn<'_>]) -> Vec<usize> {
+        let mut made = Vec::new();
         for (i, p) in params.iter().enumerate() {
             let group = &self.groups[self.layers[i].group];
             let state = &mut self.moments[i];
@@ -948,7 +985,9 @@ impl Lamb {
                 }
             };
             state.master = Some(master);
+            made.push(i);
         }
+        made
     }
 
     /// Every check that needs no kernel: counts, lengths, formats, aliasing, empty groups.
