@@ -1,0 +1,852 @@
+//! Arbitrary sequences of calls on `lamb_std::Lamb`: registering layers and groups (bad
+//! names, unknown groups, invalid configurations and lr scales), precision settings (f32,
+//! bf16 and 8-bit moments, master copies, stochastic rounding), clipping, schedules,
+//! threads, backends, `reset`, and steps (`step`, `step_scaled`, `step_mixed`,
+//! `step_mixed_scaled`, with f32/bf16/f16 parameters and gradients) with the wrong number of
+//! tensors, wrong lengths, aliased gradients, non-finite values and bad loss scales.
+//!
+//! Checked after every call:
+//! - nothing panics, and no step reports a worker panic or a poisoned optimizer;
+//! - after every `Err`, and every step with `applied == false`: every parameter buffer
+//!   passed, every layer's moments (f32 `m`/`v` and the compact `state`), every layer's
+//!   last report, the group table and `steps()` are exactly as before (bits compared, NaN
+//!   payloads included). One documented exception: a step may create a layer's f32 master
+//!   copy before it is refused, and then the copy must equal the parameters passed;
+//! - an applied step advances `steps()` by exactly one and reports that step;
+//! - a shadow optimizer fed the same calls, but on `Backend::Scalar` and one thread, returns
+//!   the same result and holds the same bits (params, moments, masters, reports) after
+//!   every call, while the optimizer under test runs on the backend and thread count
+//!   (1..=3) the input chose: a whole-model differential test of backends and of the
+//!   thread partitioning.
+#![no_main]
+
+use arbitrary::Arbitrary;
+use lamb_core::Backend;
+use lamb_core::half::{bf16, f16};
+use lamb_core::precision::{Grads as GradsIn, Rounding};
+use lamb_fuzz::{ConfigSpec, F32, F64, Few, Fill, Rng, ScheduleSpec, bytes_of, canon};
+use lamb_std::{
+    Error, GroupId, Lamb, LayerId, ParamsIn, Precision, StateFormat, StateView, StepReport,
+};
+use libfuzzer_sys::fuzz_target;
+
+const MAX_OPS: usize = 40;
+const MAX_LAYERS: usize = 12;
+
+#[derive(Arbitrary, Debug, Clone)]
+enum Name {
+    /// `l0`..`l7`: collisions (DuplicateName) are likely.
+    Short(u8),
+    /// `b0.bias`..`b3.bias`: picked for the no-decay group by `add_param`.
+    Bias(u8),
+    /// Any 4 bytes, as lossy UTF-8 (empty, control characters, U+FFFD...).
+    Any([u8; 4]),
+}
+
+impl Name {
+    fn get(&self) -> String {
+        match self {
+            Name::Short(i) => format!("l{}", i % 8),
+            Name::Bias(i) => format!("b{}.bias", i % 4),
+            Name::Any(b) => String::from_utf8_lossy(b).into_owned(),
+        }
+    }
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Len {
+    Zero,
+    /// 1..=32.
+    Small(u8),
+    /// Around the reduction block: 1024 + (k mod 9) − 4, or twice that.
+    NearBlock {
+        k: u8,
+        twice: bool,
+    },
+    /// 0..=2200.
+    Medium(u16),
+}
+
+impl Len {
+    fn get(self) -> usize {
+        match self {
+            Len::Zero => 0,
+            Len::Small(n) => 1 + n as usize % 32,
+            Len::NearBlock { k, twice } => (1024 + (k % 9) as usize - 4) * (1 + twice as usize),
+            Len::Medium(n) => n as usize % 2201,
+        }
+    }
+}
+
+/// How the user's model holds a layer's parameters (0, 1: f32; 2: bf16; 3: f16).
+#[derive(Arbitrary, Debug, Clone, Copy)]
+struct Format(u8);
+
+#[derive(Arbitrary, Debug, Clone)]
+enum Fault {
+    None,
+    /// One parameter tensor too few / too many; one gradient too few / too many.
+    DropParam,
+    ExtraParam,
+    DropGrad,
+    ExtraGrad,
+    /// Layer `layer`'s parameter (or gradient) is `delta` elements longer (or shorter).
+    WrongLen {
+        layer: u8,
+        grad: bool,
+        delta: i8,
+    },
+    /// Layer `b`'s gradient starts `shift` elements into layer `a`'s (shared memory).
+    AliasGrads {
+        a: u8,
+        b: u8,
+        shift: u16,
+    },
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+struct Patch {
+    layer: u8,
+    index: u16,
+    /// Patch the parameter (persistently, as a user's model would hold it) or the gradient.
+    param: bool,
+    value: F32,
+}
+
+/// The inverse loss scale of the `*_scaled` steps.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum LossScale {
+    /// `2^-k`, k in [0, 24]: what a loss scaler uses.
+    Pow2(u8),
+    /// Anything (invalid when not finite and > 0).
+    Any(F32),
+}
+
+impl LossScale {
+    fn get(self) -> f32 {
+        match self {
+            LossScale::Pow2(k) => 2f32.powi(-((k % 25) as i32)),
+            LossScale::Any(x) => x.get(),
+        }
+    }
+}
+
+/// The gradients of a step.
+#[derive(Arbitrary, Debug, Clone)]
+enum GradFill {
+    /// Finite, uniform in ±2^scale (scale folded into [-30, 30]).
+    Finite { seed: u64, scale: i8 },
+    /// Any fill (non-finite values likely).
+    Any(Fill),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+struct StepSpec {
+    /// `step_mixed*` even if every parameter is f32 (it must be when one is not).
+    mixed: bool,
+    /// `None`: unscaled; `Some`: the `*_scaled` variant with this inverse loss scale.
+    inv_loss_scale: Option<LossScale>,
+    /// Gradient storage in a mixed step: 0, 1: f32; 2: bf16; 3: f16.
+    grad_format: u8,
+    grads: GradFill,
+    patches: Few<Patch, 4>,
+    fault: Option<Fault>,
+}
+
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum MinLen {
+    Zero,
+    /// `k·QBLOCK`, k in [0, 8].
+    Blocks(u8),
+    Default,
+    Any(u16),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+enum Op {
+    AddLayer {
+        name: Name,
+        len: Len,
+        format: Format,
+    },
+    AddLayerTo {
+        group: u8,
+        name: Name,
+        len: Len,
+        format: Format,
+    },
+    AddParam {
+        name: Name,
+        shape: Few<u8, 3>,
+        format: Format,
+    },
+    AddGroup {
+        name: Name,
+        config: ConfigSpec,
+        lr_scale: F64,
+    },
+    SetGroup {
+        group: u8,
+        config: ConfigSpec,
+        lr_scale: F64,
+    },
+    SetPrecision {
+        group: u8,
+        moments: u8,
+        min_len: MinLen,
+        master: bool,
+        stochastic: Option<u64>,
+    },
+    SetMaxGradNorm(Option<F64>),
+    SetSchedule(ScheduleSpec),
+    SetThreads(u8),
+    SetBackend(u8),
+    Step(StepSpec),
+    Reset,
+    // ---------------------------------------------------------------------------------
+    // CHECKPOINT (the checkpoint issue): add here an operation that saves the optimizer
+    // (to bytes and/or a file under a temp dir), optionally corrupts/truncates the bytes,
+    // and loads them back, into the same optimizer and into a fresh one. Checks to add in
+    // `apply_op` below: a refused load leaves the state exactly as before (snapshot
+    // compare, like a failed step); an accepted load of an unmodified save reproduces
+    // `snapshot()` bit for bit and the next step gives the same bits as without the
+    // round trip. Apply it to the shadow optimizer too.
+    // ---------------------------------------------------------------------------------
+}
+
+/// The configuration the optimizer is created with (`Lamb::new` does not validate it; an
+/// invalid one must make every step fail cleanly).
+#[derive(Arbitrary, Debug)]
+enum InitialConfig {
+    /// A preset (see [`ConfigSpec::Preset`]) with no overrides.
+    Preset(u8),
+    /// Anything.
+    Spec(ConfigSpec),
+}
+
+#[derive(Debug)]
+struct Input {
+    /// `Lamb::with_decay_split` (groups "decay" and "no_decay") instead of `Lamb::new`.
+    decay_split: bool,
+    config: InitialConfig,
+    /// Layers registered before `ops`, one per group in turn (so that a step does not
+    /// always stop at `EmptyGroup`); `ops` can still add empty groups.
+    initial: Few<(Len, Format), 4>,
+    /// Operations, parsed until the input runs out (up to `MAX_OPS`). `Vec<Op>`'s own
+    /// `arbitrary_take_rest` spends a "continue?" bit per element, which makes random
+    /// inputs stop after one or two operations.
+    ops: Vec<Op>,
+}
+
+impl<'a> Arbitrary<'a> for Input {
+    fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
+        let decay_split = u.arbitrary()?;
+        let config = u.arbitrary()?;
+        let initial = u.arbitrary()?;
+        let mut ops = Vec::new();
+        while !u.is_empty() && ops.len() < MAX_OPS {
+            ops.push(u.arbitrary()?);
+        }
+        Ok(Input {
+            decay_split,
+            config,
+            initial,
+            ops,
+        })
+    }
+}
+
+/// A layer as snapshotted: name, len, group, f32 m and v, compact state, master, last
+/// report; buffers as their exact bytes.
+type LayerState = (
+    String,
+    usize,
+    usize,
+    Vec<u8>,
+    Vec<u8>,
+    Vec<u8>,
+    Option<Vec<u8>>,
+    Option<[u32; 5]>,
+);
+
+/// Everything observable about an optimizer's state.
+#[derive(Debug, PartialEq)]
+struct State {
+    steps: u64,
+    groups: Vec<String>,
+    layers: Vec<LayerState>,
+}
+
+/// The compact state's bytes after a tag byte (0: f32, 1: bf16, 2: 8-bit).
+fn state_bits(s: &StateView<'_>) -> Vec<u8> {
+    let parts = match *s {
+        StateView::F32 { m, v } => vec![vec![0], bytes_of(m), bytes_of(v)],
+        StateView::Bf16 { m, v } => vec![vec![1], bytes_of(m), bytes_of(v)],
+        StateView::Q8 {
+            m,
+            v,
+            m_absmax,
+            v_absmax,
+        } => vec![
+            vec![2],
+            bytes_of(m),
+            bytes_of(v),
+            bytes_of(m_absmax),
+            bytes_of(v_absmax),
+        ],
+    };
+    parts.concat()
+}
+
+fn snapshot(opt: &Lamb) -> State {
+    State {
+        steps: opt.steps(),
+        groups: (0..opt.group_count())
+            .map(|i| format!("{:?}", opt.group(GroupId(i)).expect("listed group")))
+            .collect(),
+        layers: (0..opt.layer_count())
+            .map(|i| {
+                let l = opt.layer(LayerId(i));
+                (
+                    l.name.to_string(),
+                    l.len,
+                    l.group.0,
+                    bytes_of(l.m),
+                    bytes_of(l.v),
+                    state_bits(&l.state),
+                    l.master.map(bytes_of),
+                    l.last.map(|r| {
+                        [
+                            canon(r.param_norm),
+                            canon(r.update_norm),
+                            canon(r.trust_ratio),
+                            canon(r.step_size),
+                            r.skipped as u32,
+                        ]
+                    }),
+                )
+            })
+            .collect(),
+    }
+}
+
+/// A parameter tensor as the user's model holds it.
+#[derive(Clone, Debug)]
+enum Tensor {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+impl Tensor {
+    fn new(len: usize, format: Format, seed: u64) -> Tensor {
+        let mut r = Rng::new(seed);
+        let v: Vec<f32> = (0..len).map(|_| r.unit()).collect();
+        match format.0 % 4 {
+            2 => Tensor::Bf16(v.into_iter().map(bf16::from_f32).collect()),
+            3 => Tensor::F16(v.into_iter().map(f16::from_f32).collect()),
+            _ => Tensor::F32(v),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Tensor::F32(x) => x.len(),
+            Tensor::Bf16(x) => x.len(),
+            Tensor::F16(x) => x.len(),
+        }
+    }
+    fn is_f32(&self) -> bool {
+        matches!(self, Tensor::F32(_))
+    }
+    fn set(&mut self, i: usize, x: f32) {
+        match self {
+            Tensor::F32(t) => t[i] = x,
+            Tensor::Bf16(t) => t[i] = bf16::from_f32(x),
+            Tensor::F16(t) => t[i] = f16::from_f32(x),
+        }
+    }
+    fn resize(&mut self, len: usize) {
+        match self {
+            Tensor::F32(t) => t.resize(len, 0.25),
+            Tensor::Bf16(t) => t.resize(len, bf16::from_f32(0.25)),
+            Tensor::F16(t) => t.resize(len, f16::from_f32(0.25)),
+        }
+    }
+    fn bits(&self) -> Vec<u8> {
+        match self {
+            Tensor::F32(t) => bytes_of(t),
+            Tensor::Bf16(t) => bytes_of(t),
+            Tensor::F16(t) => bytes_of(t),
+        }
+    }
+    /// The values widened to f32 (exact), as bytes: what a master copy made from them holds.
+    fn f32_bits(&self) -> Vec<u8> {
+        match self {
+            Tensor::F32(t) => bytes_of(t),
+            Tensor::Bf16(t) => bytes_of(&t.iter().map(|x| x.to_f32()).collect::<Vec<_>>()),
+            Tensor::F16(t) => bytes_of(&t.iter().map(|x| x.to_f32()).collect::<Vec<_>>()),
+        }
+    }
+    fn params_in(&mut self) -> ParamsIn<'_> {
+        match self {
+            Tensor::F32(t) => ParamsIn::F32(t),
+            Tensor::Bf16(t) => ParamsIn::Bf16(t),
+            Tensor::F16(t) => ParamsIn::F16(t),
+        }
+    }
+}
+
+/// The user's side of the model: parameter tensors, one per registered layer.
+struct Model {
+    params: Vec<Tensor>,
+}
+
+impl Model {
+    fn add(&mut self, len: usize, format: Format) {
+        let seed = 0x9e37_79b9 + self.params.len() as u64;
+        self.params.push(Tensor::new(len, format, seed));
+    }
+}
+
+/// `LAMB_FUZZ_STATS=1`: print a line per input and per step (run the binary on corpus
+/// files to see what a corpus exercises).
+fn stats() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("LAMB_FUZZ_STATS").is_some())
+}
+
+fn check_no_panic<T: std::fmt::Debug>(r: &Result<T, Error>) {
+    if let Err(e @ (Error::WorkerPanicked { .. } | Error::Poisoned)) = r {
+        panic!("a kernel panicked inside a step: {e}");
+    }
+}
+
+fn show<T: std::fmt::Debug>(r: &Result<T, Error>) -> String {
+    format!("{r:?}")
+}
+
+/// Gradient arenas of one storage type; the layers' gradients are slices of it.
+enum Arena {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+/// Runs one step on both optimizers and checks it.
+fn do_step(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, s: &StepSpec) {
+    let n = opt.layer_count();
+    // Persistent parameter patches (a NaN in the model stays there until overwritten).
+    for p in s.patches.iter().filter(|p| p.param) {
+        if n > 0 {
+            let t = &mut model.params[p.layer as usize % n];
+            if t.len() > 0 {
+                let i = p.index as usize % t.len();
+                t.set(i, p.value.get());
+            }
+        }
+    }
+    let mut params: Vec<Tensor> = model.params.clone();
+    // Gradients live in one arena so that the alias fault can overlap two of them.
+    let mut grad_lens: Vec<usize> = params.iter().map(Tensor::len).collect();
+    let fault = s.fault.clone().unwrap_or(Fault::None);
+    match fault {
+        Fault::DropParam => {
+            params.pop();
+        }
+        Fault::ExtraParam => params.push(Tensor::F32(vec![0.5; 3])),
+        Fault::DropGrad => {
+            grad_lens.pop();
+        }
+        Fault::ExtraGrad => grad_lens.push(3),
+        Fault::WrongLen { layer, grad, delta } if n > 0 => {
+            let i = layer as usize % n;
+            let d = delta as isize % 5;
+            if grad {
+                grad_lens[i] = (grad_lens[i] as isize + d).max(0) as usize;
+            } else {
+                let len = (params[i].len() as isize + d).max(0) as usize;
+                params[i].resize(len);
+            }
+        }
+        _ => {}
+    }
+    let mut starts = Vec::with_capacity(grad_lens.len());
+    let mut total = 0;
+    for &l in &grad_lens {
+        starts.push(total);
+        total += l;
+    }
+    if let Fault::AliasGrads { a, b, shift } = fault
+        && grad_lens.len() >= 2
+    {
+        let (a, b) = (a as usize % grad_lens.len(), b as usize % grad_lens.len());
+        if a != b {
+            starts[b] = starts[a] + shift as usize % grad_lens[a].max(1);
+        }
+    }
+    let mut values = vec![0f32; total + 4096];
+    match &s.grads {
+        GradFill::Finite { seed, scale } => Fill::Uniform {
+            seed: *seed,
+            scale: *scale,
+            abs: false,
+        }
+        .fill(&mut values),
+        GradFill::Any(f) => f.fill(&mut values),
+    }
+    for p in s.patches.iter().filter(|p| !p.param) {
+        if !grad_lens.is_empty() {
+            let l = p.layer as usize % grad_lens.len();
+            if grad_lens[l] > 0 {
+                values[starts[l] + p.index as usize % grad_lens[l]] = p.value.get();
+            }
+        }
+    }
+    let mixed = s.mixed || !params.iter().all(Tensor::is_f32);
+    let arena = match (mixed, s.grad_format % 4) {
+        (true, 2) => Arena::Bf16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
+        (true, 3) => Arena::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
+        _ => Arena::F32(values),
+    };
+    let ranges: Vec<std::ops::Range<usize>> = starts
+        .iter()
+        .zip(&grad_lens)
+        .map(|(&s, &l)| s..s + l)
+        .collect();
+    let grads_mixed: Vec<GradsIn<'_>> = ranges
+        .iter()
+        .map(|r| match &arena {
+            Arena::F32(a) => GradsIn::F32(&a[r.clone()]),
+            Arena::Bf16(a) => GradsIn::Bf16(&a[r.clone()]),
+            Arena::F16(a) => GradsIn::F16(&a[r.clone()]),
+        })
+        .collect();
+    let grads_f32: Vec<&[f32]> = match &arena {
+        Arena::F32(a) => ranges.iter().map(|r| &a[r.clone()]).collect(),
+        _ => Vec::new(),
+    };
+
+    let mut shadow_params = params.clone();
+    let before_params: Vec<Vec<u8>> = params.iter().map(Tensor::bits).collect();
+    let before = snapshot(opt);
+
+    let run = |o: &mut Lamb, ps: &mut Vec<Tensor>| -> Result<StepReport, Error> {
+        let scale = s.inv_loss_scale.map(LossScale::get);
+        if mixed {
+            let mut p: Vec<ParamsIn<'_>> = ps.iter_mut().map(Tensor::params_in).collect();
+            match scale {
+                None => o.step_mixed(&mut p, &grads_mixed),
+                Some(x) => o.step_mixed_scaled(&mut p, &grads_mixed, x),
+            }
+        } else {
+            let mut p: Vec<&mut [f32]> = ps
+                .iter_mut()
+                .map(|t| match t {
+                    Tensor::F32(x) => x.as_mut_slice(),
+                    _ => unreachable!("a plain step only with f32 parameters"),
+                })
+                .collect();
+            match scale {
+                None => o.step(&mut p, &grads_f32),
+                Some(x) => o.step_scaled(&mut p, &grads_f32, x),
+            }
+        }
+    };
+    let result = run(opt, &mut params);
+    let shadow_result = run(shadow, &mut shadow_params);
+    check_no_panic(&result);
+    assert_eq!(
+        show(&result),
+        show(&shadow_result),
+        "step: optimizer vs scalar/1-thread shadow"
+    );
+    if stats() {
+        eprintln!(
+            "STATS step mixed={mixed} layers={n} elements={} threads={} backend={:?} outcome={}",
+            model.params.iter().map(Tensor::len).sum::<usize>(),
+            opt.threads(),
+            opt.backend(),
+            match &result {
+                Ok(r) if r.applied => "applied".to_string(),
+                Ok(_) => "skipped".to_string(),
+                Err(e) => format!("err:{e}"),
+            }
+        );
+    }
+
+    let after_params: Vec<Vec<u8>> = params.iter().map(Tensor::bits).collect();
+    let shadow_after: Vec<Vec<u8>> = shadow_params.iter().map(Tensor::bits).collect();
+    assert!(
+        after_params == shadow_after,
+        "step: params differ from the scalar/1-thread shadow"
+    );
+
+    match &result {
+        Ok(r) if r.applied => {
+            assert_eq!(
+                opt.steps(),
+                before.steps + 1,
+                "an applied step must count once"
+            );
+            assert_eq!(r.step, opt.steps());
+            assert!(r.skipped.is_none());
+            model.params = params;
+        }
+        _ => {
+            if let Ok(r) = &result {
+                assert_eq!(
+                    r.step,
+                    before.steps + 1,
+                    "a skipped step reports the step it would have been"
+                );
+                assert!(r.skipped.is_some(), "a skipped step names the layer");
+            }
+            assert!(
+                after_params == before_params,
+                "params written by {result:?}"
+            );
+            let mut after = snapshot(opt);
+            // The documented exception: a master copy made from the parameters passed.
+            for (i, (a, b)) in after.layers.iter_mut().zip(&before.layers).enumerate() {
+                if b.6.is_none()
+                    && let Some(m) = a.6.take()
+                {
+                    assert!(
+                        m == params[i].f32_bits(),
+                        "layer {i}: a refused step made a master copy that differs from the parameters"
+                    );
+                }
+            }
+            assert!(after == before, "optimizer state changed by {result:?}");
+        }
+    }
+}
+
+fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
+    let before = snapshot(opt);
+    // Every arm runs the call on both optimizers and compares their results.
+    let result: Result<(), Error> = match op {
+        Op::AddLayer { name, len, format }
+        | Op::AddLayerTo {
+            name, len, format, ..
+        } => {
+            if opt.layer_count() >= MAX_LAYERS {
+                return;
+            }
+            let (name, len) = (name.get(), len.get());
+            let (r, sr) = match op {
+                Op::AddLayerTo { group, .. } => {
+                    // An existing group, or one past the last (UnknownGroup).
+                    let g = GroupId(*group as usize % (opt.group_count() + 1));
+                    (
+                        opt.add_layer_to(g, name.clone(), len),
+                        shadow.add_layer_to(g, name, len),
+                    )
+                }
+                _ => (
+                    opt.add_layer(name.clone(), len),
+                    shadow.add_layer(name, len),
+                ),
+            };
+            assert_eq!(show(&r), show(&sr), "add_layer: optimizer vs shadow");
+            if let Ok(id) = &r {
+                assert_eq!(id.0, before.layers.len());
+                let l = opt.layer(*id);
+                assert_eq!(l.len, len);
+                assert!(
+                    state_bits(&l.state)[1..].iter().all(|&x| x == 0),
+                    "new moments not zero"
+                );
+                assert!(l.master.is_none() && l.last.is_none());
+                model.add(len, *format);
+            }
+            r.map(|_| ())
+        }
+        Op::AddParam {
+            name,
+            shape,
+            format,
+        } => {
+            if opt.layer_count() >= MAX_LAYERS {
+                return;
+            }
+            let shape: Vec<usize> = shape.iter().map(|&d| d as usize % 13).collect();
+            let name = name.get();
+            let r = opt.add_param(name.clone(), &shape);
+            let sr = shadow.add_param(name, &shape);
+            assert_eq!(show(&r), show(&sr), "add_param: optimizer vs shadow");
+            if r.is_ok() {
+                model.add(shape.iter().product(), *format);
+            }
+            r.map(|_| ())
+        }
+        Op::AddGroup {
+            name,
+            config,
+            lr_scale,
+        } => {
+            let (name, c, s) = (name.get(), config.build(), lr_scale.get());
+            let r = opt.add_group(name.clone(), c, s);
+            assert_eq!(show(&r), show(&shadow.add_group(name, c, s)), "add_group");
+            if let Ok(id) = &r {
+                assert_eq!(id.0, before.groups.len());
+                let g = opt.group(*id).expect("new group");
+                assert_eq!(g.config.validate(), Ok(()));
+                assert!(g.lr_scale.is_finite() && g.lr_scale >= 0.0);
+            }
+            r.map(|_| ())
+        }
+        Op::SetGroup {
+            group,
+            config,
+            lr_scale,
+        } => {
+            let id = GroupId(*group as usize % (opt.group_count() + 1));
+            let (c, s) = (config.build(), lr_scale.get());
+            let r = opt.set_group(id, c, s);
+            assert_eq!(show(&r), show(&shadow.set_group(id, c, s)), "set_group");
+            if r.is_ok() {
+                let g = opt.group(id).expect("set group");
+                assert_eq!(format!("{:?}", g.config), format!("{c:?}"));
+                assert_eq!(g.lr_scale.to_bits(), s.to_bits());
+            }
+            r
+        }
+        Op::SetPrecision {
+            group,
+            moments,
+            min_len,
+            master,
+            stochastic,
+        } => {
+            let id = GroupId(*group as usize % (opt.group_count() + 1));
+            let precision = Precision {
+                moments: [StateFormat::F32, StateFormat::Bf16, StateFormat::Q8]
+                    [*moments as usize % 3],
+                compact_min_len: match *min_len {
+                    MinLen::Zero => 0,
+                    MinLen::Blocks(k) => (k % 9) as usize * lamb_core::precision::QBLOCK,
+                    MinLen::Default => Precision::default().compact_min_len,
+                    MinLen::Any(n) => n as usize,
+                },
+                master: *master,
+                rounding: match stochastic {
+                    None => Rounding::Nearest,
+                    Some(seed) => Rounding::Stochastic { seed: *seed },
+                },
+            };
+            let r = opt.set_precision(id, precision);
+            assert_eq!(
+                show(&r),
+                show(&shadow.set_precision(id, precision)),
+                "set_precision"
+            );
+            if r.is_ok() {
+                assert_eq!(opt.group(id).expect("group").precision, precision);
+            }
+            r
+        }
+        Op::SetMaxGradNorm(x) => {
+            let x = x.map(F64::get);
+            let r = opt.set_max_grad_norm(x);
+            assert_eq!(
+                show(&r),
+                show(&shadow.set_max_grad_norm(x)),
+                "set_max_grad_norm"
+            );
+            r
+        }
+        Op::SetSchedule(s) => {
+            let s = s.build();
+            let r = opt.set_schedule(s);
+            assert_eq!(show(&r), show(&shadow.set_schedule(s)), "set_schedule");
+            r
+        }
+        Op::SetThreads(t) => {
+            let t = 1 + *t as usize % 3;
+            let r = opt.set_threads(t);
+            assert!(r.is_ok(), "set_threads({t}): {r:?}");
+            assert_eq!(opt.threads(), t);
+            r
+        }
+        Op::SetBackend(b) => {
+            let b = Backend::ALL[*b as usize % Backend::ALL.len()];
+            let r = opt.set_backend(b);
+            assert_eq!(r.is_ok(), b.checked().is_some(), "set_backend({b}): {r:?}");
+            r
+        }
+        Op::Step(s) => {
+            do_step(opt, shadow, model, s);
+            Ok(())
+        }
+        Op::Reset => {
+            opt.reset();
+            shadow.reset();
+            let st = snapshot(opt);
+            assert_eq!(st.steps, 0);
+            for l in &st.layers {
+                assert!(
+                    l.5[1..].iter().all(|&b| b == 0) && l.6.is_none() && l.7.is_none(),
+                    "reset left state"
+                );
+            }
+            Ok(())
+        }
+    };
+    check_no_panic(&result);
+    if result.is_err() {
+        assert!(
+            snapshot(opt) == before,
+            "{op:?} failed with {result:?} but changed the state"
+        );
+    }
+    // The optimizer and its shadow agree on every bit after every call.
+    let (a, b) = (snapshot(opt), snapshot(shadow));
+    assert!(
+        a == b,
+        "after {op:?}: optimizer and scalar/1-thread shadow disagree"
+    );
+}
+
+fuzz_target!(|input: Input| {
+    let config = match &input.config {
+        InitialConfig::Preset(p) => ConfigSpec::Preset {
+            preset: *p,
+            overrides: Few(vec![]),
+        }
+        .build(),
+        InitialConfig::Spec(spec) => spec.build(),
+    };
+    if stats() {
+        eprintln!(
+            "STATS input initial={} ops={}",
+            input.initial.len(),
+            input.ops.len()
+        );
+    }
+    let make = || {
+        if input.decay_split {
+            Lamb::with_decay_split(config)
+        } else {
+            Lamb::new(config)
+        }
+    };
+    let mut opt = make();
+    let mut shadow = make();
+    shadow
+        .set_backend(Backend::Scalar)
+        .expect("scalar is always available");
+    let mut model = Model { params: Vec::new() };
+    for (i, (len, format)) in input.initial.iter().enumerate() {
+        let op = Op::AddLayerTo {
+            group: (i % opt.group_count()) as u8,
+            name: Name::Short(i as u8),
+            len: *len,
+            format: *format,
+        };
+        apply_op(&mut opt, &mut shadow, &mut model, &op);
+    }
+    for op in &input.ops {
+        apply_op(&mut opt, &mut shadow, &mut model, op);
+    }
+});
