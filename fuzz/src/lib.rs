@@ -623,10 +623,10 @@ pub fn expected_first_invalid(c: &LambConfig) -> Option<&'static str> {
     if !(finite_f32(c.lr) && c.lr >= 0.0) {
         return Some("lr");
     }
-    if !(c.beta1 >= 0.0 && c.beta1 < 1.0) {
+    if !(c.beta1 >= 0.0 && c.beta1 < 1.0 && (c.beta1 as f32) < 1.0) {
         return Some("beta1");
     }
-    if !(c.beta2 >= 0.0 && c.beta2 < 1.0) {
+    if !(c.beta2 >= 0.0 && c.beta2 < 1.0 && (c.beta2 as f32) < 1.0) {
         return Some("beta2");
     }
     if !(finite_f32(c.eps) && c.eps > 0.0 && (c.eps as f32) > 0.0) {

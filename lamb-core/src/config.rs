@@ -84,9 +84,9 @@ pub enum NonFinite {
 pub struct LambConfig {
     /// Learning rate η, `>= 0`.
     pub lr: f64,
-    /// First-moment decay β1 in `[0, 1)`.
+    /// First-moment decay β1 in `[0, 1)`, and below 1 once rounded to f32.
     pub beta1: f64,
-    /// Second-moment decay β2 in `[0, 1)`.
+    /// Second-moment decay β2 in `[0, 1)`, and below 1 once rounded to f32.
     pub beta2: f64,
     /// ε, `> 0` (and not 0 once rounded to f32).
     pub eps: f64,

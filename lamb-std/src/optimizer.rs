@@ -564,6 +564,18 @@ impl Lamb {
         if self.layers.iter().any(|l| l.name == name) {
             return Err(Error::DuplicateName(name));
         }
+        // A length whose buffers could not even be described (more bytes than isize) is an
+        // error, not a panic in the allocator.
+        if len
+            .checked_mul(4)
+            .and_then(|b| b.checked_next_multiple_of(crate::buffer::HUGE_PAGE))
+            .is_none_or(|b| b > isize::MAX as usize)
+        {
+            return Err(Error::ShapeOverflow {
+                name,
+                shape: vec![len],
+            });
+        }
         self.layers.push(Layer {
             name,
             group: group.0,

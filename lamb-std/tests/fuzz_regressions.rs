@@ -207,3 +207,14 @@ fn xxh64(data: &[u8]) -> u64 {
     h = h.wrapping_mul(P3);
     h ^ (h >> 32)
 }
+
+/// `add_layer` with a length whose f32 buffers cannot exist is an error, not an allocator
+/// panic (fuzz/README.md, Findings 4).
+#[test]
+fn add_layer_with_an_impossible_length_is_an_error() {
+    let mut opt = Lamb::new(LambConfig::paper());
+    for len in [usize::MAX, usize::MAX / 4, (isize::MAX as usize) / 2] {
+        assert!(opt.add_layer(format!("x{len}"), len).is_err(), "{len}");
+    }
+    assert_eq!(opt.layer_count(), 0);
+}
