@@ -181,7 +181,7 @@ enum GBuf {
 #[derive(Clone)]
 enum MBuf {
     F32(Guarded<f32>, Guarded<f32>),
-    Bf16(Guarded<bf16>, Guarded<bf16>),
+    Bf16(Guarded<bf16>, Guarded<bf16>, Rounding),
     Q8(Guarded<u8>, Guarded<u8>, Guarded<f32>, Guarded<f32>),
 }
 
@@ -256,9 +256,10 @@ impl MBuf {
                 m: m.slice_mut(),
                 v: v.slice_mut(),
             },
-            MBuf::Bf16(m, v) => Moments::Bf16 {
+            MBuf::Bf16(m, v, rounding) => Moments::Bf16 {
                 m: m.slice_mut(),
                 v: v.slice_mut(),
+                rounding: *rounding,
             },
             MBuf::Q8(m, v, ma, va) => Moments::Q8 {
                 m: m.slice_mut(),
@@ -274,7 +275,7 @@ impl MBuf {
                 f("m", m.raw(), m.keys(), &|b| m.check_canaries("m", b));
                 f("v", v.raw(), v.keys(), &|b| v.check_canaries("v", b));
             }
-            MBuf::Bf16(m, v) => {
+            MBuf::Bf16(m, v, _) => {
                 f("m", m.raw(), m.keys(), &|b| m.check_canaries("m", b));
                 f("v", v.raw(), v.keys(), &|b| v.check_canaries("v", b));
             }
@@ -534,9 +535,18 @@ fn run_mixed(
         _ => GBuf::F16(Guarded::new(len, offset, fg)),
     };
     let nb = len.div_ceil(QBLOCK);
-    let mut m0 = match moments % 3 {
+    let mut m0 = match moments % 4 {
         0 => MBuf::F32(Guarded::new(len, offset, fm), Guarded::new(len, offset, fv)),
-        1 => MBuf::Bf16(Guarded::new(len, offset, fm), Guarded::new(len, offset, fv)),
+        1 => MBuf::Bf16(
+            Guarded::new(len, offset, fm),
+            Guarded::new(len, offset, fv),
+            Rounding::Nearest,
+        ),
+        2 => MBuf::Bf16(
+            Guarded::new(len, offset, fm),
+            Guarded::new(len, offset, fv),
+            Rounding::Stochastic { seed },
+        ),
         _ => {
             // Codes are arbitrary bytes; the absmax scales come from a float fill.
             let codes = |f: &Fill| {
@@ -570,10 +580,10 @@ fn run_mixed(
             (2, _, GBuf::Bf16(b), _) => b.set(i, x),
             (2, _, GBuf::F16(b), _) => b.set(i, x),
             (3, _, _, MBuf::F32(m, _)) => m.set(i, x),
-            (3, _, _, MBuf::Bf16(m, _)) => m.set(i, x),
+            (3, _, _, MBuf::Bf16(m, ..)) => m.set(i, x),
             (3, _, _, MBuf::Q8(m, ..)) => m.set(i, x),
             (4, _, _, MBuf::F32(_, v)) => v.set(i, x),
-            (4, _, _, MBuf::Bf16(_, v)) => v.set(i, x),
+            (4, _, _, MBuf::Bf16(_, v, _)) => v.set(i, x),
             (4, _, _, MBuf::Q8(_, v, ..)) => v.set(i, x),
             (5, _, _, MBuf::Q8(_, _, ma, va)) => {
                 if i % 2 == 0 {

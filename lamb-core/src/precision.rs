@@ -13,7 +13,8 @@
 //! - v (unsigned): 5 exponent bits + 3 mantissa bits (E5M3, bias 31), down to 1.2e-10, as
 //!   v spans the square of the gradient's range.
 //!
-//! Rounding is to nearest, ties to even, everywhere (stochastic for bf16 parameters if asked).
+//! Rounding is to nearest, ties to even, everywhere, except where stochastic rounding is
+//! asked for (bf16 parameters updated in place, bf16 moments).
 
 use half::{bf16, f16};
 
@@ -87,12 +88,23 @@ pub enum Moments<'a> {
         /// Second moment.
         v: &'a mut [f32],
     },
-    /// bfloat16, rounded to nearest even (4 bytes of moments per parameter).
+    /// bfloat16 (4 bytes of moments per parameter).
+    ///
+    /// Use [`Rounding::Stochastic`]: bf16 keeps 8 significant bits, so with round to
+    /// nearest `v·β2` rounds back to `v` whenever `(1 − β2)·v` is below half a bf16 ulp
+    /// (`β2 > 1 − 2^-9`, e.g. 0.999), and a v that is not refreshed by a larger gradient
+    /// never decays. Stochastic rounding keeps the expected stored value equal to the f32
+    /// one, so v decays on average as it should.
     Bf16 {
         /// First moment.
         m: &'a mut [bf16],
         /// Second moment.
         v: &'a mut [bf16],
+        /// How new values are rounded to bf16. Stochastic draws for element `i` are
+        /// `stochastic_bits(seed ^ M_STREAM, i)` for m and `stochastic_bits(seed ^
+        /// V_STREAM, i)` for v ([`M_STREAM`], [`V_STREAM`]), so one seed can serve the
+        /// parameters and the moments of a layer without correlated draws.
+        rounding: Rounding,
     },
     /// 8-bit blockwise (2 bytes + 8/[`QBLOCK`] per parameter).
     Q8 {
@@ -174,6 +186,11 @@ pub fn f32_to_bf16_stochastic(x: f32, r: u32) -> u16 {
         rounded
     }
 }
+
+/// Mixed into a [`Moments::Bf16`] seed for the first moment's draws.
+pub const M_STREAM: u64 = 0x6d5f_7374_7265_616d; // "m_stream"
+/// Mixed into a [`Moments::Bf16`] seed for the second moment's draws.
+pub const V_STREAM: u64 = 0x765f_7374_7265_616d; // "v_stream"
 
 /// The 16 random bits of element `index` under `seed` (a SplitMix64-style hash).
 #[inline(always)]
@@ -393,7 +410,7 @@ impl<'a> MixedLayer<'a> {
         }
         let (m, v) = match &self.moments {
             Moments::F32 { m, v } => (m.len(), v.len()),
-            Moments::Bf16 { m, v } => (m.len(), v.len()),
+            Moments::Bf16 { m, v, .. } => (m.len(), v.len()),
             Moments::Q8 { m, v, .. } => (m.len(), v.len()),
         };
         lens[k] = (Buffer::ExpAvg, m);
@@ -488,11 +505,19 @@ impl<'a> MixedLayer<'a> {
                 let ((ma, mb), (va, vb)) = (m.split_at_mut(mid), v.split_at_mut(mid));
                 (Moments::F32 { m: ma, v: va }, Moments::F32 { m: mb, v: vb })
             }
-            Moments::Bf16 { m, v } => {
+            Moments::Bf16 { m, v, rounding } => {
                 let ((ma, mb), (va, vb)) = (m.split_at_mut(mid), v.split_at_mut(mid));
                 (
-                    Moments::Bf16 { m: ma, v: va },
-                    Moments::Bf16 { m: mb, v: vb },
+                    Moments::Bf16 {
+                        m: ma,
+                        v: va,
+                        rounding,
+                    },
+                    Moments::Bf16 {
+                        m: mb,
+                        v: vb,
+                        rounding,
+                    },
                 )
             }
             Moments::Q8 {

@@ -45,6 +45,7 @@ enum G {
 enum M {
     F32,
     Bf16,
+    Bf16Sr,
     Q8,
 }
 
@@ -65,6 +66,8 @@ struct Owned {
     vq: Vec<u8>,
     ms: Vec<f32>,
     vs: Vec<f32>,
+    /// Stochastic-rounding seed (callers vary it per step).
+    seed: u64,
 }
 
 impl Owned {
@@ -87,6 +90,7 @@ impl Owned {
             vq: vec![0; n],
             ms: vec![0.0; q],
             vs: vec![0.0; q],
+            seed: 0xfeed,
         }
     }
 
@@ -100,7 +104,7 @@ impl Owned {
                 },
                 P::Bf16Sr => Params::Bf16 {
                     data: &mut self.pb,
-                    rounding: Rounding::Stochastic { seed: 0xfeed },
+                    rounding: Rounding::Stochastic { seed: self.seed },
                 },
                 P::MasterBf16 => Params::Master {
                     master: &mut self.p32,
@@ -124,6 +128,12 @@ impl Owned {
                 M::Bf16 => Moments::Bf16 {
                     m: &mut self.mb,
                     v: &mut self.vb,
+                    rounding: Rounding::Nearest,
+                },
+                M::Bf16Sr => Moments::Bf16 {
+                    m: &mut self.mb,
+                    v: &mut self.vb,
+                    rounding: Rounding::Stochastic { seed: self.seed },
                 },
                 M::Q8 => Moments::Q8 {
                     m: &mut self.mq,
@@ -193,7 +203,7 @@ fn run(
 
 const PS: [P; 5] = [P::F32, P::Bf16, P::Bf16Sr, P::MasterBf16, P::MasterF16];
 const GS: [G; 3] = [G::F32, G::Bf16, G::F16];
-const MS: [M; 3] = [M::F32, M::Bf16, M::Q8];
+const MS: [M; 4] = [M::F32, M::Bf16, M::Bf16Sr, M::Q8];
 
 #[test]
 fn every_format_combination_is_bit_exact_on_every_backend() {
@@ -228,7 +238,7 @@ fn every_format_combination_is_bit_exact_on_every_backend() {
             }
         }
     }
-    println!("backends {backends:?}: 45 combinations x 12 lengths bit-exact");
+    println!("backends {backends:?}: 60 combinations x 12 lengths bit-exact");
 }
 
 #[test]
@@ -258,7 +268,11 @@ fn split_pieces_equal_the_whole_layer() {
     let b = Backend::detect();
     let n = 5000;
     let owned = Owned::new(&mut rng, n);
-    for (p, m) in [(P::Bf16Sr, M::Q8), (P::MasterF16, M::Bf16)] {
+    for (p, m) in [
+        (P::Bf16Sr, M::Q8),
+        (P::MasterF16, M::Bf16),
+        (P::Bf16Sr, M::Bf16Sr),
+    ] {
         let mut whole = owned.clone();
         {
             let mut layer = whole.layer(p, G::F32, m);
@@ -346,4 +360,42 @@ fn length_mismatches_are_refused_untouched() {
         .unwrap_err();
     assert!(e.to_string().contains("model copy has 299 elements"), "{e}");
     assert!(o.bits() == before);
+}
+
+/// The second moment of a gradient that stops, over 1000 steps of β2 = 0.999: f32 v decays
+/// by 0.999^1000 = 0.368. In bf16 with round to nearest, `v·0.999` rounds back to v (the
+/// change is under half an ulp), so v never decays; stochastic rounding decays it on
+/// average as f32 does.
+#[test]
+fn bf16_second_moment_decays_only_with_stochastic_rounding() {
+    let cfg = LambConfig::paper();
+    let b = Backend::detect();
+    let n = 4096;
+    let v0 = 0.01f32;
+    let mean_v = |m: M| {
+        let mut o = Owned::new(&mut Rng(9), n);
+        o.g32.fill(0.0);
+        o.vb.fill(bf16::from_f32(v0));
+        for step in 1..=1000 {
+            o.seed = step; // a fresh draw per step, as the docs ask
+            b.step_layer_mixed(&cfg, step, 1.0, &mut o.layer(P::F32, G::F32, m))
+                .unwrap();
+        }
+        o.vb.iter().map(|x| x.to_f64()).sum::<f64>() / n as f64
+    };
+    let start = bf16::from_f32(v0).to_f64();
+    let f32_decay = start * 0.999f64.powi(1000);
+    let nearest = mean_v(M::Bf16);
+    let stochastic = mean_v(M::Bf16Sr);
+    println!(
+        "v after 1000 steps: f32 {f32_decay:e}, bf16 nearest {nearest:e}, bf16 stochastic {stochastic:e}"
+    );
+    assert_eq!(
+        nearest, start,
+        "round to nearest: v stays put (the defect SR fixes)"
+    );
+    assert!(
+        (stochastic / f32_decay - 1.0).abs() < 0.02,
+        "stochastic rounding: mean v {stochastic:e}, f32 {f32_decay:e}"
+    );
 }

@@ -2,8 +2,8 @@
 //! (`tests/data/precision/`, made by `scripts/reference/precision.py`).
 //!
 //! Every combination of params {f32, bf16 nearest, bf16 stochastic, f32 master + bf16 copy,
-//! f32 master + f16 copy} × grads {the params' half format, f32} × moments {f32, bf16,
-//! 8-bit blockwise} runs 5 steps of the LAMB paper preset (lr 1e-2) on 5 layers (lengths
+//! f32 master + f16 copy} × grads {the params' half format, f32} × moments {f32, bf16
+//! nearest, bf16 stochastic, 8-bit blockwise} runs 5 steps of the LAMB paper preset (lr 1e-2) on 5 layers (lengths
 //! 1, 255, 256 zero-initialised, 257, 777).
 //!
 //! # Method
@@ -288,6 +288,12 @@ impl Storage {
                 MFmt::Bf16 => Moments::Bf16 {
                     m: &mut self.mb,
                     v: &mut self.vb,
+                    rounding: Rounding::Nearest,
+                },
+                MFmt::Bf16Sr => Moments::Bf16 {
+                    m: &mut self.mb,
+                    v: &mut self.vb,
+                    rounding: Rounding::Stochastic { seed },
                 },
                 MFmt::Q8 => Moments::Q8 {
                     m: &mut self.mq,
@@ -326,7 +332,7 @@ impl Storage {
         };
         let (m, v) = match mo {
             MFmt::F32 => (self.m32.clone(), self.v32.clone()),
-            MFmt::Bf16 => (
+            MFmt::Bf16 | MFmt::Bf16Sr => (
                 self.mb.iter().map(|x| dec_bf16(x.to_bits())).collect(),
                 self.vb.iter().map(|x| dec_bf16(x.to_bits())).collect(),
             ),
@@ -581,6 +587,66 @@ fn check_grid(
     }
 }
 
+/// The stochastic-rounding draws of element `i`'s m and v under a layer's seed: the
+/// streams of `Moments::Bf16` (the constants as documented, written out here).
+fn moment_draws(seed: u64, i: usize) -> (u32, u32) {
+    const M_STREAM: u64 = 0x6d5f_7374_7265_616d; // "m_stream"
+    const V_STREAM: u64 = 0x765f_7374_7265_616d; // "v_stream"
+    (
+        stochastic_bits(seed ^ M_STREAM, i as u64) & 0xffff,
+        stochastic_bits(seed ^ V_STREAM, i as u64) & 0xffff,
+    )
+}
+
+/// A stochastically rounded bf16 against the reference's: lamb-core's f32 value `y` and
+/// the reference's float64 value round with the same draw, so their results are equal, or
+/// they are the two candidates (toward zero and one ulp away) and the threshold
+/// `|a| + (1 − draw/2^16)·q` the draw sets between them lies within `tol` of `y`.
+#[allow(clippy::too_many_arguments)]
+fn check_sr(
+    t: &mut Tally,
+    fails: &mut Failures,
+    what: &str,
+    y: f32,
+    ours: u16,
+    reference: u16,
+    draw: u32,
+    tol: f64,
+) {
+    let a_bits = (y.to_bits() >> 16) as u16;
+    let a = ord16(a_bits);
+    let away = if y.is_sign_negative() { a - 1 } else { a + 1 };
+    let a_mag = half_value(a, false).abs();
+    let q = half_value(away, false).abs() - a_mag;
+    let thr = a_mag + (1.0 - draw as f64 / 65536.0) * q;
+    let ulp32 = q / 65536.0;
+    let margin = ((y as f64).abs() - thr).abs();
+    t.sr_tol_ulps.push(tol / ulp32);
+    if margin <= tol {
+        t.sr_at_risk += 1;
+    }
+    if margin <= ulp32 {
+        t.sr_within_ulp += 1;
+    }
+    let (lo, rf) = (ord16(ours), ord16(reference));
+    t.l2(dec_bf16(ours), dec_bf16(reference));
+    let pair_ok = (lo == a || lo == away) && (rf == a || rf == away);
+    if lo != rf && pair_ok {
+        t.sr_margin_ulps = t.sr_margin_ulps.max(margin / ulp32);
+    }
+    let sign = if y.is_sign_negative() { -1.0 } else { 1.0 };
+    check_grid(
+        t,
+        fails,
+        what,
+        lo,
+        rf,
+        y as f64,
+        |_| pair_ok.then_some(sign * thr),
+        tol,
+    );
+}
+
 /// All tallies of one combination.
 #[derive(Default)]
 struct ComboStats {
@@ -712,6 +778,17 @@ fn check_step(
                 }
             }
         }
+        MFmt::Bf16Sr => {
+            for i in 0..n {
+                let (rm, rv) = moment_draws(seed, i);
+                let sr = |y: f32, r: u32| (y.to_bits().wrapping_add(r) >> 16) as u16;
+                if out.mb[i].to_bits() != sr(shadow.m32[i], rm)
+                    || out.vb[i].to_bits() != sr(shadow.v32[i], rv)
+                {
+                    self_fail("m/v", i, "not SR of the f32 values".into());
+                }
+            }
+        }
         MFmt::Q8 => {
             for b in 0..n.div_ceil(QBLOCK) {
                 let r = b * QBLOCK..((b + 1) * QBLOCK).min(n);
@@ -798,41 +875,16 @@ fn check_step(
         }
         (ParamState::Bf16(r), PFmt::Bf16Sr) => {
             for i in 0..n {
-                let y = shadow.p32[i];
                 let draw = stochastic_bits(seed, i as u64) & 0xffff;
-                // The two candidates: toward zero (truncated) and one bf16 ulp away.
-                let a_bits = (y.to_bits() >> 16) as u16;
-                let a = ord16(a_bits);
-                let away = if y.is_sign_negative() { a - 1 } else { a + 1 };
-                let a_mag = half_value(a, false).abs();
-                let q = half_value(away, false).abs() - a_mag;
-                let thr = a_mag + (1.0 - draw as f64 / 65536.0) * q;
-                let t_y = tol(sc.p[i]);
-                let ulp32 = q / 65536.0;
-                let margin = ((y as f64).abs() - thr).abs();
-                st.param.sr_tol_ulps.push(t_y / ulp32);
-                if margin <= t_y {
-                    st.param.sr_at_risk += 1;
-                }
-                if margin <= ulp32 {
-                    st.param.sr_within_ulp += 1;
-                }
-                let (lo, rf) = (ord16(out.pb[i].to_bits()), ord16(r[i]));
-                st.param.l2(dec_bf16(out.pb[i].to_bits()), dec_bf16(r[i]));
-                let pair_ok = (lo == a || lo == away) && (rf == a || rf == away);
-                if lo != rf && pair_ok {
-                    st.param.sr_margin_ulps = st.param.sr_margin_ulps.max(margin / ulp32);
-                }
-                let sign = if y.is_sign_negative() { -1.0 } else { 1.0 };
-                check_grid(
+                check_sr(
                     &mut st.param,
                     fails,
                     &w("param (stochastic)", i),
-                    lo,
-                    rf,
-                    y as f64,
-                    |_| pair_ok.then_some(sign * thr),
-                    t_y,
+                    shadow.p32[i],
+                    out.pb[i].to_bits(),
+                    r[i],
+                    draw,
+                    tol(sc.p[i]),
                 );
             }
         }
@@ -873,6 +925,31 @@ fn check_step(
             for i in 0..n {
                 check_close(&mut st.m, fails, &w("m", i), out.m32[i], m[i], sc.m[i]);
                 check_close(&mut st.v, fails, &w("v", i), out.v32[i], v[i], sc.v[i]);
+            }
+        }
+        MomentState::Bf16 { m, v } if mf == MFmt::Bf16Sr => {
+            for i in 0..n {
+                let (rm, rv) = moment_draws(seed, i);
+                check_sr(
+                    &mut st.m,
+                    fails,
+                    &w("m (stochastic)", i),
+                    shadow.m32[i],
+                    out.mb[i].to_bits(),
+                    m[i],
+                    rm,
+                    tol(sc.m[i]),
+                );
+                check_sr(
+                    &mut st.v,
+                    fails,
+                    &w("v (stochastic)", i),
+                    shadow.v32[i],
+                    out.vb[i].to_bits(),
+                    v[i],
+                    rv,
+                    tol(sc.v[i]),
+                );
             }
         }
         MomentState::Bf16 { m, v } => {
@@ -1094,7 +1171,7 @@ fn free_run_bounds(p: PFmt, mo: MFmt) -> [f64; 3] {
     };
     let m_bound = match mo {
         MFmt::F32 => 1e-5,
-        MFmt::Bf16 | MFmt::Q8 => 1e-2,
+        MFmt::Bf16 | MFmt::Bf16Sr | MFmt::Q8 => 1e-2,
     };
     [p_bound, m_bound, m_bound]
 }
@@ -1266,7 +1343,11 @@ fn compact_storage_matches_float64_reference() {
             }
         }
         if combo.params == PFmt::Bf16Sr {
-            sr_rows.push((combo.name.clone(), st.param.clone()));
+            sr_rows.push((format!("{} [params]", combo.name), st.param.clone()));
+        }
+        if combo.moments == MFmt::Bf16Sr {
+            sr_rows.push((format!("{} [m]", combo.name), st.m.clone()));
+            sr_rows.push((format!("{} [v]", combo.name), st.v.clone()));
         }
         total.param.merge(&st.param);
         total.model.merge(&st.model);
@@ -1277,7 +1358,7 @@ fn compact_storage_matches_float64_reference() {
         total.ratio_max_units = total.ratio_max_units.max(st.ratio_max_units);
     }
     println!(
-        "\nstochastic rounding (bf16 params): lamb-core's bits against the reference's \
+        "\nstochastic rounding (bf16 params, bf16 moments): lamb-core's bits against the reference's \
          (same hash, float64 pre-rounding value):"
     );
     println!(

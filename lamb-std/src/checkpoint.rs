@@ -515,7 +515,7 @@ fn copy_moments(dst: CoreMoments<'_>, src: &MomentsIn<'_>) {
             copy_f32(m, sm);
             copy_f32(v, sv);
         }
-        (CoreMoments::Bf16 { m, v }, MomentsIn::Bf16 { m: sm, v: sv }) => {
+        (CoreMoments::Bf16 { m, v, .. }, MomentsIn::Bf16 { m: sm, v: sv }) => {
             for (d, s) in m
                 .iter_mut()
                 .zip(bf16s(sm))

@@ -55,7 +55,11 @@ pub enum StateFormat {
     /// f32 m and v: 8 bytes per parameter.
     #[default]
     F32,
-    /// bf16 m and v, rounded to nearest even: 4 bytes per parameter.
+    /// bf16 m and v, 4 bytes per parameter, stochastically rounded: with round to
+    /// nearest, `v·0.999` rounds back to `v` in bf16 and v would never decay (see
+    /// [`lamb_core::precision::Moments::Bf16`]). The draws are seeded by the step and the
+    /// layer index, so the bits are the same on every backend and thread count, and a run
+    /// resumed from a checkpoint continues with the same draws.
     Bf16,
     /// 8-bit blockwise m and v ([`lamb_core::precision`]): 2 bytes + 8/256 per parameter.
     Q8,
@@ -306,14 +310,16 @@ impl Moments {
     }
 
     /// The moments as the core's type, from disjoint borrows of the fields.
+    /// `rounding` applies to bf16 moments.
     fn core<'a>(
         m: &'a mut AlignedBuf,
         v: &'a mut AlignedBuf,
         compact: &'a mut Compact,
+        rounding: Rounding,
     ) -> CoreMoments<'a> {
         match compact {
             Compact::None => CoreMoments::F32 { m, v },
-            Compact::Bf16 { m, v } => CoreMoments::Bf16 { m, v },
+            Compact::Bf16 { m, v } => CoreMoments::Bf16 { m, v, rounding },
             Compact::Q8 {
                 m,
                 v,
@@ -1196,7 +1202,15 @@ fn split_work<'a>(
         let mut rest = MixedLayer {
             params,
             grads: *g,
-            moments: Moments::core(m, v, compact),
+            moments: Moments::core(
+                m,
+                v,
+                compact,
+                // The same seed for every piece, as above; distinct from the params' seed.
+                Rounding::Stochastic {
+                    seed: mix(MOMENTS_SALT ^ mix(step) ^ mix(!(i as u64))),
+                },
+            ),
         };
         let mut done = 0;
         while let Some(piece) = plan.get(cursor).filter(|piece| piece.layer == i) {
@@ -1221,6 +1235,9 @@ fn split_work<'a>(
     }
     Ok(out)
 }
+
+/// Mixed into the seeds of bf16 moments' stochastic rounding.
+const MOMENTS_SALT: u64 = 0x6d6f_6d65_6e74_7321; // "moments!"
 
 /// SplitMix64's finaliser: spreads a seed's bits.
 fn mix(mut z: u64) -> u64 {
@@ -1321,7 +1338,8 @@ impl Lamb {
             compact,
             master,
         } = &mut self.moments[i];
-        (Moments::core(m, v, compact), master)
+        // Only read and overwritten whole (checkpoints): no rounding happens.
+        (Moments::core(m, v, compact, Rounding::Nearest), master)
     }
 
     /// Replaces the step counter, the groups' configurations and lr multipliers (same

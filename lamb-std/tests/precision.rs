@@ -239,3 +239,51 @@ fn f16_master_with_loss_scaling_and_clipping() {
     assert_eq!(w.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), before);
     assert_eq!(opt.steps(), 1);
 }
+
+/// The second moment after a gradient stops: 1 step of |g| = 0.1, then 1000 steps of zero
+/// gradients. With β2 = 0.999, f32 v decays by 0.999^1000 = 0.368. bf16 v must decay
+/// likewise (stochastic rounding with a fresh draw per step); with round to nearest, or a
+/// seed that did not change per step, it would stay where it was.
+#[test]
+fn bf16_second_moment_decays_like_f32() {
+    let n = 8192;
+    let mean_v = |moments: StateFormat| {
+        let mut opt = Lamb::new(LambConfig::paper());
+        opt.set_precision(
+            GroupId(0),
+            Precision {
+                moments,
+                ..Precision::default()
+            },
+        )
+        .unwrap();
+        let id = opt.add_layer("w", n).unwrap();
+        let mut w = values(n, 1, 1.0);
+        let signs: Vec<f32> = values(n, 2, 1.0)
+            .iter()
+            .map(|x| 0.1f32.copysign(*x))
+            .collect();
+        let zeros = vec![0.0f32; n];
+        for step in 0..1001 {
+            let g = if step == 0 { &signs } else { &zeros };
+            opt.step(&mut [&mut w[..]], &[&g[..]]).unwrap();
+        }
+        match opt.layer(id).state {
+            StateView::F32 { v, .. } => v.iter().map(|&x| x as f64).sum::<f64>() / n as f64,
+            StateView::Bf16 { v, .. } => v.iter().map(|x| x.to_f64()).sum::<f64>() / n as f64,
+            _ => unreachable!(),
+        }
+    };
+    let f32_v = mean_v(StateFormat::F32);
+    let bf16_v = mean_v(StateFormat::Bf16);
+    let start = 1e-5; // (1 − β2)·0.1²
+    println!("mean v after 1000 zero-gradient steps: f32 {f32_v:e}, bf16 {bf16_v:e}");
+    assert!(
+        (f32_v / (start * 0.999f64.powi(1000)) - 1.0).abs() < 1e-3,
+        "{f32_v:e}"
+    );
+    assert!(
+        (bf16_v / f32_v - 1.0).abs() < 0.02,
+        "bf16 {bf16_v:e} vs f32 {f32_v:e}"
+    );
+}

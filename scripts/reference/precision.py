@@ -10,7 +10,8 @@ written here from their documented definitions, independently of the Rust code:
   bf16 SR        stochastic rounding: away from zero iff frac * 2^16 + r >= 2^16, where frac
                  in [0, 1) is the value's position between its two bf16 neighbours and r the
                  16 bits `stochastic_bits(seed, index)` (the SplitMix64-style hash documented
-                 in precision.rs)
+                 in precision.rs); bf16 SR moments draw for m with seed ^ M_STREAM and
+                 for v with seed ^ V_STREAM (the constants of precision.rs)
   8-bit moments  blocks of QBLOCK = 256 elements, absmax = max |x| of the block's NEW values;
                  code = the nearest entry of a value table (ties to the even code) to
                  |x| / absmax; m: sign bit + E4M3 (bias 15), v: E5M3 (bias 31)
@@ -74,6 +75,11 @@ def sr_seed(tensor_index: int, step: int) -> int:
     return SR_SEED + (tensor_index << 8) + step
 
 
+# Moments::Bf16's stochastic draws: m under seed ^ M_STREAM, v under seed ^ V_STREAM.
+M_STREAM = 0x6D5F_7374_7265_616D  # "m_stream"
+V_STREAM = 0x765F_7374_7265_616D  # "v_stream"
+
+
 # Deliberately broken variants, to show that the Rust test notices each kind of mistake.
 # Only with --out (never the committed data).
 MUTATIONS = {
@@ -85,6 +91,7 @@ MUTATIONS = {
     "bf16_truncate": "bf16 rounding (params and moments) truncates instead of RNE",
     "sr_index_shift": "stochastic rounding hashes index + 1 instead of the element index",
     "sr_nearest": "bf16 stochastic rounding replaced by round to nearest",
+    "sr_moment_streams": "bf16 SR moments draw m and v with the params' seed (no streams)",
 }
 MUTATE = None
 
@@ -323,7 +330,7 @@ def _selftest_codecs():
 # Cases.
 
 PARAMS = ["f32", "bf16", "bf16_sr", "master_bf16", "master_f16"]
-MOMENTS = ["f32", "bf16", "q8"]
+MOMENTS = ["f32", "bf16", "bf16_sr", "q8"]
 # The half format of each params format (its gradients come in that format and in f32).
 HALF_OF = {
     "f32": "f32",
@@ -494,6 +501,16 @@ def run_combo(blob, specs, pfmt, gfmt, mfmt):
                 rec["m"] = blob.put(mb, np.uint16)
                 rec["v"] = blob.put(vb, np.uint16)
                 m, v = bf16_decode(mb), bf16_decode(vb)
+            elif mfmt == "bf16_sr":
+                seed = spec["sr_seeds"][t - 1]
+                sm, sv = seed ^ M_STREAM, seed ^ V_STREAM
+                if MUTATE == "sr_moment_streams":
+                    sm = sv = seed
+                mb = bf16_bits(bf16_stochastic(m_new, stochastic_bits(sm, np.arange(n))))
+                vb = bf16_bits(bf16_stochastic(v_new, stochastic_bits(sv, np.arange(n))))
+                rec["m"] = blob.put(mb, np.uint16)
+                rec["v"] = blob.put(vb, np.uint16)
+                m, v = bf16_decode(mb), bf16_decode(vb)
             else:
                 mc, ma = q8_encode(m_new, M_ENC_TABLE, True, old=m)
                 vc, va = q8_encode(v_new, V_TABLE, False, old=v)
@@ -571,8 +588,8 @@ def main():
         "mutation": MUTATE,
         "description": "float64 NumPy LAMB (paper preset, lr 1e-2) over every combination "
         "of params {f32, bf16 RNE, bf16 stochastic, f32 master + bf16 copy, f32 master + "
-        "f16 copy} x grads {the params' half format, f32} x moments {f32, bf16, 8-bit "
-        "blockwise}: each step decodes the stored state exactly to float64, computes in "
+        "f16 copy} x grads {the params' half format, f32} x moments {f32, bf16 RNE, "
+        "bf16 stochastic, 8-bit blockwise}: each step decodes the stored state exactly to float64, computes in "
         "float64 and encodes the new state with the storage schemes written in NumPy from "
         "their definitions (precision.rs).",
         "versions": versions(["numpy"]),

@@ -9,8 +9,9 @@
 
 use super::simd::{self, HalfConv, NormAcc, Simd};
 use crate::precision::{
-    Grads, HalfMut, Moments, Params, QBLOCK, Rounding, bf16_to_f32, f32_to_bf16,
-    f32_to_bf16_stochastic, q8_m_decode, q8_m_encode, q8_v_decode, q8_v_encode, stochastic_bits,
+    Grads, HalfMut, M_STREAM, Moments, Params, QBLOCK, Rounding, V_STREAM, bf16_to_f32,
+    f32_to_bf16, f32_to_bf16_stochastic, q8_m_decode, q8_m_encode, q8_v_decode, q8_v_encode,
+    stochastic_bits,
 };
 use crate::step::{LayerNorms, StepScalars};
 use half::bf16;
@@ -77,7 +78,7 @@ pub(crate) fn decode_moments(mo: &Moments, at: usize, m_out: &mut [f32], v_out: 
             m_out.copy_from_slice(&m[at..at + n]);
             v_out.copy_from_slice(&v[at..at + n]);
         }
-        Moments::Bf16 { m, v } => {
+        Moments::Bf16 { m, v, .. } => {
             for i in 0..n {
                 m_out[i] = bf16_to_f32(m[at + i].to_bits());
                 v_out[i] = bf16_to_f32(v[at + i].to_bits());
@@ -138,21 +139,39 @@ pub(crate) unsafe fn encode_params<S: HalfConv>(
     }
 }
 
-/// Encodes new moments; for 8-bit moments, computes the chunk's absmax first.
+/// Encodes new moments; for 8-bit moments, computes the chunk's absmax first. `index0` as
+/// for [`encode_params`].
 #[inline(always)]
-pub(crate) fn encode_moments(mo: &mut Moments, at: usize, m_new: &[f32], v_new: &[f32]) {
+pub(crate) fn encode_moments(
+    mo: &mut Moments,
+    at: usize,
+    m_new: &[f32],
+    v_new: &[f32],
+    index0: usize,
+) {
     let n = m_new.len();
     match mo {
         Moments::F32 { m, v } => {
             m[at..at + n].copy_from_slice(m_new);
             v[at..at + n].copy_from_slice(v_new);
         }
-        Moments::Bf16 { m, v } => {
-            for i in 0..n {
-                m[at + i] = bf16::from_bits(f32_to_bf16(m_new[i]));
-                v[at + i] = bf16::from_bits(f32_to_bf16(v_new[i]));
+        Moments::Bf16 { m, v, rounding } => match *rounding {
+            Rounding::Nearest => {
+                for i in 0..n {
+                    m[at + i] = bf16::from_bits(f32_to_bf16(m_new[i]));
+                    v[at + i] = bf16::from_bits(f32_to_bf16(v_new[i]));
+                }
             }
-        }
+            Rounding::Stochastic { seed } => {
+                for i in 0..n {
+                    let index = (index0 + at + i) as u64;
+                    let rm = stochastic_bits(seed ^ M_STREAM, index);
+                    let rv = stochastic_bits(seed ^ V_STREAM, index);
+                    m[at + i] = bf16::from_bits(f32_to_bf16_stochastic(m_new[i], rm));
+                    v[at + i] = bf16::from_bits(f32_to_bf16_stochastic(v_new[i], rv));
+                }
+            }
+        },
         Moments::Q8 {
             m,
             v,
@@ -235,7 +254,7 @@ pub(crate) unsafe fn apply<S: Simd>(
                 &mut c.v[..len],
             );
             encode_params::<S>(p, at, &c.p[..len], index0);
-            encode_moments(mo, at, &c.m[..len], &c.v[..len]);
+            encode_moments(mo, at, &c.m[..len], &c.v[..len], index0);
             at += len;
         }
     }

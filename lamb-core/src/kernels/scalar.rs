@@ -138,7 +138,7 @@ pub fn mixed_apply(
         );
         // SAFETY: `Soft` needs no instruction set.
         unsafe { encode_params::<Soft>(p, at, &c.p[..len], index0) };
-        encode_moments(mo, at, &c.m[..len], &c.v[..len]);
+        encode_moments(mo, at, &c.m[..len], &c.v[..len], index0);
         at += len;
     }
 }

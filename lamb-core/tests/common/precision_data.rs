@@ -44,7 +44,10 @@ pub enum GFmt {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MFmt {
     F32,
+    /// bf16, round to nearest even.
     Bf16,
+    /// bf16, stochastic rounding.
+    Bf16Sr,
     Q8,
 }
 
@@ -206,7 +209,7 @@ fn parse_state(rec: &Value, blob: &Blob, p: PFmt, mo: MFmt, n: usize, qblock: us
             m: blob.f32s(&rec["m"], n),
             v: blob.f32s(&rec["v"], n),
         },
-        MFmt::Bf16 => MomentState::Bf16 {
+        MFmt::Bf16 | MFmt::Bf16Sr => MomentState::Bf16 {
             m: blob.u16s(&rec["m"], n),
             v: blob.u16s(&rec["v"], n),
         },
@@ -353,6 +356,7 @@ pub fn load() -> Manifest {
             let moments = match str_of(c, "moments") {
                 "f32" => MFmt::F32,
                 "bf16" => MFmt::Bf16,
+                "bf16_sr" => MFmt::Bf16Sr,
                 "q8" => MFmt::Q8,
                 o => panic!("unknown moments format {o}"),
             };
