@@ -7,7 +7,25 @@ pub mod roofline;
 
 use std::path::PathBuf;
 
-use lamb_std::buffer::{AlignedBuf, Placement};
+use lamb_std::buffer::{Aligned, Element, Placement};
+
+/// A buffer whose placement the bench reports: any [`Aligned`] (f32 or compact).
+pub trait Placed {
+    /// Address range `[start, end)` of its elements.
+    fn range(&self) -> (usize, usize);
+    /// How it was placed.
+    fn placement(&self) -> Placement;
+}
+
+impl<T: Element> Placed for Aligned<T> {
+    fn range(&self) -> (usize, usize) {
+        let start = self.as_ptr() as usize;
+        (start, start + std::mem::size_of_val::<[T]>(self))
+    }
+    fn placement(&self) -> Placement {
+        Aligned::placement(self)
+    }
+}
 
 /// The single-layer sizes of the kernel benches, with their labels.
 pub const LAYER_SIZES: [(&str, usize); 4] = [
@@ -51,12 +69,13 @@ pub fn fill(x: &mut [f32], seed: u64, scale: f32, offset: f32) {
 
 /// A human description of how a set of buffers was placed, e.g.
 /// `4 × 64 MiB AlignedBuf: 4 huge-page (2 MiB-aligned, MADV_HUGEPAGE accepted)`.
-pub fn describe_placement<'a>(bufs: impl IntoIterator<Item = &'a AlignedBuf>) -> String {
+pub fn describe_placement<'a, B: Placed + 'a>(bufs: impl IntoIterator<Item = &'a B>) -> String {
     let (mut n, mut bytes) = (0usize, 0usize);
     let (mut huge, mut aligned, mut line) = (0, 0, 0);
     for b in bufs {
         n += 1;
-        bytes += b.len() * 4;
+        let (start, end) = b.range();
+        bytes += end - start;
         match b.placement() {
             Placement::HugePages => huge += 1,
             Placement::HugeAligned => aligned += 1,
@@ -125,11 +144,11 @@ pub fn thp_mode() -> String {
 /// every `/proc/self/smaps` mapping that overlaps one of them, each mapping counted once.
 /// A mapping can be larger than the buffers in it, so this is an upper bound; `None` where
 /// smaps is unreadable.
-pub fn huge_kib_of<'a>(bufs: impl IntoIterator<Item = &'a AlignedBuf>) -> Option<u64> {
+pub fn huge_kib_of<'a, B: Placed + 'a>(bufs: impl IntoIterator<Item = &'a B>) -> Option<u64> {
     let ranges: Vec<(usize, usize)> = bufs
         .into_iter()
-        .filter(|b| !b.is_empty())
-        .map(|b| (b.as_ptr() as usize, b.as_ptr() as usize + b.len() * 4))
+        .map(|b| b.range())
+        .filter(|&(s, e)| s < e)
         .collect();
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let (mut total, mut hit) = (0u64, false);
@@ -150,11 +169,18 @@ pub fn huge_kib_of<'a>(bufs: impl IntoIterator<Item = &'a AlignedBuf>) -> Option
 
 /// One line for a bench's output: how `bufs` were placed, and how much of them the kernel
 /// actually backs with huge pages (call it after the buffers were written).
-pub fn placement_line<'a>(
+pub fn placement_line<'a, B: Placed + 'a>(
     what: &str,
-    bufs: impl IntoIterator<Item = &'a AlignedBuf> + Clone,
+    bufs: impl IntoIterator<Item = &'a B> + Clone,
 ) -> String {
-    let bytes: usize = bufs.clone().into_iter().map(|b| b.len() * 4).sum();
+    let bytes: usize = bufs
+        .clone()
+        .into_iter()
+        .map(|b| {
+            let (s, e) = b.range();
+            e - s
+        })
+        .sum();
     let huge = huge_kib_of(bufs.clone())
         .map(|k| {
             format!(

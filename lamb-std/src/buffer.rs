@@ -1,4 +1,5 @@
-//! Zeroed f32 buffers placed for a memory-bound loop.
+//! Zeroed buffers placed for a memory-bound loop: f32 ([`AlignedBuf`]) and the compact
+//! storage types (bf16, f16, 8-bit codes), all through one [`Aligned`].
 //!
 //! Buffers of 2 MiB or more are 2 MiB-aligned and, on Linux, advised `MADV_HUGEPAGE`:
 //! where transparent huge pages are opt-in (`[madvise]`, the common default) this is what
@@ -8,6 +9,8 @@
 use std::alloc::{Layout, alloc, alloc_zeroed, dealloc, handle_alloc_error};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+
+use lamb_core::half::{bf16, f16};
 
 /// Alignment of large buffers: one x86-64/aarch64 transparent huge page.
 pub const HUGE_PAGE: usize = 2 << 20;
@@ -25,6 +28,23 @@ pub enum Placement {
     CacheLine,
 }
 
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// An element type of [`Aligned`]: plain data whose all-zero bytes are the value zero
+/// (`f32`, `bf16`, `f16`, `u8`). Sealed: `Aligned` zeroes memory bytewise, which is sound
+/// only for such types.
+pub trait Element: sealed::Sealed + Copy + PartialEq + Send + Sync + 'static {}
+
+macro_rules! elements {
+    ($($t:ty),*) => {$(
+        impl sealed::Sealed for $t {}
+        impl Element for $t {}
+    )*};
+}
+elements!(f32, bf16, f16, u8);
+
 /// A zero-initialised, heap-allocated `[f32]` with the placement described in the module docs.
 ///
 /// ```
@@ -35,25 +55,37 @@ pub enum Placement {
 /// b[3] = 1.5;
 /// assert_eq!(b.iter().sum::<f32>(), 1.5);
 /// ```
-pub struct AlignedBuf {
-    ptr: NonNull<f32>,
+pub type AlignedBuf = Aligned<f32>;
+
+/// A zero-initialised, heap-allocated `[T]` with the placement described in the module docs
+/// (compact moments use it too, so that they get huge pages like f32 state).
+///
+/// ```
+/// use lamb_std::buffer::{Aligned, HUGE_PAGE};
+/// use lamb_std::lamb_core::half::bf16;
+/// let b = Aligned::<bf16>::zeroed(1 << 20); // 2 MiB
+/// assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0);
+/// assert!(b.iter().all(|x| *x == bf16::ZERO));
+/// ```
+pub struct Aligned<T: Element> {
+    ptr: NonNull<T>,
     len: usize,
     placement: Placement,
 }
 
-// SAFETY: AlignedBuf owns its allocation exclusively, like Vec<f32>.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: shared access only reads, like &[f32].
-unsafe impl Sync for AlignedBuf {}
+// SAFETY: Aligned owns its allocation exclusively, like Vec<T>, and T: Send.
+unsafe impl<T: Element> Send for Aligned<T> {}
+// SAFETY: shared access only reads, like &[T], and T: Sync.
+unsafe impl<T: Element> Sync for Aligned<T> {}
 
-impl AlignedBuf {
+impl<T: Element> Aligned<T> {
     /// `len` zeros.
-    pub fn zeroed(len: usize) -> AlignedBuf {
+    pub fn zeroed(len: usize) -> Aligned<T> {
         let bytes = len
-            .checked_mul(4)
+            .checked_mul(size_of::<T>())
             .expect("AlignedBuf: length overflows usize");
         if bytes == 0 {
-            return AlignedBuf {
+            return Aligned {
                 ptr: NonNull::dangling(),
                 len: 0,
                 placement: Placement::CacheLine,
@@ -82,10 +114,12 @@ impl AlignedBuf {
             // SAFETY: the layout has a non-zero size.
             (unsafe { alloc_zeroed(layout) }, Placement::CacheLine)
         };
-        let Some(ptr) = NonNull::new(raw.cast::<f32>()) else {
+        // The zero bytes written above are `len` zeros of T (`Element`'s contract); the
+        // alignment (64 or 2 MiB) is a multiple of T's.
+        let Some(ptr) = NonNull::new(raw.cast::<T>()) else {
             handle_alloc_error(layout)
         };
-        AlignedBuf {
+        Aligned {
             ptr,
             len,
             placement,
@@ -93,8 +127,8 @@ impl AlignedBuf {
     }
 
     /// A copy of `data`.
-    pub fn from_slice(data: &[f32]) -> AlignedBuf {
-        let mut b = AlignedBuf::zeroed(data.len());
+    pub fn from_slice(data: &[T]) -> Aligned<T> {
+        let mut b = Aligned::zeroed(data.len());
         b.copy_from_slice(data);
         b
     }
@@ -128,12 +162,12 @@ fn advise_huge_pages(_ptr: *mut u8, _len: usize) -> Placement {
     Placement::HugeAligned
 }
 
-impl Drop for AlignedBuf {
+impl<T: Element> Drop for Aligned<T> {
     fn drop(&mut self) {
         if self.len == 0 {
             return;
         }
-        let bytes = self.len * 4;
+        let bytes = self.len * size_of::<T>();
         let align = if bytes >= HUGE_PAGE {
             HUGE_PAGE
         } else {
@@ -144,28 +178,28 @@ impl Drop for AlignedBuf {
     }
 }
 
-impl Deref for AlignedBuf {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        // SAFETY: ptr is valid for len initialised f32 (or dangling with len 0).
+impl<T: Element> Deref for Aligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: ptr is valid for len initialised T (or dangling with len 0).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [f32] {
+impl<T: Element> DerefMut for Aligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
         // SAFETY: as in `deref`, and `&mut self` makes the access exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl Clone for AlignedBuf {
-    fn clone(&self) -> AlignedBuf {
-        AlignedBuf::from_slice(self)
+impl<T: Element> Clone for Aligned<T> {
+    fn clone(&self) -> Aligned<T> {
+        Aligned::from_slice(self)
     }
 }
 
-impl std::fmt::Debug for AlignedBuf {
+impl<T: Element> std::fmt::Debug for Aligned<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AlignedBuf")
             .field("len", &self.len)
@@ -174,8 +208,8 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-impl PartialEq for AlignedBuf {
-    fn eq(&self, other: &AlignedBuf) -> bool {
+impl<T: Element> PartialEq for Aligned<T> {
+    fn eq(&self, other: &Aligned<T>) -> bool {
         **self == **other
     }
 }
@@ -222,5 +256,32 @@ mod tests {
         println!("AnonHugePages in the buffer's mapping: {huge_kb} kB of 262144");
         // The kernel may refuse under memory pressure; most of it should be huge here.
         assert!(huge_kb >= 128 * 1024, "only {huge_kb} kB of huge pages");
+        // Compact storage takes the same path.
+        let codes = Aligned::<u8>::zeroed(4 << 20);
+        assert_eq!(codes.placement(), Placement::HugePages);
+        assert_eq!(codes.as_ptr() as usize % HUGE_PAGE, 0);
+        assert!(codes.iter().all(|&c| c == 0));
+    }
+
+    #[test]
+    fn every_element_type_is_zeroed_and_aligned() {
+        fn check<T: Element + std::fmt::Debug>(zero: T) {
+            for len in [0, 1, 1000, (HUGE_PAGE / size_of::<T>()) + 3] {
+                let b = Aligned::<T>::zeroed(len);
+                assert_eq!(b.len(), len);
+                assert!(b.iter().all(|x| *x == zero), "{len}");
+                let align = if len * size_of::<T>() >= HUGE_PAGE {
+                    HUGE_PAGE
+                } else {
+                    CACHE_LINE
+                };
+                assert!(len == 0 || (b.as_ptr() as usize).is_multiple_of(align), "{len}");
+                assert_eq!(b.clone(), b);
+            }
+        }
+        check(0.0f32);
+        check(bf16::ZERO);
+        check(f16::ZERO);
+        check(0u8);
     }
 }

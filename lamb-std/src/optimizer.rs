@@ -23,7 +23,7 @@ use lamb_core::{
     StepScalars,
 };
 
-use crate::buffer::AlignedBuf;
+use crate::buffer::{Aligned, AlignedBuf};
 use crate::error::Error;
 use crate::partition::{Piece, partition};
 
@@ -225,14 +225,14 @@ struct Moments {
 enum Compact {
     None,
     Bf16 {
-        m: Vec<bf16>,
-        v: Vec<bf16>,
+        m: Aligned<bf16>,
+        v: Aligned<bf16>,
     },
     Q8 {
-        m: Vec<u8>,
-        v: Vec<u8>,
-        m_absmax: Vec<f32>,
-        v_absmax: Vec<f32>,
+        m: Aligned<u8>,
+        v: Aligned<u8>,
+        m_absmax: AlignedBuf,
+        v_absmax: AlignedBuf,
     },
 }
 
@@ -251,14 +251,14 @@ impl Moments {
             compact: match compact {
                 StateFormat::F32 => Compact::None,
                 StateFormat::Bf16 => Compact::Bf16 {
-                    m: vec![bf16::ZERO; len],
-                    v: vec![bf16::ZERO; len],
+                    m: Aligned::zeroed(len),
+                    v: Aligned::zeroed(len),
                 },
                 StateFormat::Q8 => Compact::Q8 {
-                    m: vec![0; len],
-                    v: vec![0; len],
-                    m_absmax: vec![0.0; q],
-                    v_absmax: vec![0.0; q],
+                    m: Aligned::zeroed(len),
+                    v: Aligned::zeroed(len),
+                    m_absmax: AlignedBuf::zeroed(q),
+                    v_absmax: AlignedBuf::zeroed(q),
                 },
             },
             master: None,
