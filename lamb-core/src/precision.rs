@@ -213,30 +213,37 @@ pub fn f32_to_f16(x: f32) -> u16 {
     f16::from_f32(x).to_bits()
 }
 
-/// Value of an unsigned minifloat code with 3 mantissa bits and exponent bias `bias`.
+// The codecs below are branch-free integer and bit arithmetic (plus one exactly rounded
+// f32 multiply or divide), so that the block loops in `kernels::mixed` vectorize inside each
+// backend's target features, and every backend gets the same bits.
+
+/// Value of an unsigned minifloat code with 3 mantissa bits and exponent bias `bias`:
+/// `(8 + f)·2^(e − bias − 3)` for `e > 0` (built directly as f32 bits: exponent
+/// `e − bias`, mantissa `f/8`), `f·2^−(bias + 2)` for `e = 0`.
 #[inline(always)]
 fn minifloat_value(code: u32, bias: i32) -> f32 {
-    let e = (code >> 3) as i32;
-    let f = (code & 7) as f32;
-    if e == 0 {
-        f * pow2(-(bias + 2))
-    } else {
-        (8.0 + f) * pow2(e - bias - 3)
-    }
+    let e = code >> 3;
+    let f = code & 7;
+    let normal = f32::from_bits(((e.wrapping_add((127 - bias) as u32)) << 23) | (f << 20));
+    let subnormal = f as f32 * pow2(-(bias + 2));
+    if e == 0 { subnormal } else { normal }
 }
 
-/// Code of `y ∈ [0, 1]` in the minifloat with 3 mantissa bits and exponent bias `bias`.
+/// Code of `y ∈ [0, 1]` in the minifloat with 3 mantissa bits and exponent bias `bias`,
+/// rounded to nearest, ties to even.
 #[inline(always)]
 fn minifloat_code(y: f32, bias: i32) -> u32 {
-    if y < pow2(1 - bias) {
-        // Subnormal range: y·2^(bias+2) < 8, rounded to an integer, ties to even.
-        const MAGIC: f32 = 8_388_608.0; // 2^23
-        ((y * pow2(bias + 2) + MAGIC) - MAGIC) as u32
-    } else {
-        let b = y.to_bits();
-        let r = b + 0x7_ffff + ((b >> 20) & 1);
-        (r >> 20) - (((127 - bias) as u32) << 3)
-    }
+    // Subnormal range (y < 2^(1−bias)): y·2^(bias+2) < 8 rounded to an integer by adding
+    // 2^23, whose spacing is 1 (f32 addition rounds to nearest even); the integer is then
+    // the low mantissa bits. `min` keeps the unused lane of large y in range.
+    const MAGIC: f32 = 8_388_608.0; // 2^23
+    let sub = (y.min(pow2(1 - bias)) * pow2(bias + 2) + MAGIC).to_bits() - MAGIC.to_bits();
+    // Normal range: round y's f32 bits to 3 mantissa bits (nearest, ties to even), then
+    // rebase the exponent.
+    let b = y.to_bits();
+    let r = b.wrapping_add(0x7_ffff + ((b >> 20) & 1));
+    let normal = (r >> 20).wrapping_sub(((127 - bias) as u32) << 3);
+    if y < pow2(1 - bias) { sub } else { normal }
 }
 
 /// 2^e for e in the normal f32 range, exactly.
@@ -252,7 +259,7 @@ const V_BIAS: i32 = 31;
 #[inline(always)]
 pub fn q8_m_decode(code: u8, absmax: f32) -> f32 {
     let mag = minifloat_value((code & 0x7f) as u32, M_BIAS) * absmax;
-    if code & 0x80 != 0 { -mag } else { mag }
+    f32::from_bits(mag.to_bits() | (((code & 0x80) as u32) << 24))
 }
 
 /// Quantises a first moment: sign bit + E4M3 code of `|x| / absmax` (0 if `absmax` is 0).
@@ -269,12 +276,16 @@ pub fn q8_m_encode(x: f32, absmax: f32) -> u8 {
     if absmax <= 0.0 {
         return 0;
     }
-    let code = minifloat_code(x.abs() / absmax, M_BIAS) as u8;
-    if x.is_sign_negative() && code != 0 {
-        code | 0x80
-    } else {
-        code
-    }
+    m_code(x, absmax)
+}
+
+/// `q8_m_encode` for `absmax > 0`.
+#[inline(always)]
+fn m_code(x: f32, absmax: f32) -> u8 {
+    let code = minifloat_code(x.abs() / absmax, M_BIAS);
+    // The sign bit, unless the code is 0 (no negative zero code).
+    let sign = (x.to_bits() >> 31) & (code != 0) as u32;
+    (code | (sign << 7)) as u8
 }
 
 /// Dequantises a second-moment code.
@@ -298,6 +309,44 @@ pub fn q8_v_encode(x: f32, absmax: f32) -> u8 {
         return 0;
     }
     minifloat_code(x.abs() / absmax, V_BIAS) as u8
+}
+
+/// max |x| of finite values, on the bits (for non-NaN f32, |x|'s bits order like |x|): an
+/// integer reduction, which vectorizes.
+#[inline(always)]
+fn absmax_of(xs: &[f32]) -> f32 {
+    f32::from_bits(
+        xs.iter()
+            .fold(0u32, |a, x| a.max(x.to_bits() & 0x7fff_ffff)),
+    )
+}
+
+/// Encodes one block of new first moments (finite) into `codes`; returns its absmax.
+#[inline(always)]
+pub(crate) fn q8_m_encode_block(xs: &[f32], codes: &mut [u8]) -> f32 {
+    let am = absmax_of(xs);
+    if am > 0.0 {
+        for (c, &x) in codes.iter_mut().zip(xs) {
+            *c = m_code(x, am);
+        }
+    } else {
+        codes.fill(0);
+    }
+    am
+}
+
+/// Encodes one block of new second moments (finite, `>= 0`); returns its absmax.
+#[inline(always)]
+pub(crate) fn q8_v_encode_block(xs: &[f32], codes: &mut [u8]) -> f32 {
+    let am = absmax_of(xs);
+    if am > 0.0 {
+        for (c, &x) in codes.iter_mut().zip(xs) {
+            *c = minifloat_code(x.abs() / am, V_BIAS) as u8;
+        }
+    } else {
+        codes.fill(0);
+    }
+    am
 }
 
 #[cfg(test)]
@@ -355,6 +404,89 @@ mod tests {
                 }
             }
             x *= 1.013;
+        }
+    }
+
+    /// The branch-free codecs equal the straightforward definitions (the forms with
+    /// branches this file used first), over every code and a sweep of values.
+    #[test]
+    fn branch_free_codecs_equal_the_definitions() {
+        fn value_def(code: u32, bias: i32) -> f32 {
+            let e = (code >> 3) as i32;
+            let f = (code & 7) as f32;
+            if e == 0 {
+                f * pow2(-(bias + 2))
+            } else {
+                (8.0 + f) * pow2(e - bias - 3)
+            }
+        }
+        fn code_def(y: f32, bias: i32) -> u32 {
+            if y < pow2(1 - bias) {
+                const MAGIC: f32 = 8_388_608.0;
+                ((y * pow2(bias + 2) + MAGIC) - MAGIC) as u32
+            } else {
+                let b = y.to_bits();
+                let r = b + 0x7_ffff + ((b >> 20) & 1);
+                (r >> 20) - (((127 - bias) as u32) << 3)
+            }
+        }
+        for bias in [M_BIAS, V_BIAS] {
+            for code in 0..=255u32 {
+                if (code >> 3) as i32 <= 31 {
+                    assert_eq!(minifloat_value(code, bias), value_def(code, bias));
+                }
+            }
+            let mut y = 0.0f32;
+            while y <= 1.0 {
+                assert_eq!(minifloat_code(y, bias), code_def(y, bias), "y={y:e}");
+                // Geometric steps, but at least one f32 ulp (subnormals).
+                y = f32::from_bits((y * 1.0007).to_bits().max(y.to_bits() + 1));
+            }
+            assert_eq!(minifloat_code(1.0, bias), code_def(1.0, bias));
+        }
+        let mut xs = [0.0f32; QBLOCK];
+        let mut codes = [0u8; QBLOCK];
+        let mut s = 1u32;
+        for round in 0..200 {
+            for x in xs.iter_mut() {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                *x = f32::from_bits(s & 0x3fff_ffff | (s & 0x8000_0000)) * 1e-30;
+            }
+            if round % 7 == 0 {
+                xs.fill(-0.0);
+            }
+            let am = q8_m_encode_block(&xs, &mut codes);
+            let am_def = xs.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+            assert_eq!(am.to_bits(), am_def.to_bits());
+            for (i, &x) in xs.iter().enumerate() {
+                assert_eq!(codes[i], q8_m_encode(x, am_def));
+                let def = if am_def <= 0.0 {
+                    0
+                } else {
+                    let c = code_def(x.abs() / am_def, M_BIAS) as u8;
+                    if x.is_sign_negative() && c != 0 {
+                        c | 0x80
+                    } else {
+                        c
+                    }
+                };
+                assert_eq!(codes[i], def);
+                let d = q8_m_decode(codes[i], am);
+                let mag = value_def((codes[i] & 0x7f) as u32, M_BIAS) * am;
+                let d_def = if codes[i] & 0x80 != 0 { -mag } else { mag };
+                assert_eq!(d.to_bits(), d_def.to_bits());
+            }
+            let vs: [f32; QBLOCK] = core::array::from_fn(|i| xs[i].abs());
+            let av = q8_v_encode_block(&vs, &mut codes);
+            for (i, &x) in vs.iter().enumerate() {
+                assert_eq!(codes[i], q8_v_encode(x, av));
+                assert_eq!(
+                    q8_v_decode(codes[i], av).to_bits(),
+                    (value_def(codes[i] as u32, V_BIAS) * av).to_bits()
+                );
+            }
         }
     }
 

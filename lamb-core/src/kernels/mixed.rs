@@ -10,8 +10,8 @@
 use super::simd::{self, HalfConv, NormAcc, Simd};
 use crate::precision::{
     Grads, HalfMut, M_STREAM, Moments, Params, QBLOCK, Rounding, V_STREAM, bf16_to_f32,
-    f32_to_bf16, f32_to_bf16_stochastic, q8_m_decode, q8_m_encode, q8_v_decode, q8_v_encode,
-    stochastic_bits,
+    f32_to_bf16, f32_to_bf16_stochastic, q8_m_decode, q8_m_encode_block, q8_v_decode,
+    q8_v_encode_block, stochastic_bits,
 };
 use crate::step::{LayerNorms, StepScalars};
 use half::bf16;
@@ -79,9 +79,12 @@ pub(crate) fn decode_moments(mo: &Moments, at: usize, m_out: &mut [f32], v_out: 
             v_out.copy_from_slice(&v[at..at + n]);
         }
         Moments::Bf16 { m, v, .. } => {
-            for i in 0..n {
-                m_out[i] = bf16_to_f32(m[at + i].to_bits());
-                v_out[i] = bf16_to_f32(v[at + i].to_bits());
+            // Zipped exact slices: no bounds checks, so the loops vectorize.
+            for (o, x) in m_out.iter_mut().zip(&m[at..at + n]) {
+                *o = bf16_to_f32(x.to_bits());
+            }
+            for (o, x) in v_out.iter_mut().zip(&v[at..at + n]) {
+                *o = bf16_to_f32(x.to_bits());
             }
         }
         Moments::Q8 {
@@ -91,9 +94,11 @@ pub(crate) fn decode_moments(mo: &Moments, at: usize, m_out: &mut [f32], v_out: 
             v_absmax,
         } => {
             let (am, av) = (m_absmax[at / QBLOCK], v_absmax[at / QBLOCK]);
-            for i in 0..n {
-                m_out[i] = q8_m_decode(m[at + i], am);
-                v_out[i] = q8_v_decode(v[at + i], av);
+            for (o, &c) in m_out.iter_mut().zip(&m[at..at + n]) {
+                *o = q8_m_decode(c, am);
+            }
+            for (o, &c) in v_out.iter_mut().zip(&v[at..at + n]) {
+                *o = q8_v_decode(c, av);
             }
         }
     }
@@ -157,18 +162,22 @@ pub(crate) fn encode_moments(
         }
         Moments::Bf16 { m, v, rounding } => match *rounding {
             Rounding::Nearest => {
-                for i in 0..n {
-                    m[at + i] = bf16::from_bits(f32_to_bf16(m_new[i]));
-                    v[at + i] = bf16::from_bits(f32_to_bf16(v_new[i]));
+                for (d, &x) in m[at..at + n].iter_mut().zip(m_new) {
+                    *d = bf16::from_bits(f32_to_bf16(x));
+                }
+                for (d, &x) in v[at..at + n].iter_mut().zip(v_new) {
+                    *d = bf16::from_bits(f32_to_bf16(x));
                 }
             }
             Rounding::Stochastic { seed } => {
-                for i in 0..n {
-                    let index = (index0 + at + i) as u64;
-                    let rm = stochastic_bits(seed ^ M_STREAM, index);
-                    let rv = stochastic_bits(seed ^ V_STREAM, index);
-                    m[at + i] = bf16::from_bits(f32_to_bf16_stochastic(m_new[i], rm));
-                    v[at + i] = bf16::from_bits(f32_to_bf16_stochastic(v_new[i], rv));
+                let first = (index0 + at) as u64;
+                for (i, (d, &x)) in m[at..at + n].iter_mut().zip(m_new).enumerate() {
+                    let r = stochastic_bits(seed ^ M_STREAM, first + i as u64);
+                    *d = bf16::from_bits(f32_to_bf16_stochastic(x, r));
+                }
+                for (i, (d, &x)) in v[at..at + n].iter_mut().zip(v_new).enumerate() {
+                    let r = stochastic_bits(seed ^ V_STREAM, first + i as u64);
+                    *d = bf16::from_bits(f32_to_bf16_stochastic(x, r));
                 }
             }
         },
@@ -178,15 +187,138 @@ pub(crate) fn encode_moments(
             m_absmax,
             v_absmax,
         } => {
-            let am = m_new.iter().fold(0.0f32, |a, x| a.max(x.abs()));
-            let av = v_new.iter().fold(0.0f32, |a, x| a.max(x.abs()));
-            m_absmax[at / QBLOCK] = am;
-            v_absmax[at / QBLOCK] = av;
-            for i in 0..n {
-                m[at + i] = q8_m_encode(m_new[i], am);
-                v[at + i] = q8_v_encode(v_new[i], av);
+            m_absmax[at / QBLOCK] = q8_m_encode_block(m_new, &mut m[at..at + n]);
+            v_absmax[at / QBLOCK] = q8_v_encode_block(v_new, &mut v[at..at + n]);
+        }
+    }
+}
+
+// Views: the f32 rows a chunk's arithmetic runs on. An f32 buffer (f32 params, the master
+// copy, f32 gradients or moments) is used in place; any other format is decoded into the
+// chunk's stack buffer and, in phase 2, encoded back. Copying f32 data through the stack
+// cost as much as the arithmetic on DRAM-resident layers.
+
+/// The parameters of `[at, at + len)` for reading (phase 1).
+#[inline(always)]
+pub(crate) fn params_in<'c>(p: &'c Params, at: usize, buf: &'c mut [f32]) -> &'c [f32] {
+    let len = buf.len();
+    match p {
+        Params::F32(x) => &x[at..at + len],
+        Params::Master { master, .. } => &master[at..at + len],
+        Params::Bf16 { .. } => {
+            decode_params(p, at, buf);
+            buf
+        }
+    }
+}
+
+/// The parameters of `[at, at + len)` for updating (phase 2); finish with [`params_out`].
+#[inline(always)]
+pub(crate) fn params_mut<'c>(p: &'c mut Params, at: usize, buf: &'c mut [f32]) -> &'c mut [f32] {
+    let len = buf.len();
+    match p {
+        Params::F32(x) => &mut x[at..at + len],
+        Params::Master { master, .. } => &mut master[at..at + len],
+        Params::Bf16 { .. } => {
+            decode_params(p, at, buf);
+            buf
+        }
+    }
+}
+
+/// Stores what [`params_mut`] returned: bf16 parameters are encoded from `buf`, a master's
+/// model copy is rewritten from the updated master, f32 parameters are already in place.
+///
+/// # Safety
+/// The CPU must support `S`'s instruction set.
+#[inline(always)]
+pub(crate) unsafe fn params_out<S: HalfConv>(
+    p: &mut Params,
+    at: usize,
+    buf: &[f32],
+    index0: usize,
+) {
+    let len = buf.len();
+    match p {
+        Params::F32(_) => {}
+        Params::Master { master, model } => {
+            let vals = &master[at..at + len];
+            match model {
+                HalfMut::Bf16(h) => {
+                    for (d, &x) in h[at..at + len].iter_mut().zip(vals) {
+                        *d = bf16::from_bits(f32_to_bf16(x));
+                    }
+                }
+                // SAFETY: S's instruction set is available (caller); both have len elements.
+                HalfMut::F16(h) => unsafe { S::f32_to_f16(vals, &mut h[at..at + len]) },
             }
         }
+        // SAFETY: as above.
+        Params::Bf16 { .. } => unsafe { encode_params::<S>(p, at, buf, index0) },
+    }
+}
+
+/// The gradients of `[at, at + len)`.
+///
+/// # Safety
+/// The CPU must support `S`'s instruction set.
+#[inline(always)]
+pub(crate) unsafe fn grads_in<'c, S: HalfConv>(
+    g: &'c Grads,
+    at: usize,
+    buf: &'c mut [f32],
+) -> &'c [f32] {
+    match g {
+        Grads::F32(x) => &x[at..at + buf.len()],
+        _ => {
+            // SAFETY: S's instruction set is available (caller).
+            unsafe { decode_grads::<S>(g, at, buf) };
+            buf
+        }
+    }
+}
+
+/// The moments of `[at, at + len)` for reading (phase 1).
+#[inline(always)]
+pub(crate) fn moments_in<'c>(
+    mo: &'c Moments,
+    at: usize,
+    m_buf: &'c mut [f32],
+    v_buf: &'c mut [f32],
+) -> (&'c [f32], &'c [f32]) {
+    let len = m_buf.len();
+    match mo {
+        Moments::F32 { m, v } => (&m[at..at + len], &v[at..at + len]),
+        _ => {
+            decode_moments(mo, at, m_buf, v_buf);
+            (m_buf, v_buf)
+        }
+    }
+}
+
+/// The moments of `[at, at + len)` for updating; finish with [`moments_out`].
+#[inline(always)]
+pub(crate) fn moments_mut<'c>(
+    mo: &'c mut Moments,
+    at: usize,
+    m_buf: &'c mut [f32],
+    v_buf: &'c mut [f32],
+) -> (&'c mut [f32], &'c mut [f32]) {
+    let len = m_buf.len();
+    match mo {
+        Moments::F32 { m, v } => (&mut m[at..at + len], &mut v[at..at + len]),
+        _ => {
+            decode_moments(mo, at, m_buf, v_buf);
+            (m_buf, v_buf)
+        }
+    }
+}
+
+/// Stores what [`moments_mut`] returned (f32 moments are already in place).
+#[inline(always)]
+pub(crate) fn moments_out(mo: &mut Moments, at: usize, m: &[f32], v: &[f32], index0: usize) {
+    if !matches!(mo, Moments::F32 { .. }) {
+        encode_moments(mo, at, m, v, index0);
     }
 }
 
@@ -210,10 +342,10 @@ pub(crate) unsafe fn block_norms<S: Simd>(
         let mut off = 0;
         while off < n {
             let len = QBLOCK.min(n - off);
-            decode_params(p, at + off, &mut c.p[..len]);
-            decode_grads::<S>(g, at + off, &mut c.g[..len]);
-            decode_moments(mo, at + off, &mut c.m[..len], &mut c.v[..len]);
-            acc.add(s, &c.p[..len], &c.g[..len], &c.m[..len], &c.v[..len]);
+            let pv = params_in(p, at + off, &mut c.p[..len]);
+            let gv = grads_in::<S>(g, at + off, &mut c.g[..len]);
+            let (mv, vv) = moments_in(mo, at + off, &mut c.m[..len], &mut c.v[..len]);
+            acc.add(s, pv, gv, mv, vv);
             off += len;
         }
         acc.finish()
@@ -242,19 +374,18 @@ pub(crate) unsafe fn apply<S: Simd>(
     unsafe {
         while at < n {
             let len = QBLOCK.min(n - at);
-            decode_params(p, at, &mut c.p[..len]);
-            decode_grads::<S>(g, at, &mut c.g[..len]);
-            decode_moments(mo, at, &mut c.m[..len], &mut c.v[..len]);
-            simd::apply::<S>(
-                s,
-                step,
-                &mut c.p[..len],
-                &c.g[..len],
-                &mut c.m[..len],
-                &mut c.v[..len],
-            );
-            encode_params::<S>(p, at, &c.p[..len], index0);
-            encode_moments(mo, at, &c.m[..len], &c.v[..len], index0);
+            let Chunk {
+                p: cp,
+                g: cg,
+                m: cm,
+                v: cv,
+            } = &mut c;
+            let gv = grads_in::<S>(g, at, &mut cg[..len]);
+            let pv = params_mut(p, at, &mut cp[..len]);
+            let (mv, vv) = moments_mut(mo, at, &mut cm[..len], &mut cv[..len]);
+            simd::apply::<S>(s, step, pv, gv, mv, vv);
+            params_out::<S>(p, at, &cp[..len], index0);
+            moments_out(mo, at, &cm[..len], &cv[..len], index0);
             at += len;
         }
     }
