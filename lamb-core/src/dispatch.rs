@@ -35,7 +35,7 @@ pub enum Backend {
     Portable = 1,
     /// x86-64 AVX2 + F16C (`core::arch` intrinsics; no FMA by the bit-exact rule).
     Avx2 = 2,
-    /// x86-64 AVX-512F, masked tails.
+    /// x86-64 AVX-512F (+ DQ), masked tails.
     Avx512 = 3,
     /// aarch64 NEON.
     Neon = 4,
@@ -251,7 +251,11 @@ mod x86 {
         let leaf7 = unsafe { __cpuid_count(7, 0) };
         Features {
             avx2: xcr0 & XCR0_YMM == XCR0_YMM && leaf7.ebx & (1 << 5) != 0 && f16c,
-            avx512f: xcr0 & XCR0_ZMM == XCR0_ZMM && leaf7.ebx & (1 << 16) != 0,
+            // F and DQ (DQ's 64-bit multiplies serve the stochastic-rounding hash). Every
+            // AVX-512 CPU but the Xeon Phi has both.
+            avx512f: xcr0 & XCR0_ZMM == XCR0_ZMM
+                && leaf7.ebx & (1 << 16) != 0
+                && leaf7.ebx & (1 << 17) != 0,
         }
     }
 

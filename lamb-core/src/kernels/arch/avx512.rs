@@ -10,8 +10,8 @@ use crate::kernels::simd::{HalfConv, Simd, entry_points};
 pub(crate) struct Avx512;
 
 // SAFETY: every method uses AVX-512F instructions only; callers are `#[target_feature(enable
-// = "avx512f")]` functions reached only after detection found AVX-512F and OS-enabled ZMM
-// and opmask state.
+// = "avx512f", enable = "avx512dq")]` functions reached only after detection found
+// AVX-512F, AVX-512DQ and OS-enabled ZMM and opmask state.
 unsafe impl Simd for Avx512 {
     type V = __m512;
     type Acc = [__m512d; 2];
@@ -137,4 +137,7 @@ impl HalfConv for Avx512 {
     }
 }
 
-entry_points!(Avx512, "avx512f");
+// DQ: the compiler's 64-bit vector multiplies (vpmullq) for the stochastic-rounding hash of
+// compact storage; without it they are emulated (measured: bf16 moments 2.67 → 1.73
+// ns/element on a 16M layer).
+entry_points!(Avx512, "avx512f", "avx512dq");
