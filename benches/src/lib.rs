@@ -1,6 +1,7 @@
 //! Benchmarks for lamb: shared pieces of the criterion benches (`benches/`) and the result
 //! tools (`src/bin/`). See `benches/README.md` for what is measured and how to run it.
 
+pub mod precision;
 pub mod pulp_lamb;
 pub mod results;
 pub mod roofline;
@@ -69,7 +70,9 @@ pub fn fill(x: &mut [f32], seed: u64, scale: f32, offset: f32) {
 
 /// A human description of how a set of buffers was placed, e.g.
 /// `4 × 64 MiB AlignedBuf: 4 huge-page (2 MiB-aligned, MADV_HUGEPAGE accepted)`.
-pub fn describe_placement<'a, B: Placed + 'a>(bufs: impl IntoIterator<Item = &'a B>) -> String {
+pub fn describe_placement<'a, B: Placed + ?Sized + 'a>(
+    bufs: impl IntoIterator<Item = &'a B>,
+) -> String {
     let (mut n, mut bytes) = (0usize, 0usize);
     let (mut huge, mut aligned, mut line) = (0, 0, 0);
     for b in bufs {
@@ -144,7 +147,9 @@ pub fn thp_mode() -> String {
 /// every `/proc/self/smaps` mapping that overlaps one of them, each mapping counted once.
 /// A mapping can be larger than the buffers in it, so this is an upper bound; `None` where
 /// smaps is unreadable.
-pub fn huge_kib_of<'a, B: Placed + 'a>(bufs: impl IntoIterator<Item = &'a B>) -> Option<u64> {
+pub fn huge_kib_of<'a, B: Placed + ?Sized + 'a>(
+    bufs: impl IntoIterator<Item = &'a B>,
+) -> Option<u64> {
     let ranges: Vec<(usize, usize)> = bufs
         .into_iter()
         .map(|b| b.range())
@@ -169,7 +174,7 @@ pub fn huge_kib_of<'a, B: Placed + 'a>(bufs: impl IntoIterator<Item = &'a B>) ->
 
 /// One line for a bench's output: how `bufs` were placed, and how much of them the kernel
 /// actually backs with huge pages (call it after the buffers were written).
-pub fn placement_line<'a, B: Placed + 'a>(
+pub fn placement_line<'a, B: Placed + ?Sized + 'a>(
     what: &str,
     bufs: impl IntoIterator<Item = &'a B> + Clone,
 ) -> String {

@@ -308,7 +308,9 @@ fn main() {
          {:.0}% of the steps, then linear decay to 0.\n\
          - The only difference between the formats: `Precision {{ moments, compact_min_len: 0, \
          .. }}` on both groups, so every tensor's m and v (biases too) are stored in that \
-         format. Parameters and gradients are f32; all arithmetic is f32.\n\
+         format (bf16 m and v round stochastically, seeded by step and layer: with round to \
+         nearest a bf16 v cannot decay). Parameters and gradients are f32; all arithmetic is \
+         f32.\n\
          - Three seeds (initial weights and data order); within a seed every run sees the same \
          batches. The row \"f32, init +-1 ulp\" is f32 state from the same initial weights with \
          each weight's last bit flipped: the smallest possible perturbation, whose effect on \

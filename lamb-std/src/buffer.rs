@@ -275,7 +275,10 @@ mod tests {
                 } else {
                     CACHE_LINE
                 };
-                assert!(len == 0 || (b.as_ptr() as usize).is_multiple_of(align), "{len}");
+                assert!(
+                    len == 0 || (b.as_ptr() as usize).is_multiple_of(align),
+                    "{len}"
+                );
                 assert_eq!(b.clone(), b);
             }
         }

@@ -1,0 +1,74 @@
+//! Prints the README table of the `precision` bench from criterion's results: per storage
+//! combination, bytes of optimizer state per parameter, bytes moved per element, and the
+//! median ns/element of one step at 64K and 16M elements, with the 16M speed relative to
+//! all-f32 storage measured in the same run.
+//!
+//! ```text
+//! cargo bench -p benches --bench precision
+//! cargo run -p benches --release --bin precision-table -- [--dir target/criterion]
+//! ```
+
+use std::path::PathBuf;
+
+use lamb_benches::criterion_dir;
+use lamb_benches::precision::{Combo, MomentFmt, ParamFmt, combos};
+use lamb_benches::results::{self, BenchResult};
+
+fn main() {
+    let mut dir = criterion_dir();
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--dir", Some(d)) => dir = PathBuf::from(d),
+            _ => {
+                eprintln!("usage: precision-table [--dir DIR]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let rs = results::load(&dir);
+    let ns_per_elem = |label: &str, n: f64, c: Combo| -> Option<f64> {
+        let r: &BenchResult = results::find(&rs, &format!("precision_{label}"), &c.id())?;
+        Some(r.median_ns / n)
+    };
+    let base = Combo {
+        params: ParamFmt::F32,
+        moments: MomentFmt::F32,
+    };
+    let Some(base16) = ns_per_elem("16M", (1u64 << 24) as f64, base) else {
+        eprintln!(
+            "no precision_16M results under {}: run `cargo bench -p benches --bench precision`",
+            dir.display()
+        );
+        std::process::exit(1);
+    };
+    println!(
+        "| params (grads) | moments | state B/param | moved B/element | ns/element 64K | ns/element 16M | 16M speed vs all-f32 |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let fmt = |x: Option<f64>| x.map_or("—".to_string(), |v| format!("{v:.3}"));
+    for c in combos() {
+        let small = ns_per_elem("64K", (1u64 << 16) as f64, c);
+        let big = ns_per_elem("16M", (1u64 << 24) as f64, c);
+        let params = match c.params {
+            ParamFmt::F32 => "f32 (f32)",
+            ParamFmt::Bf16 => "bf16 in place, nearest (bf16)",
+            ParamFmt::Bf16Sr => "bf16 in place, stochastic (bf16)",
+            ParamFmt::MasterBf16 => "bf16 + f32 master (bf16)",
+            ParamFmt::MasterF16 => "f16 + f32 master (f16)",
+        };
+        let moments = match c.moments {
+            MomentFmt::F32 => "f32",
+            MomentFmt::Bf16 => "bf16 (stochastic)",
+            MomentFmt::Q8 => "8-bit blockwise",
+        };
+        println!(
+            "| {params} | {moments} | {:.2} | {:.1} | {} | {} | {} |",
+            c.state_bytes(),
+            c.traffic_bytes(),
+            fmt(small),
+            fmt(big),
+            big.map_or("—".to_string(), |b| format!("{:.2}×", base16 / b)),
+        );
+    }
+}
