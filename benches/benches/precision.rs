@@ -249,7 +249,78 @@ fn precision(c: &mut Criterion) {
         }
         group.finish();
     }
+    threaded(c, &mut meta);
     meta.save("precision");
+}
+
+/// The same 16M layer through `lamb_std::Lamb` on 1, 2 and all threads, f32 or bf16
+/// parameters with each moment format: where threads share the memory bandwidth, fewer
+/// bytes per element should start to pay for the 8-bit codec.
+fn threaded(c: &mut Criterion, meta: &mut Meta) {
+    let n = 1usize << 24;
+    let cfg = LambConfig {
+        lr: 0.0,
+        ..LambConfig::paper()
+    };
+    let mut p32 = AlignedBuf::zeroed(n);
+    let mut g32 = AlignedBuf::zeroed(n);
+    fill(&mut p32, 1, 1.0, 0.0);
+    fill(&mut g32, 2, 0.01, 0.0);
+    let mut pb = Aligned::<bf16>::zeroed(n);
+    let mut gb = Aligned::<bf16>::zeroed(n);
+    for (d, &x) in pb.iter_mut().zip(p32.iter()) {
+        *d = bf16::from_f32(x);
+    }
+    for (d, &x) in gb.iter_mut().zip(g32.iter()) {
+        *d = bf16::from_f32(x);
+    }
+    for threads in lamb_benches::thread_counts() {
+        let mut group = c.benchmark_group(format!("precision_16M_t{threads}"));
+        if !cli_sets_sampling() {
+            group.sampling_mode(SamplingMode::Flat).sample_size(10);
+        }
+        for params in [ParamFmt::F32, ParamFmt::Bf16] {
+            for moments in [MomentFmt::F32, MomentFmt::Bf16, MomentFmt::Q8] {
+                let combo = Combo { params, moments };
+                let mut opt = Lamb::new(cfg);
+                opt.set_precision(
+                    GroupId(0),
+                    Precision {
+                        moments: match moments {
+                            MomentFmt::F32 => StateFormat::F32,
+                            MomentFmt::Bf16 => StateFormat::Bf16,
+                            MomentFmt::Q8 => StateFormat::Q8,
+                        },
+                        compact_min_len: 0,
+                        master: false,
+                        rounding: Rounding::Nearest,
+                    },
+                )
+                .expect("precision");
+                opt.set_threads(threads).expect("threads");
+                opt.add_layer("w", n).expect("layer");
+                let mut step = || {
+                    let (p, g) = match params {
+                        ParamFmt::F32 => (ParamsIn::F32(&mut p32), Grads::F32(&g32)),
+                        _ => (ParamsIn::Bf16(&mut pb), Grads::Bf16(&gb)),
+                    };
+                    let r = opt.step_mixed(&mut [p], &[g]).expect("step");
+                    assert!(r.applied);
+                };
+                step();
+                step();
+                meta.note(format!(
+                    "[threads] precision_16M_t{threads} {}: Lamb::step_mixed, {threads} threads",
+                    combo.id()
+                ));
+                group.throughput(Throughput::Bytes(
+                    (combo.traffic_bytes() * n as f64).round() as u64,
+                ));
+                group.bench_function(combo.id(), |b| b.iter(&mut step));
+            }
+        }
+        group.finish();
+    }
 }
 
 criterion_group!(benches, precision);

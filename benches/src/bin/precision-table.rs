@@ -71,4 +71,39 @@ fn main() {
             big.map_or("—".to_string(), |b| format!("{:.2}×", base16 / b)),
         );
     }
+
+    // The same 16M layer through lamb-std on several threads.
+    let threads: Vec<usize> = lamb_benches::thread_counts()
+        .into_iter()
+        .filter(|t| rs.iter().any(|r| r.group == format!("precision_16M_t{t}")))
+        .collect();
+    if threads.is_empty() {
+        return;
+    }
+    println!();
+    print!("| 16M layer, `Lamb::step_mixed` | moved B/element |");
+    for t in &threads {
+        print!(
+            " ns/element, {t} thread{} |",
+            if *t == 1 { "" } else { "s" }
+        );
+    }
+    println!();
+    println!("|---|---:|{}", "---:|".repeat(threads.len()));
+    for params in [ParamFmt::F32, ParamFmt::Bf16] {
+        for moments in [MomentFmt::F32, MomentFmt::Bf16, MomentFmt::Q8] {
+            let c = Combo { params, moments };
+            print!(
+                "| params {} + moments {} | {:.1} |",
+                params.name(),
+                moments.name(),
+                c.traffic_bytes()
+            );
+            for t in &threads {
+                let r = results::find(&rs, &format!("precision_16M_t{t}"), &c.id());
+                print!(" {} |", fmt(r.map(|r| r.median_ns / (1u64 << 24) as f64)));
+            }
+            println!();
+        }
+    }
 }
