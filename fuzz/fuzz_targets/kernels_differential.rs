@@ -8,7 +8,8 @@
 //!   `step_layer_mixed` with all-f32 storage, which must be the same step);
 //! - `Mixed`: `Backend::step_layer_mixed` with parameters in f32, bf16 (rounded to nearest
 //!   or stochastically), or an f32 master copy with a bf16/f16 model copy; gradients in
-//!   f32/bf16/f16; moments in f32, bf16 or 8-bit codes with per-block absmax.
+//!   f32/bf16/f16; moments in f32, bf16 (rounded to nearest or stochastically) or 8-bit
+//!   codes with per-block absmax.
 //!
 //! Input: a length in 0..=4096, a start offset 0..=3 (in elements) after a 64-byte-aligned
 //! point inside a larger buffer, a configuration (skipped unless `validate()` accepts it),
