@@ -12,10 +12,11 @@
 //! under 4096 elements in f32). Parameters and gradients stay f32, so the state format is the
 //! only difference.
 //!
-//! Three settings, three seeds each (initial weights and data order): batch 256 for 30
+//! Four settings, three seeds each (initial weights and data order): batch 256 for 30
 //! epochs (minibatches, 180 steps), the full batch for 30 epochs (deterministic gradients,
-//! 30 steps), and the full batch for 100 epochs (longer at its peak lr of 9.2e-2, which is
-//! near the edge of stability: a stress test).
+//! 30 steps), the full batch for 100 epochs (longer at its peak lr of 9.2e-2, which is
+//! near the edge of stability: a stress test), and the full batch for 200 epochs at a tenth
+//! of that lr (long and stable, down to a training loss near 2e-4).
 //! Training a network is chaotic: the smallest change grows over the steps. So next to f32,
 //! bf16 and 8-bit there is a fourth run per seed, f32 state from initial weights changed in
 //! their last bit: how far that run ends from the f32 one is what any perturbation costs, the
@@ -25,8 +26,8 @@
 //! within 2% of the f32-state one. Prints the tables and writes `docs/compact_state.png` and
 //! `docs/compact_state.md`.
 //!
-//! Options: `--batch B` (a number or `full`) and `--epochs N` run that one setting instead;
-//! `--out DIR`.
+//! Options: `--batch B` (a number or `full`), `--epochs N` and `--lr-scale X` run that one
+//! setting instead; `--out DIR`.
 
 mod common;
 
@@ -46,8 +47,9 @@ const WARMUP: f64 = 0.1;
 const SEEDS: [u64; 3] = [common::SEED, common::SEED + 1, common::SEED + 2];
 /// The acceptance: |mean final loss / f32's − 1|.
 const TOLERANCE: f64 = 0.02;
-/// Default settings: (batch, 0 = the whole training set; epochs).
-const SETTINGS: [(usize, usize); 3] = [(256, 30), (0, 30), (0, 100)];
+/// Default settings: (batch, 0 = the whole training set; epochs; multiplier of the lr).
+const SETTINGS: [(usize, usize, f64); 4] =
+    [(256, 30, 1.0), (0, 30, 1.0), (0, 100, 1.0), (0, 200, 0.1)];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Variant {
@@ -90,33 +92,35 @@ impl Variant {
 }
 
 struct Args {
-    settings: Vec<(usize, usize)>,
+    settings: Vec<(usize, usize, f64)>,
     out: PathBuf,
 }
 
 fn parse_args() -> Args {
     let usage = || -> ! {
-        eprintln!("usage: compact_state [--batch B|full] [--epochs N] [--out DIR]");
+        eprintln!("usage: compact_state [--batch B|full] [--epochs N] [--lr-scale X] [--out DIR]");
         std::process::exit(2)
     };
     let mut out = common::docs_dir();
-    let (mut batch, mut epochs) = (None, None);
+    let (mut batch, mut epochs, mut lr_scale) = (None, None, None);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
             ("--batch", Some(b)) if b == "full" => batch = Some(0),
             ("--batch", Some(b)) => batch = Some(b.parse().unwrap_or_else(|_| usage())),
             ("--epochs", Some(n)) => epochs = Some(n.parse().unwrap_or_else(|_| usage())),
+            ("--lr-scale", Some(x)) => lr_scale = Some(x.parse().unwrap_or_else(|_| usage())),
             ("--out", Some(d)) => out = d.into(),
             _ => usage(),
         }
     }
-    let settings = if batch.is_none() && epochs.is_none() {
+    let settings = if batch.is_none() && epochs.is_none() && lr_scale.is_none() {
         SETTINGS.to_vec()
     } else {
         vec![(
             batch.unwrap_or(SETTINGS[0].0),
             epochs.unwrap_or(SETTINGS[0].1),
+            lr_scale.unwrap_or(1.0),
         )]
     };
     Args { settings, out }
@@ -237,12 +241,12 @@ fn main() {
     let settings: Vec<Setting> = args
         .settings
         .iter()
-        .map(|&(b, epochs)| {
+        .map(|&(b, epochs, lr_scale)| {
             let batch = if b == 0 { full } else { b.clamp(1, full) };
             Setting {
                 batch,
                 epochs,
-                lr: BASE_LR * (batch as f64 / BASE_BATCH as f64).sqrt(),
+                lr: lr_scale * BASE_LR * (batch as f64 / BASE_BATCH as f64).sqrt(),
                 steps: common::total_steps(full, batch, epochs),
             }
         })
@@ -304,8 +308,8 @@ fn main() {
          - The model, data and split of [train_digits](train_digits.md): MLP 64-128-128-10 on \
          the UCI digits, {} training / {} test images.\n\
          - LAMB (`Lamb::with_decay_split(LambConfig::paper())`), lr = {BASE_LR:e} * \
-         sqrt(batch / {BASE_BATCH}) (train_digits' tuned base lr), warmup over the first \
-         {:.0}% of the steps, then linear decay to 0.\n\
+         sqrt(batch / {BASE_BATCH}) (train_digits' tuned base lr; the last setting a tenth \
+         of it), warmup over the first {:.0}% of the steps, then linear decay to 0.\n\
          - The only difference between the formats: `Precision {{ moments, compact_min_len: 0, \
          .. }}` on both groups, so every tensor's m and v (biases too) are stored in that \
          format (bf16 m and v round stochastically, seeded by step and layer: with round to \
@@ -443,6 +447,10 @@ fn report(k: usize, runs: &Runs) -> Report {
     let pass = [Variant::Bf16, Variant::Q8]
         .iter()
         .all(|&v| rel(v).abs() <= TOLERANCE);
+    // Say when the means miss only downwards (lower loss than f32's); per seed, |dev| below.
+    let only_below = [Variant::Bf16, Variant::Q8]
+        .iter()
+        .all(|&v| rel(v) <= TOLERANCE);
     let skipped: u64 = SEEDS
         .iter()
         .flat_map(|&seed| VARIANTS.map(|v| runs.get(k, v, seed).result.skipped))
@@ -451,6 +459,10 @@ fn report(k: usize, runs: &Runs) -> Report {
     let resolves = floor < TOLERANCE;
     let outcome = match (resolves, pass) {
         (true, true) => "holds",
+        (true, false) if only_below => {
+            "FAILS as a two-sided bar (the means miss downwards: a lower loss than f32's; per \
+             seed they scatter, see |dev|)"
+        }
         (true, false) => "FAILS",
         (false, true) => "holds, though this setting cannot resolve it (see below)",
         (false, false) => "is not met, though this setting cannot resolve it (see below)",
