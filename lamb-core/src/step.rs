@@ -14,6 +14,7 @@
 use crate::config::{BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule};
 use crate::dispatch::Backend;
 use crate::error::{Buffer, Field, LambError};
+use crate::precision::{Grads, Moments, Params};
 
 /// The per-step scalars of the element-wise update, rounded to f32 once. Every backend
 /// uses exactly these values, which is half of why they agree bit for bit.
@@ -414,6 +415,9 @@ impl Backend {
         scalars: &StepScalars,
         layer: &crate::precision::MixedLayer<'_>,
     ) -> Result<LayerNorms, LambError> {
+        if let Some((p, g, m, v)) = all_f32(layer) {
+            return self.norms(scalars, p, g, m, v);
+        }
         let n = layer.check()?;
         let k = self.kernels()?;
         let mut total = LayerNorms::default();
@@ -443,6 +447,9 @@ impl Backend {
         layer: &crate::precision::MixedLayer<'_>,
         out: &mut [LayerNorms],
     ) -> Result<(), LambError> {
+        if let Some((p, g, m, v)) = all_f32(layer) {
+            return self.norms_blocks(scalars, p, g, m, v, out);
+        }
         let n = layer.check()?;
         let k = self.kernels()?;
         let blocks = n.div_ceil(crate::BLOCK);
@@ -480,6 +487,14 @@ impl Backend {
         layer: &mut crate::precision::MixedLayer<'_>,
         index0: usize,
     ) -> Result<(), LambError> {
+        if let crate::precision::MixedLayer {
+            params: Params::F32(p),
+            grads: Grads::F32(g),
+            moments: Moments::F32 { m, v },
+        } = layer
+        {
+            return self.apply(scalars, step_size, p, g, m, v);
+        }
         layer.check()?;
         let k = self.kernels()?;
         // SAFETY: `kernels()` checked CPU support; `check()` checked all lengths.
@@ -512,5 +527,21 @@ impl Backend {
             total += unsafe { (k.mixed_block_sum_squares)(grads, at, crate::BLOCK.min(n - at)) };
         }
         Ok(total)
+    }
+}
+
+/// p, g, m, v of an all-f32 layer.
+type F32Rows<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a [f32]);
+
+/// The buffers of an all-f32 compact layer: the f32 kernels serve it directly (the compact
+/// path would compute the same bits, a few percent slower).
+fn all_f32<'a>(layer: &'a crate::precision::MixedLayer<'_>) -> Option<F32Rows<'a>> {
+    match layer {
+        crate::precision::MixedLayer {
+            params: Params::F32(p),
+            grads: Grads::F32(g),
+            moments: Moments::F32 { m, v },
+        } => Some((p, g, m, v)),
+        _ => None,
     }
 }

@@ -401,28 +401,14 @@ struct Work<'a> {
 }
 
 impl Work<'_> {
-    /// Phase 1 of this piece: the f32 kernels where everything is f32, else the compact ones.
+    /// Phase 1 of this piece (lamb-core serves all-f32 pieces with the f32 kernels).
     fn norms(&mut self, b: Backend, s: &StepScalars) -> Result<(), LambError> {
-        match &self.data {
-            MixedLayer {
-                params: Params::F32(p),
-                grads: Grads::F32(g),
-                moments: CoreMoments::F32 { m, v },
-            } => b.norms_blocks(s, p, g, m, v, self.norms),
-            data => b.norms_blocks_mixed(s, data, self.norms),
-        }
+        b.norms_blocks_mixed(s, &self.data, self.norms)
     }
 
     /// Phase 2 of this piece.
     fn apply(&mut self, b: Backend, s: &StepScalars, step_size: f32) -> Result<(), LambError> {
-        match &mut self.data {
-            MixedLayer {
-                params: Params::F32(p),
-                grads: Grads::F32(g),
-                moments: CoreMoments::F32 { m, v },
-            } => b.apply(s, step_size, p, g, m, v),
-            data => b.apply_mixed(s, step_size, data, self.index0),
-        }
+        b.apply_mixed(s, step_size, &mut self.data, self.index0)
     }
 
     /// Σg² of each block of this piece.

@@ -132,16 +132,27 @@ pub(crate) unsafe fn encode_params<S: HalfConv>(
         },
         Params::Master { master, model } => {
             master[at..at + n].copy_from_slice(vals);
-            match model {
-                HalfMut::Bf16(h) => {
-                    for (d, &x) in h[at..at + n].iter_mut().zip(vals) {
-                        *d = bf16::from_bits(f32_to_bf16(x));
-                    }
-                }
-                // SAFETY: S's instruction set is available (caller); both ranges have n elements.
-                HalfMut::F16(h) => unsafe { S::f32_to_f16(vals, &mut h[at..at + n]) },
+            // SAFETY: S's instruction set is available (caller).
+            unsafe { write_model::<S>(model, at, vals) };
+        }
+    }
+}
+
+/// Rewrites elements `[at, at + vals.len())` of a model copy from master values (RNE).
+///
+/// # Safety
+/// The CPU must support `S`'s instruction set.
+#[inline(always)]
+unsafe fn write_model<S: HalfConv>(model: &mut HalfMut, at: usize, vals: &[f32]) {
+    let n = vals.len();
+    match model {
+        HalfMut::Bf16(h) => {
+            for (d, &x) in h[at..at + n].iter_mut().zip(vals) {
+                *d = bf16::from_bits(f32_to_bf16(x));
             }
         }
+        // SAFETY: S's instruction set is available (caller); both ranges have n elements.
+        HalfMut::F16(h) => unsafe { S::f32_to_f16(vals, &mut h[at..at + n]) },
     }
 }
 
@@ -242,18 +253,10 @@ pub(crate) unsafe fn params_out<S: HalfConv>(
     let len = buf.len();
     match p {
         Params::F32(_) => {}
-        Params::Master { master, model } => {
-            let vals = &master[at..at + len];
-            match model {
-                HalfMut::Bf16(h) => {
-                    for (d, &x) in h[at..at + len].iter_mut().zip(vals) {
-                        *d = bf16::from_bits(f32_to_bf16(x));
-                    }
-                }
-                // SAFETY: S's instruction set is available (caller); both have len elements.
-                HalfMut::F16(h) => unsafe { S::f32_to_f16(vals, &mut h[at..at + len]) },
-            }
-        }
+        // SAFETY: S's instruction set is available (caller).
+        Params::Master { master, model } => unsafe {
+            write_model::<S>(model, at, &master[at..at + len])
+        },
         // SAFETY: as above.
         Params::Bf16 { .. } => unsafe { encode_params::<S>(p, at, buf, index0) },
     }
