@@ -14,7 +14,7 @@
 use crate::config::{BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule};
 use crate::dispatch::Backend;
 use crate::error::{Buffer, Field, LambError};
-use crate::precision::{Grads, Moments, Params};
+use crate::precision::{Grads, Moments, ParamFormat, Params};
 
 /// The per-step scalars of the element-wise update, rounded to f32 once. Every backend
 /// uses exactly these values, which is half of why they agree bit for bit.
@@ -97,26 +97,68 @@ impl StepScalars {
     }
 }
 
-/// Sums of squares of one layer (or one block), accumulated in f64.
+/// Sums of squares of one layer (or one block), accumulated in f64, and for parameters
+/// stored in a half-precision format the ranges of p and u, which bound the new values.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct LayerNorms {
     /// Σ p².
     pub param_sq: f64,
     /// Σ u².
     pub update_sq: f64,
+    /// `min(0, min p)`. Computed only where `param_format` is not f32 (0 otherwise: the f32
+    /// kernels do no extra work for it). A NaN p makes this or `param_max` NaN.
+    pub param_min: f32,
+    /// `max(0, max p)`, under the same condition.
+    pub param_max: f32,
+    /// `min(0, min u)`, under the same condition.
+    pub update_min: f32,
+    /// `max(0, max u)`, under the same condition.
+    pub update_max: f32,
+    /// The format the new parameters are stored in.
+    pub param_format: ParamFormat,
 }
 
-/// Component-wise sum. Blocks are always added in index order.
+/// Component-wise sum of the sums, union of the ranges. Blocks are always added in index
+/// order; the ranges are exact and do not depend on the order.
 impl core::ops::Add for LayerNorms {
     type Output = LayerNorms;
     #[inline]
     fn add(self, other: LayerNorms) -> LayerNorms {
+        let min = |a: f32, b: f32| from_order_key(order_key(a).min(order_key(b)));
+        let max = |a: f32, b: f32| from_order_key(order_key(a).max(order_key(b)));
         LayerNorms {
             param_sq: self.param_sq + other.param_sq,
             update_sq: self.update_sq + other.update_sq,
+            param_min: min(self.param_min, other.param_min),
+            param_max: max(self.param_max, other.param_max),
+            update_min: min(self.update_min, other.update_min),
+            update_max: max(self.update_max, other.update_max),
+            param_format: self.param_format.tighter(other.param_format),
         }
     }
 }
+
+/// Maps f32 bits to integers in the same order as the values, with −NaN below −∞ and +NaN
+/// above +∞ (the order of `f32::total_cmp`), so that integer min/max, which vectorize and
+/// are exact, find the range of a set of floats.
+#[inline(always)]
+pub(crate) fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    b ^ (((b as i32) >> 31) as u32 | 0x8000_0000)
+}
+
+/// The inverse of [`order_key`].
+#[inline(always)]
+pub(crate) fn from_order_key(k: u32) -> f32 {
+    f32::from_bits(if k & 0x8000_0000 != 0 {
+        k ^ 0x8000_0000
+    } else {
+        !k
+    })
+}
+
+/// The [`order_key`] of +0.
+pub(crate) const ZERO_KEY: u32 = 0x8000_0000;
 
 /// What a layer's step did (or will do, from [`LayerReport::plan`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -135,14 +177,16 @@ pub struct LayerReport {
 
 impl LayerReport {
     /// Decides the trust ratio and step size from phase 1's sums. A non-finite norm or step
-    /// size marks the layer skipped.
+    /// size marks the layer skipped, and so does a step that could take a new parameter
+    /// past the range of f32 or of the format it is stored in ([`LayerNorms::param_format`]).
     ///
     /// ```
     /// use lamb_core::{LambConfig, LayerNorms, LayerReport};
     /// let cfg = LambConfig { lr: 0.5, ..LambConfig::paper() };
-    /// let r = LayerReport::plan(&cfg, LayerNorms { param_sq: 16.0, update_sq: 4.0 });
+    /// let norms = LayerNorms { param_sq: 16.0, update_sq: 4.0, ..LayerNorms::default() };
+    /// let r = LayerReport::plan(&cfg, norms);
     /// assert_eq!((r.trust_ratio, r.step_size, r.skipped), (2.0, 1.0, false));
-    /// let zero = LayerReport::plan(&cfg, LayerNorms { param_sq: 0.0, update_sq: 4.0 });
+    /// let zero = LayerReport::plan(&cfg, LayerNorms { param_sq: 0.0, ..norms });
     /// assert_eq!(zero.trust_ratio, 1.0);
     /// ```
     pub fn plan(config: &LambConfig, norms: LayerNorms) -> LayerReport {
@@ -165,13 +209,37 @@ impl LayerReport {
         // would write ±inf: refuse it like any other non-finite step.
         let bound = pn + step_size as f64 * un;
         let fits = bound <= f32::MAX as f64 * (1.0 - 1.0 / 65536.0);
-        let skipped = !(pn.is_finite() && un.is_finite() && step_size.is_finite() && fits);
+        let skipped = !(pn.is_finite()
+            && un.is_finite()
+            && step_size.is_finite()
+            && fits
+            && fits_format(&norms, step_size));
         LayerReport {
             param_norm: pn as f32,
             update_norm: un as f32,
             trust_ratio: ratio as f32,
             step_size,
             skipped,
+        }
+    }
+}
+
+/// Whether every new parameter `p − s·u`, computed in f32 and rounded to the layer's
+/// storage format, is finite there. A bound on the L2 norm would refuse big half-precision
+/// layers of small weights, so this uses the ranges of p and u: the kernel computes
+/// `fl(p − fl(s·u))` with `s >= 0`, and since rounding to nearest is monotonic, that lies
+/// between `fl(min p − fl(s·max u))` and `fl(max p − fl(s·min u))`, computed here with the
+/// same f32 operations. If both are within the format's finite range, so is every new
+/// value. (The signed ranges, unlike a bound on |p| + s·|u|, let weights at the top of
+/// the range that weight decay pulls down keep stepping.)
+fn fits_format(norms: &LayerNorms, step_size: f32) -> bool {
+    match norms.param_format.finite_limit() {
+        None => true,
+        Some(limit) => {
+            let high = norms.param_max - step_size * norms.update_min;
+            let low = norms.param_min - step_size * norms.update_max;
+            // NaN (from a NaN in p or u) compares false.
+            high <= limit && low >= -limit
         }
     }
 }
