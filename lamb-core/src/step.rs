@@ -14,7 +14,9 @@
 use crate::config::{BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule};
 use crate::dispatch::Backend;
 use crate::error::{Buffer, Field, LambError};
+use crate::fpenv::{DefaultFpMode, in_default_mode};
 use crate::precision::{Grads, Moments, ParamFormat, Params};
+use core::hint::black_box;
 
 /// The per-step scalars of the element-wise update, rounded to f32 once. Every backend
 /// uses exactly these values, which is half of why they agree bit for bit.
@@ -54,6 +56,13 @@ impl StepScalars {
     /// assert!(StepScalars::new(&LambConfig::paper(), 0, 1.0).is_err());
     /// ```
     pub fn new(config: &LambConfig, step: u64, grad_scale: f32) -> Result<Self, LambError> {
+        in_default_mode((config, step, grad_scale), |(c, t, s)| {
+            Self::compute(c, t, s)
+        })
+    }
+
+    /// [`StepScalars::new`], in the default floating-point mode.
+    fn compute(config: &LambConfig, step: u64, grad_scale: f32) -> Result<Self, LambError> {
         config.validate()?;
         if step == 0 {
             return Err(LambError::StepZero);
@@ -190,6 +199,11 @@ impl LayerReport {
     /// assert_eq!(zero.trust_ratio, 1.0);
     /// ```
     pub fn plan(config: &LambConfig, norms: LayerNorms) -> LayerReport {
+        in_default_mode((config, norms), |(c, n)| Self::compute(c, n))
+    }
+
+    /// [`LayerReport::plan`], in the default floating-point mode.
+    fn compute(config: &LambConfig, norms: LayerNorms) -> LayerReport {
         let pn = libm::sqrt(norms.param_sq);
         let un = libm::sqrt(norms.update_sq);
         let ratio = if !config.adapts() {
@@ -308,6 +322,7 @@ impl Backend {
         m: &mut [f32],
         v: &mut [f32],
     ) -> Result<LayerReport, LambError> {
+        let _mode = DefaultFpMode::enter();
         let scalars = StepScalars::new(config, step, grad_scale)?;
         let norms = self.norms(&scalars, param, grad, m, v)?;
         let report = LayerReport::plan(config, norms);
@@ -337,6 +352,7 @@ impl Backend {
         m: &[f32],
         v: &[f32],
     ) -> Result<LayerNorms, LambError> {
+        let _mode = DefaultFpMode::enter();
         check_lengths(param.len(), grad.len(), m.len(), v.len())?;
         let k = self.kernels()?;
         let mut total = LayerNorms::default();
@@ -355,7 +371,7 @@ impl Backend {
             };
             total = total + block;
         }
-        Ok(total)
+        Ok(black_box(total))
     }
 
     /// Phase 1 over a block-aligned chunk of a layer, one [`LayerNorms`] per block of
@@ -372,6 +388,7 @@ impl Backend {
         v: &[f32],
         out: &mut [LayerNorms],
     ) -> Result<(), LambError> {
+        let _mode = DefaultFpMode::enter();
         check_lengths(param.len(), grad.len(), m.len(), v.len())?;
         let blocks = param.len().div_ceil(crate::BLOCK);
         if out.len() < blocks {
@@ -410,6 +427,7 @@ impl Backend {
         m: &mut [f32],
         v: &mut [f32],
     ) -> Result<(), LambError> {
+        let _mode = DefaultFpMode::enter();
         check_lengths(param.len(), grad.len(), m.len(), v.len())?;
         let k = self.kernels()?;
         // SAFETY: `kernels()` checked that this CPU supports the backend; the lengths are equal.
@@ -423,11 +441,12 @@ impl Backend {
     /// assert_eq!(lamb_core::Backend::Scalar.sum_squares(&[3.0, 4.0]), Ok(25.0));
     /// ```
     pub fn sum_squares(self, x: &[f32]) -> Result<f64, LambError> {
+        let _mode = DefaultFpMode::enter();
         let k = self.kernels()?;
-        Ok(x.chunks(crate::BLOCK).fold(0.0, |acc, block| {
+        Ok(black_box(x.chunks(crate::BLOCK).fold(0.0, |acc, block| {
             // SAFETY: `kernels()` checked that this CPU supports the backend.
             acc + unsafe { (k.block_sum_squares)(block) }
-        }))
+        })))
     }
 }
 
@@ -464,6 +483,7 @@ impl Backend {
         grad_scale: f32,
         layer: &mut crate::precision::MixedLayer<'_>,
     ) -> Result<LayerReport, LambError> {
+        let _mode = DefaultFpMode::enter();
         let scalars = StepScalars::new(config, step, grad_scale)?;
         let norms = self.norms_mixed(&scalars, layer)?;
         let report = LayerReport::plan(config, norms);
@@ -483,6 +503,7 @@ impl Backend {
         scalars: &StepScalars,
         layer: &crate::precision::MixedLayer<'_>,
     ) -> Result<LayerNorms, LambError> {
+        let _mode = DefaultFpMode::enter();
         if let Some((p, g, m, v)) = all_f32(layer) {
             return self.norms(scalars, p, g, m, v);
         }
@@ -504,7 +525,7 @@ impl Backend {
                     )
                 };
         }
-        Ok(total)
+        Ok(black_box(total))
     }
 
     /// Phase 1 of a compact layer (or a block-aligned piece of one), one entry per block.
@@ -515,6 +536,7 @@ impl Backend {
         layer: &crate::precision::MixedLayer<'_>,
         out: &mut [LayerNorms],
     ) -> Result<(), LambError> {
+        let _mode = DefaultFpMode::enter();
         if let Some((p, g, m, v)) = all_f32(layer) {
             return self.norms_blocks(scalars, p, g, m, v, out);
         }
@@ -555,6 +577,7 @@ impl Backend {
         layer: &mut crate::precision::MixedLayer<'_>,
         index0: usize,
     ) -> Result<(), LambError> {
+        let _mode = DefaultFpMode::enter();
         if let crate::precision::MixedLayer {
             params: Params::F32(p),
             grads: Grads::F32(g),
@@ -587,6 +610,7 @@ impl Backend {
     /// assert_eq!(Backend::Scalar.sum_squares_grads(&Grads::F16(&g)), Ok(25.0));
     /// ```
     pub fn sum_squares_grads(self, grads: &crate::precision::Grads<'_>) -> Result<f64, LambError> {
+        let _mode = DefaultFpMode::enter();
         let k = self.kernels()?;
         let n = grads.len();
         let mut total = 0.0;
@@ -594,7 +618,7 @@ impl Backend {
             // SAFETY: `kernels()` checked CPU support; the block is inside `grads`.
             total += unsafe { (k.mixed_block_sum_squares)(grads, at, crate::BLOCK.min(n - at)) };
         }
-        Ok(total)
+        Ok(black_box(total))
     }
 }
 
@@ -611,5 +635,47 @@ fn all_f32<'a>(layer: &'a crate::precision::MixedLayer<'_>) -> Option<F32Rows<'a
             moments: Moments::F32 { m, v },
         } => Some((p, g, m, v)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ZERO_KEY, from_order_key, order_key};
+
+    /// The keys order floats as their values (−NaN < −∞ < … < −0 < +0 < … < +∞ < +NaN, the
+    /// order of `total_cmp`) and map back to the same bits.
+    #[test]
+    fn order_keys_sort_like_the_values() {
+        let special = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+            1e-45,
+        ];
+        let mut s = 0x9e37_79b9u32;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            f32::from_bits(s)
+        };
+        for k in 0..200_000 {
+            let a = if k < special.len() {
+                special[k]
+            } else {
+                next()
+            };
+            let b = next();
+            assert_eq!(
+                order_key(a).cmp(&order_key(b)),
+                a.total_cmp(&b),
+                "{a:e} {b:e}"
+            );
+            assert_eq!(from_order_key(order_key(a)).to_bits(), a.to_bits());
+        }
+        assert_eq!(order_key(0.0), ZERO_KEY);
+        assert!(order_key(-0.0) < ZERO_KEY);
     }
 }
