@@ -192,6 +192,7 @@ impl WithSimd for Norms<'_> {
                 + LayerNorms {
                     param_sq: simd.reduce_sum_f32s(acc_p) as f64,
                     update_sq: simd.reduce_sum_f32s(acc_u) as f64,
+                    ..LayerNorms::default()
                 };
         }
         total

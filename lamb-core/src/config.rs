@@ -248,6 +248,12 @@ impl LambConfig {
     /// assert_eq!(cfg.validate().unwrap_err().to_string(), "invalid lr = NaN: must be finite and >= 0");
     /// ```
     pub fn validate(&self) -> Result<(), LambError> {
+        crate::fpenv::in_default_mode(self, Self::check)
+    }
+
+    /// [`LambConfig::validate`], in the default floating-point mode (`f64 as f32` depends
+    /// on the rounding direction and flushing).
+    fn check(&self) -> Result<(), LambError> {
         let bad = |field, value, expected| {
             Err(LambError::InvalidHyperparameter {
                 field,

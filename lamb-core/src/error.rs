@@ -130,7 +130,9 @@ pub enum LambError {
         /// The split point.
         at: usize,
     },
-    /// A gradient, moment, parameter or update was NaN or infinite (policy [`NonFinite::Error`](crate::NonFinite::Error)).
+    /// A gradient, moment, parameter or update was NaN or infinite, or the step would take
+    /// a parameter past the range of the format it is stored in (policy
+    /// [`NonFinite::Error`](crate::NonFinite::Error)).
     NonFinite {
         /// The layer's index.
         layer: usize,
@@ -218,7 +220,7 @@ impl fmt::Display for LambError {
             ),
             LambError::NonFinite { layer } => write!(
                 f,
-                "layer {layer}: non-finite value (NaN or infinity) in the gradient, state or update; nothing was written"
+                "layer {layer}: non-finite value (NaN or infinity) in the gradient, state or update, or new weights beyond their storage format's range; nothing was written"
             ),
         }
     }

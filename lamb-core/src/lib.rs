@@ -27,6 +27,7 @@
 mod config;
 mod dispatch;
 mod error;
+pub mod fpenv;
 pub mod kernels;
 pub mod precision;
 mod schedule;

@@ -67,6 +67,63 @@ pub enum Rounding {
     },
 }
 
+/// The format new parameter values are rounded to and stored in, which bounds how large
+/// they may grow: a value past [`ParamFormat::finite_limit`] would be stored as infinity.
+/// Phase 1 reports it ([`LayerNorms::param_format`](crate::LayerNorms::param_format)) with
+/// the largest |p| and |u| of the layer, and [`LayerReport::plan`](crate::LayerReport::plan)
+/// refuses a step that could reach that limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ParamFormat {
+    /// f32 (also an f32 master copy without a model copy): bounded by the f32 range, which
+    /// the plan checks on the norms.
+    #[default]
+    F32,
+    /// IEEE binary16, rounded to nearest (an f16 model copy).
+    F16,
+    /// bfloat16 rounded to nearest (a bf16 model copy, or bf16 updated in place).
+    Bf16,
+    /// bfloat16 with stochastic rounding, which can round anything above `bf16::MAX` up.
+    Bf16Stochastic,
+}
+
+impl ParamFormat {
+    /// The largest f32 magnitude the format stores as a finite value, `None` for f32
+    /// (where any finite f32 is stored as it is).
+    ///
+    /// ```
+    /// use lamb_core::precision::ParamFormat;
+    /// use half::{bf16, f16};
+    /// let f16_limit = ParamFormat::F16.finite_limit().unwrap();
+    /// assert!(f16::from_f32(f16_limit).is_finite());
+    /// assert!(f16::from_f32(f16_limit.next_up()).is_infinite()); // 65520 ties away from f16::MAX
+    /// assert_eq!(ParamFormat::Bf16Stochastic.finite_limit(), Some(bf16::MAX.to_f32()));
+    /// assert_eq!(ParamFormat::F32.finite_limit(), None);
+    /// ```
+    pub const fn finite_limit(self) -> Option<f32> {
+        match self {
+            ParamFormat::F32 => None,
+            // 65520 is halfway between f16::MAX (65504) and 2^16 and rounds (ties to even)
+            // to infinity; everything below rounds to at most f16::MAX.
+            ParamFormat::F16 => Some(f32::from_bits(65520.0f32.to_bits() - 1)),
+            // Rounding adds 0x7fff (+1 for odd) below the kept 16 bits: 0x7f7f_7fff is the
+            // last pattern that stays at bf16::MAX (0x7f7f, odd, so its tie goes up).
+            ParamFormat::Bf16 => Some(f32::from_bits(0x7f7f_7fff)),
+            // Stochastic rounding adds up to 0xffff: only bf16 values themselves are safe.
+            ParamFormat::Bf16Stochastic => Some(f32::from_bits(0x7f7f_0000)),
+        }
+    }
+
+    /// The more restrictive of two formats (the smaller limit).
+    pub(crate) fn tighter(self, other: ParamFormat) -> ParamFormat {
+        let limit = |f: ParamFormat| f.finite_limit().unwrap_or(f32::INFINITY);
+        if limit(other) < limit(self) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
 /// How a layer's gradients are stored.
 #[derive(Clone, Copy, Debug)]
 pub enum Grads<'a> {
@@ -120,6 +177,29 @@ pub enum Moments<'a> {
 }
 
 impl Params<'_> {
+    /// The format the new values are rounded to: the model copy's for a master copy.
+    pub fn format(&self) -> ParamFormat {
+        match self {
+            Params::F32(_) => ParamFormat::F32,
+            Params::Bf16 {
+                rounding: Rounding::Nearest,
+                ..
+            } => ParamFormat::Bf16,
+            Params::Bf16 {
+                rounding: Rounding::Stochastic { .. },
+                ..
+            } => ParamFormat::Bf16Stochastic,
+            Params::Master {
+                model: HalfMut::Bf16(_),
+                ..
+            } => ParamFormat::Bf16,
+            Params::Master {
+                model: HalfMut::F16(_),
+                ..
+            } => ParamFormat::F16,
+        }
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         match self {

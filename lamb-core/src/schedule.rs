@@ -51,6 +51,12 @@ impl Schedule {
     /// assert!(Schedule::WarmupCosine { warmup: 10, total: 5, end: 0.0 }.validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<(), LambError> {
+        crate::fpenv::in_default_mode(self, Self::check)
+    }
+
+    /// [`Schedule::validate`], in the default floating-point mode (denormals-are-zero
+    /// would compare a subnormal `power` as 0).
+    fn check(&self) -> Result<(), LambError> {
         let bad = |what: &'static str, value: f64| Err(LambError::InvalidSchedule { what, value });
         match *self {
             Schedule::Constant => Ok(()),
@@ -95,6 +101,11 @@ impl Schedule {
     /// assert!((s.factor(500) - 0.1).abs() < 1e-12);
     /// ```
     pub fn factor(&self, step: u64) -> f64 {
+        crate::fpenv::in_default_mode((self, step), |(s, t)| s.compute(t))
+    }
+
+    /// [`Schedule::factor`], in the default floating-point mode.
+    fn compute(&self, step: u64) -> f64 {
         let step = step.max(1);
         let warm =
             |warmup: u64| -> Option<f64> { (step <= warmup).then(|| step as f64 / warmup as f64) };

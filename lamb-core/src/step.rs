@@ -14,7 +14,9 @@
 use crate::config::{BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule};
 use crate::dispatch::Backend;
 use crate::error::{Buffer, Field, LambError};
-use crate::precision::{Grads, Moments, Params};
+use crate::fpenv::{DefaultFpMode, in_default_mode};
+use crate::precision::{Grads, Moments, ParamFormat, Params};
+use core::hint::black_box;
 
 /// The per-step scalars of the element-wise update, rounded to f32 once. Every backend
 /// uses exactly these values, which is half of why they agree bit for bit.
@@ -54,6 +56,13 @@ impl StepScalars {
     /// assert!(StepScalars::new(&LambConfig::paper(), 0, 1.0).is_err());
     /// ```
     pub fn new(config: &LambConfig, step: u64, grad_scale: f32) -> Result<Self, LambError> {
+        in_default_mode((config, step, grad_scale), |(c, t, s)| {
+            Self::compute(c, t, s)
+        })
+    }
+
+    /// [`StepScalars::new`], in the default floating-point mode.
+    fn compute(config: &LambConfig, step: u64, grad_scale: f32) -> Result<Self, LambError> {
         config.validate()?;
         if step == 0 {
             return Err(LambError::StepZero);
@@ -97,26 +106,68 @@ impl StepScalars {
     }
 }
 
-/// Sums of squares of one layer (or one block), accumulated in f64.
+/// Sums of squares of one layer (or one block), accumulated in f64, and for parameters
+/// stored in a half-precision format the ranges of p and u, which bound the new values.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct LayerNorms {
     /// Σ p².
     pub param_sq: f64,
     /// Σ u².
     pub update_sq: f64,
+    /// `min(0, min p)`. Computed only where `param_format` is not f32 (0 otherwise: the f32
+    /// kernels do no extra work for it). A NaN p makes this or `param_max` NaN.
+    pub param_min: f32,
+    /// `max(0, max p)`, under the same condition.
+    pub param_max: f32,
+    /// `min(0, min u)`, under the same condition.
+    pub update_min: f32,
+    /// `max(0, max u)`, under the same condition.
+    pub update_max: f32,
+    /// The format the new parameters are stored in.
+    pub param_format: ParamFormat,
 }
 
-/// Component-wise sum. Blocks are always added in index order.
+/// Component-wise sum of the sums, union of the ranges. Blocks are always added in index
+/// order; the ranges are exact and do not depend on the order.
 impl core::ops::Add for LayerNorms {
     type Output = LayerNorms;
     #[inline]
     fn add(self, other: LayerNorms) -> LayerNorms {
+        let min = |a: f32, b: f32| from_order_key(order_key(a).min(order_key(b)));
+        let max = |a: f32, b: f32| from_order_key(order_key(a).max(order_key(b)));
         LayerNorms {
             param_sq: self.param_sq + other.param_sq,
             update_sq: self.update_sq + other.update_sq,
+            param_min: min(self.param_min, other.param_min),
+            param_max: max(self.param_max, other.param_max),
+            update_min: min(self.update_min, other.update_min),
+            update_max: max(self.update_max, other.update_max),
+            param_format: self.param_format.tighter(other.param_format),
         }
     }
 }
+
+/// Maps f32 bits to integers in the same order as the values, with −NaN below −∞ and +NaN
+/// above +∞ (the order of `f32::total_cmp`), so that integer min/max, which vectorize and
+/// are exact, find the range of a set of floats.
+#[inline(always)]
+pub(crate) fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    b ^ (((b as i32) >> 31) as u32 | 0x8000_0000)
+}
+
+/// The inverse of [`order_key`].
+#[inline(always)]
+pub(crate) fn from_order_key(k: u32) -> f32 {
+    f32::from_bits(if k & 0x8000_0000 != 0 {
+        k ^ 0x8000_0000
+    } else {
+        !k
+    })
+}
+
+/// The [`order_key`] of +0.
+pub(crate) const ZERO_KEY: u32 = 0x8000_0000;
 
 /// What a layer's step did (or will do, from [`LayerReport::plan`]).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -135,17 +186,24 @@ pub struct LayerReport {
 
 impl LayerReport {
     /// Decides the trust ratio and step size from phase 1's sums. A non-finite norm or step
-    /// size marks the layer skipped.
+    /// size marks the layer skipped, and so does a step that could take a new parameter
+    /// past the range of f32 or of the format it is stored in ([`LayerNorms::param_format`]).
     ///
     /// ```
     /// use lamb_core::{LambConfig, LayerNorms, LayerReport};
     /// let cfg = LambConfig { lr: 0.5, ..LambConfig::paper() };
-    /// let r = LayerReport::plan(&cfg, LayerNorms { param_sq: 16.0, update_sq: 4.0 });
+    /// let norms = LayerNorms { param_sq: 16.0, update_sq: 4.0, ..LayerNorms::default() };
+    /// let r = LayerReport::plan(&cfg, norms);
     /// assert_eq!((r.trust_ratio, r.step_size, r.skipped), (2.0, 1.0, false));
-    /// let zero = LayerReport::plan(&cfg, LayerNorms { param_sq: 0.0, update_sq: 4.0 });
+    /// let zero = LayerReport::plan(&cfg, LayerNorms { param_sq: 0.0, ..norms });
     /// assert_eq!(zero.trust_ratio, 1.0);
     /// ```
     pub fn plan(config: &LambConfig, norms: LayerNorms) -> LayerReport {
+        in_default_mode((config, norms), |(c, n)| Self::compute(c, n))
+    }
+
+    /// [`LayerReport::plan`], in the default floating-point mode.
+    fn compute(config: &LambConfig, norms: LayerNorms) -> LayerReport {
         let pn = libm::sqrt(norms.param_sq);
         let un = libm::sqrt(norms.update_sq);
         let ratio = if !config.adapts() {
@@ -165,13 +223,37 @@ impl LayerReport {
         // would write ±inf: refuse it like any other non-finite step.
         let bound = pn + step_size as f64 * un;
         let fits = bound <= f32::MAX as f64 * (1.0 - 1.0 / 65536.0);
-        let skipped = !(pn.is_finite() && un.is_finite() && step_size.is_finite() && fits);
+        let skipped = !(pn.is_finite()
+            && un.is_finite()
+            && step_size.is_finite()
+            && fits
+            && fits_format(&norms, step_size));
         LayerReport {
             param_norm: pn as f32,
             update_norm: un as f32,
             trust_ratio: ratio as f32,
             step_size,
             skipped,
+        }
+    }
+}
+
+/// Whether every new parameter `p − s·u`, computed in f32 and rounded to the layer's
+/// storage format, is finite there. A bound on the L2 norm would refuse big half-precision
+/// layers of small weights, so this uses the ranges of p and u: the kernel computes
+/// `fl(p − fl(s·u))` with `s >= 0`, and since rounding to nearest is monotonic, that lies
+/// between `fl(min p − fl(s·max u))` and `fl(max p − fl(s·min u))`, computed here with the
+/// same f32 operations. If both are within the format's finite range, so is every new
+/// value. (The signed ranges, unlike a bound on |p| + s·|u|, let weights at the top of
+/// the range that weight decay pulls down keep stepping.)
+fn fits_format(norms: &LayerNorms, step_size: f32) -> bool {
+    match norms.param_format.finite_limit() {
+        None => true,
+        Some(limit) => {
+            let high = norms.param_max - step_size * norms.update_min;
+            let low = norms.param_min - step_size * norms.update_max;
+            // NaN (from a NaN in p or u) compares false.
+            high <= limit && low >= -limit
         }
     }
 }
@@ -240,6 +322,7 @@ impl Backend {
         m: &mut [f32],
         v: &mut [f32],
     ) -> Result<LayerReport, LambError> {
+        let _mode = DefaultFpMode::enter();
         let scalars = StepScalars::new(config, step, grad_scale)?;
         let norms = self.norms(&scalars, param, grad, m, v)?;
         let report = LayerReport::plan(config, norms);
@@ -269,6 +352,7 @@ impl Backend {
         m: &[f32],
         v: &[f32],
     ) -> Result<LayerNorms, LambError> {
+        let _mode = DefaultFpMode::enter();
         check_lengths(param.len(), grad.len(), m.len(), v.len())?;
         let k = self.kernels()?;
         let mut total = LayerNorms::default();
@@ -287,7 +371,7 @@ impl Backend {
             };
             total = total + block;
         }
-        Ok(total)
+        Ok(black_box(total))
     }
 
     /// Phase 1 over a block-aligned chunk of a layer, one [`LayerNorms`] per block of
@@ -304,6 +388,7 @@ impl Backend {
         v: &[f32],
         out: &mut [LayerNorms],
     ) -> Result<(), LambError> {
+        let _mode = DefaultFpMode::enter();
         check_lengths(param.len(), grad.len(), m.len(), v.len())?;
         let blocks = param.len().div_ceil(crate::BLOCK);
         if out.len() < blocks {
@@ -342,6 +427,7 @@ impl Backend {
         m: &mut [f32],
         v: &mut [f32],
     ) -> Result<(), LambError> {
+        let _mode = DefaultFpMode::enter();
         check_lengths(param.len(), grad.len(), m.len(), v.len())?;
         let k = self.kernels()?;
         // SAFETY: `kernels()` checked that this CPU supports the backend; the lengths are equal.
@@ -355,11 +441,12 @@ impl Backend {
     /// assert_eq!(lamb_core::Backend::Scalar.sum_squares(&[3.0, 4.0]), Ok(25.0));
     /// ```
     pub fn sum_squares(self, x: &[f32]) -> Result<f64, LambError> {
+        let _mode = DefaultFpMode::enter();
         let k = self.kernels()?;
-        Ok(x.chunks(crate::BLOCK).fold(0.0, |acc, block| {
+        Ok(black_box(x.chunks(crate::BLOCK).fold(0.0, |acc, block| {
             // SAFETY: `kernels()` checked that this CPU supports the backend.
             acc + unsafe { (k.block_sum_squares)(block) }
-        }))
+        })))
     }
 }
 
@@ -396,6 +483,7 @@ impl Backend {
         grad_scale: f32,
         layer: &mut crate::precision::MixedLayer<'_>,
     ) -> Result<LayerReport, LambError> {
+        let _mode = DefaultFpMode::enter();
         let scalars = StepScalars::new(config, step, grad_scale)?;
         let norms = self.norms_mixed(&scalars, layer)?;
         let report = LayerReport::plan(config, norms);
@@ -415,6 +503,7 @@ impl Backend {
         scalars: &StepScalars,
         layer: &crate::precision::MixedLayer<'_>,
     ) -> Result<LayerNorms, LambError> {
+        let _mode = DefaultFpMode::enter();
         if let Some((p, g, m, v)) = all_f32(layer) {
             return self.norms(scalars, p, g, m, v);
         }
@@ -436,7 +525,7 @@ impl Backend {
                     )
                 };
         }
-        Ok(total)
+        Ok(black_box(total))
     }
 
     /// Phase 1 of a compact layer (or a block-aligned piece of one), one entry per block.
@@ -447,6 +536,7 @@ impl Backend {
         layer: &crate::precision::MixedLayer<'_>,
         out: &mut [LayerNorms],
     ) -> Result<(), LambError> {
+        let _mode = DefaultFpMode::enter();
         if let Some((p, g, m, v)) = all_f32(layer) {
             return self.norms_blocks(scalars, p, g, m, v, out);
         }
@@ -487,6 +577,7 @@ impl Backend {
         layer: &mut crate::precision::MixedLayer<'_>,
         index0: usize,
     ) -> Result<(), LambError> {
+        let _mode = DefaultFpMode::enter();
         if let crate::precision::MixedLayer {
             params: Params::F32(p),
             grads: Grads::F32(g),
@@ -519,6 +610,7 @@ impl Backend {
     /// assert_eq!(Backend::Scalar.sum_squares_grads(&Grads::F16(&g)), Ok(25.0));
     /// ```
     pub fn sum_squares_grads(self, grads: &crate::precision::Grads<'_>) -> Result<f64, LambError> {
+        let _mode = DefaultFpMode::enter();
         let k = self.kernels()?;
         let n = grads.len();
         let mut total = 0.0;
@@ -526,7 +618,7 @@ impl Backend {
             // SAFETY: `kernels()` checked CPU support; the block is inside `grads`.
             total += unsafe { (k.mixed_block_sum_squares)(grads, at, crate::BLOCK.min(n - at)) };
         }
-        Ok(total)
+        Ok(black_box(total))
     }
 }
 
@@ -543,5 +635,47 @@ fn all_f32<'a>(layer: &'a crate::precision::MixedLayer<'_>) -> Option<F32Rows<'a
             moments: Moments::F32 { m, v },
         } => Some((p, g, m, v)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ZERO_KEY, from_order_key, order_key};
+
+    /// The keys order floats as their values (−NaN < −∞ < … < −0 < +0 < … < +∞ < +NaN, the
+    /// order of `total_cmp`) and map back to the same bits.
+    #[test]
+    fn order_keys_sort_like_the_values() {
+        let special = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+            1e-45,
+        ];
+        let mut s = 0x9e37_79b9u32;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            f32::from_bits(s)
+        };
+        for k in 0..200_000 {
+            let a = if k < special.len() {
+                special[k]
+            } else {
+                next()
+            };
+            let b = next();
+            assert_eq!(
+                order_key(a).cmp(&order_key(b)),
+                a.total_cmp(&b),
+                "{a:e} {b:e}"
+            );
+            assert_eq!(from_order_key(order_key(a)).to_bits(), a.to_bits());
+        }
+        assert_eq!(order_key(0.0), ZERO_KEY);
+        assert!(order_key(-0.0) < ZERO_KEY);
     }
 }

@@ -125,7 +125,7 @@ impl fmt::Display for Error {
                 ),
                 LambError::NonFinite { .. } => write!(
                     f,
-                    "layer '{name}' (#{index}): non-finite value (NaN or infinity) in the gradient, state or update; the step was not applied"
+                    "layer '{name}' (#{index}): non-finite value (NaN or infinity) in the gradient, state or update, or new weights beyond their storage format's range; the step was not applied"
                 ),
                 other => write!(f, "layer '{name}' (#{index}): {other}"),
             },

@@ -784,6 +784,9 @@ impl Lamb {
         grads: &[Grads<'_>],
         inv_loss_scale: f32,
     ) -> Result<StepReport, Error> {
+        // The whole step in the default floating-point mode, whatever the caller's thread
+        // is in (the kernels set it in the workers too): see `lamb_core::fpenv`.
+        let _mode = lamb_core::fpenv::DefaultFpMode::enter();
         if self.poisoned {
             return Err(Error::Poisoned);
         }

@@ -10,8 +10,8 @@
 
 use super::simd::{self, HalfConv, NormAcc, Simd};
 use crate::precision::{
-    Grads, HalfMut, M_STREAM, Moments, Params, QBLOCK, Rounding, V_STREAM, bf16_to_f32,
-    f32_to_bf16, f32_to_bf16_stochastic, q8_m_decode, q8_m_encode_block, q8_v_decode,
+    Grads, HalfMut, M_STREAM, Moments, ParamFormat, Params, QBLOCK, Rounding, V_STREAM,
+    bf16_to_f32, f32_to_bf16, f32_to_bf16_stochastic, q8_m_decode, q8_m_encode_block, q8_v_decode,
     q8_v_encode_block, stochastic_bits,
 };
 use crate::step::{LayerNorms, StepScalars};
@@ -326,7 +326,8 @@ pub(crate) fn moments_out(mo: &mut Moments, at: usize, m: &[f32], v: &[f32], ind
     }
 }
 
-/// Phase 1 of elements `[at, at + n)` (`n <= BLOCK`, `at` a multiple of `BLOCK`).
+/// Phase 1 of elements `[at, at + n)` (`n <= BLOCK`, `at` a multiple of `BLOCK`). For
+/// parameters stored in a half-precision format, also the ranges of p and u.
 ///
 /// # Safety
 /// The CPU must support `S`'s instruction set; the range must be inside every buffer.
@@ -339,10 +340,38 @@ pub(crate) unsafe fn block_norms<S: Simd>(
     at: usize,
     n: usize,
 ) -> LayerNorms {
+    let format = p.format();
+    // SAFETY: forwarded from this function's contract.
+    let norms = unsafe {
+        if format == ParamFormat::F32 {
+            block_norms_with::<S, false>(s, p, g, mo, at, n)
+        } else {
+            block_norms_with::<S, true>(s, p, g, mo, at, n)
+        }
+    };
+    LayerNorms {
+        param_format: format,
+        ..norms
+    }
+}
+
+/// [`block_norms`], with or without the ranges.
+///
+/// # Safety
+/// As for [`block_norms`].
+#[inline(always)]
+unsafe fn block_norms_with<S: Simd, const RANGE: bool>(
+    s: &StepScalars,
+    p: &Params,
+    g: &Grads,
+    mo: &Moments,
+    at: usize,
+    n: usize,
+) -> LayerNorms {
     let mut c = Chunk::new();
     // SAFETY: S's instruction set is available (caller); every chunk is in bounds.
     unsafe {
-        let mut acc = NormAcc::<S>::new();
+        let mut acc = NormAcc::<S, RANGE>::new();
         let mut off = 0;
         while off < n {
             let len = QBLOCK.min(n - off);

@@ -6,8 +6,8 @@ use super::mixed::{
 };
 use super::simd::Soft;
 use super::{LANES, fold_lanes};
-use crate::precision::{Grads, Moments, Params, QBLOCK};
-use crate::step::{LayerNorms, StepScalars};
+use crate::precision::{Grads, Moments, ParamFormat, Params, QBLOCK};
+use crate::step::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
 
 /// New m, v and the update u of one element, in the canonical order of operations.
 #[inline(always)]
@@ -55,6 +55,7 @@ pub fn block_norms(s: &StepScalars, p: &[f32], g: &[f32], m: &[f32], v: &[f32]) 
     LayerNorms {
         param_sq: fold_lanes(lp),
         update_sq: fold_lanes(lu),
+        ..LayerNorms::default()
     }
 }
 
@@ -89,6 +90,9 @@ pub fn mixed_block_norms(
 ) -> LayerNorms {
     let mut lp = [0.0f64; LANES];
     let mut lu = [0.0f64; LANES];
+    // The ranges of p and u as order keys, including 0, for half-precision parameters.
+    let format = p.format();
+    let mut keys = [ZERO_KEY; 4];
     let mut c = Chunk::new();
     let mut off = 0;
     while off < n {
@@ -101,12 +105,26 @@ pub fn mixed_block_norms(
             let u = checked_update(s, c.p[i], c.g[i], c.m[i], c.v[i]);
             lp[(off + i) % LANES] += c.p[i] as f64 * c.p[i] as f64;
             lu[(off + i) % LANES] += u as f64 * u as f64;
+            if format != ParamFormat::F32 {
+                let (kp, ku) = (order_key(c.p[i]), order_key(u));
+                keys = [
+                    keys[0].min(kp),
+                    keys[1].max(kp),
+                    keys[2].min(ku),
+                    keys[3].max(ku),
+                ];
+            }
         }
         off += len;
     }
     LayerNorms {
         param_sq: fold_lanes(lp),
         update_sq: fold_lanes(lu),
+        param_min: from_order_key(keys[0]),
+        param_max: from_order_key(keys[1]),
+        update_min: from_order_key(keys[2]),
+        update_max: from_order_key(keys[3]),
+        param_format: format,
     }
 }
 

@@ -12,7 +12,7 @@
 //! the sums are bit-identical to the scalar reference, which never visits them.
 
 use super::{LANES, fold_lanes};
-use crate::step::{LayerNorms, StepScalars};
+use crate::step::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
 
 /// A bundle of 16 f32 lanes and its f64 accumulator.
 ///
@@ -39,6 +39,22 @@ pub(crate) unsafe trait Simd: Copy + HalfConv {
     /// `acc[j] + f64(x[j])²` for every lane j (the product is exact in f64).
     unsafe fn acc_add_squares(acc: Self::Acc, x: Self::V) -> Self::Acc;
     unsafe fn acc_lanes(acc: Self::Acc) -> [f64; LANES];
+
+    /// Per lane, `lo[j] = min(lo[j], key(x[j]))` and `hi[j] = max(hi[j], key(x[j]))` with
+    /// [`order_key`]: the range of the values seen, exact and order-independent. Only the
+    /// half-precision paths of phase 1 use it, so a store and an integer loop, which the
+    /// compiler vectorizes within the entry point's features, serve every backend.
+    #[inline(always)]
+    unsafe fn min_max_keys(lo: &mut [u32; LANES], hi: &mut [u32; LANES], x: Self::V) {
+        let mut buf = [0.0f32; LANES];
+        // SAFETY: `buf` holds 16 f32; S's instruction set is available (caller).
+        unsafe { Self::store(buf.as_mut_ptr(), x) };
+        for j in 0..LANES {
+            let k = order_key(buf[j]);
+            lo[j] = lo[j].min(k);
+            hi[j] = hi[j].max(k);
+        }
+    }
 
     /// Loads `n < 16` elements, the rest zero. `ptr` must be valid for reading `n` f32.
     #[inline(always)]
@@ -154,13 +170,18 @@ impl<S: Simd> Splat<S> {
     }
 }
 
-/// The 16-lane f64 accumulators of ‖p‖² and ‖u‖² for one block.
-pub(crate) struct NormAcc<S: Simd> {
+/// The 16-lane f64 accumulators of ‖p‖² and ‖u‖² for one block; with `RANGE`, also the
+/// lane ranges of p and u (for parameters stored in a half-precision format: see
+/// [`crate::LayerNorms::param_max`]). `RANGE = false` compiles to exactly the sums.
+pub(crate) struct NormAcc<S: Simd, const RANGE: bool = false> {
     p: S::Acc,
     u: S::Acc,
+    /// Lane minima and maxima of p and u as [`order_key`]s, starting at +0 (which the zero
+    /// padding of a partial row also adds: the ranges always include 0).
+    keys: [[u32; LANES]; 4],
 }
 
-impl<S: Simd> NormAcc<S> {
+impl<S: Simd, const RANGE: bool> NormAcc<S, RANGE> {
     #[inline(always)]
     pub(crate) unsafe fn new() -> Self {
         // SAFETY: the caller runs on a CPU with S's instruction set.
@@ -168,6 +189,7 @@ impl<S: Simd> NormAcc<S> {
             NormAcc {
                 p: S::acc_zero(),
                 u: S::acc_zero(),
+                keys: [[ZERO_KEY; LANES]; 4],
             }
         }
     }
@@ -192,6 +214,7 @@ impl<S: Simd> NormAcc<S> {
         unsafe {
             let k = Splat::<S>::new(s);
             let (mut acc_p, mut acc_u) = (self.p, self.u);
+            let [mut p_lo, mut p_hi, mut u_lo, mut u_hi] = self.keys;
             // A macro, not a closure: a closure is a function of its own, compiled without
             // the entry point's target features, and its intrinsics would not inline.
             macro_rules! row {
@@ -201,6 +224,10 @@ impl<S: Simd> NormAcc<S> {
                     let u = S::add(u, S::sub(denom, denom));
                     acc_p = S::acc_add_squares(acc_p, pv);
                     acc_u = S::acc_add_squares(acc_u, u);
+                    if RANGE {
+                        S::min_max_keys(&mut p_lo, &mut p_hi, pv);
+                        S::min_max_keys(&mut u_lo, &mut u_hi, u);
+                    }
                 }};
             }
             let mut i = 0;
@@ -223,6 +250,7 @@ impl<S: Simd> NormAcc<S> {
                 );
             }
             (self.p, self.u) = (acc_p, acc_u);
+            self.keys = [p_lo, p_hi, u_lo, u_hi];
         }
     }
 
@@ -233,6 +261,11 @@ impl<S: Simd> NormAcc<S> {
             LayerNorms {
                 param_sq: fold_lanes(S::acc_lanes(self.p)),
                 update_sq: fold_lanes(S::acc_lanes(self.u)),
+                param_min: from_order_key(self.keys[0].into_iter().fold(ZERO_KEY, u32::min)),
+                param_max: from_order_key(self.keys[1].into_iter().fold(ZERO_KEY, u32::max)),
+                update_min: from_order_key(self.keys[2].into_iter().fold(ZERO_KEY, u32::min)),
+                update_max: from_order_key(self.keys[3].into_iter().fold(ZERO_KEY, u32::max)),
+                ..LayerNorms::default()
             }
         }
     }
@@ -252,7 +285,7 @@ pub(crate) unsafe fn block_norms<S: Simd>(
 ) -> LayerNorms {
     // SAFETY: forwarded from this function's contract.
     unsafe {
-        let mut acc = NormAcc::<S>::new();
+        let mut acc = NormAcc::<S, false>::new();
         acc.add(s, p, g, m, v);
         acc.finish()
     }
