@@ -389,6 +389,29 @@ fn inverted_bounds_are_refused_untouched() {
     }
 }
 
+/// Equal bounds are a valid configuration: a fixed trust ratio (`ratio_min == ratio_max`)
+/// or a fixed φ(‖p‖). Only a lower bound above the upper one is refused.
+#[test]
+fn equal_bounds_are_accepted() {
+    let fixed_ratio = LambConfig {
+        ratio_min: 0.5,
+        ratio_max: 0.5,
+        ..LambConfig::paper()
+    };
+    let fixed_phi = LambConfig {
+        param_norm_min: 2.0,
+        param_norm_max: 2.0,
+        ..LambConfig::paper()
+    };
+    for cfg in [fixed_ratio, fixed_phi] {
+        let mut l = Layer::new(5);
+        let report = l.step(&cfg, 1).unwrap();
+        assert!(!report.skipped);
+    }
+    let mut l = Layer::new(5);
+    assert_eq!(l.step(&fixed_ratio, 1).unwrap().trust_ratio, 0.5);
+}
+
 #[test]
 fn bad_grad_scale_is_refused_untouched() {
     for scale in [0.0f32, -1.0, f32::NAN, f32::INFINITY] {

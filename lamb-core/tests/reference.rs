@@ -502,3 +502,28 @@ fn input_generator_known_values() {
     assert!(x[0].abs() < 2f32.powi(-21) && x[1].abs() < 2f32.powi(19));
     assert!(x[1].abs() > 1.0);
 }
+
+/// The preset itself, not only the per-case configuration, carries apex's kernel
+/// arguments: for every case run with apex's default betas, `LambConfig::nvlamb()`'s betas
+/// are the f32 values the CUDA kernel received (f64 betas would change `1 − β2` and every
+/// bias correction in the last bits).
+#[test]
+fn nvlamb_preset_betas_are_apex_kernel_arguments() {
+    let preset = LambConfig::nvlamb();
+    let reference = load("nvlamb");
+    let mut checked = 0;
+    for case in &reference.cases {
+        let h = hp(case);
+        if h["betas"][0].as_f64() != Some(0.9) || h["betas"][1].as_f64() != Some(0.999) {
+            continue;
+        }
+        // The recorded arguments are C++ floats (the JSON decimal may parse an ulp of f64
+        // away from them): the preset must hold exactly those f32 values.
+        let k = &case.raw["kernel_arguments"][0];
+        let kernel = |key| num(k, key) as f32 as f64;
+        assert_eq!(preset.beta1, kernel("beta1"), "case {}: beta1", case.name);
+        assert_eq!(preset.beta2, kernel("beta2"), "case {}: beta2", case.name);
+        checked += 1;
+    }
+    assert!(checked > 0, "no nvlamb case uses apex's default betas");
+}
