@@ -177,6 +177,7 @@ use lamb_core::{Buffer, LambConfig, LambError, Schedule};
 use safetensors::{Dtype, SafeTensors, View};
 
 use crate::buffer::AlignedBuf;
+use crate::domain::{NextStep, Unsteppable};
 use crate::error::Error;
 use crate::optimizer::{GroupId, Lamb, LayerId, StateView};
 use meta::{ConfigMeta, F64, GroupMeta, LayerMeta, Meta, MomentMeta, PrecisionMeta, ScheduleMeta};
@@ -572,25 +573,14 @@ pub(crate) fn check_moment(layer: &str, which: &str, data: &[u8]) -> Result<(), 
     check_values(layer, which, f32s(data))
 }
 
-/// Validates a group's configuration and lr multiplier as the optimizer does.
+/// Validates a group's configuration and lr multiplier as the optimizer's setters do.
 pub(crate) fn check_group(name: &str, config: &LambConfig, lr_scale: f64) -> Result<(), Refusal> {
-    if !(lr_scale.is_finite() && lr_scale >= 0.0) {
-        return Err(format!(
-            "group '{name}': invalid lr_scale = {lr_scale:?}: must be finite and >= 0"
-        ));
-    }
-    config
-        .validate()
-        .map_err(|e| format!("group '{name}': {e}"))
+    crate::domain::validate_group(name, config, lr_scale).map_err(|e| e.to_string())
 }
 
+/// Validates a clipping threshold as [`Lamb::set_max_grad_norm`] does.
 pub(crate) fn check_max_grad_norm(x: Option<f64>) -> Result<(), Refusal> {
-    match x {
-        Some(x) if !(x.is_finite() && x > 0.0) => Err(format!(
-            "invalid max_grad_norm = {x:?}: must be finite and > 0 (null for no clipping)"
-        )),
-        _ => Ok(()),
-    }
+    crate::domain::validate_max_grad_norm(x).map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1109,6 +1099,7 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8], want_params: bool) -> Result<Decoded
     }
 
     // The scalars.
+    crate::domain::check_step(meta.step)?;
     let mut groups = Vec::with_capacity(meta.groups.len());
     for gm in &meta.groups {
         let config = LambConfig::from(&gm.config);
@@ -1119,6 +1110,14 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8], want_params: bool) -> Result<Decoded
     check_max_grad_norm(max_grad_norm)?;
     let schedule = Schedule::from(&meta.schedule);
     schedule.validate().map_err(|e| format!("schedule: {e}"))?;
+    // The moments must be able to take the next step under the loaded configuration.
+    let rules: Vec<Option<NextStep>> = groups
+        .iter()
+        .map(|(c, _)| {
+            let t = crate::domain::next_step(meta.step).ok()?;
+            NextStep::new(c, t)
+        })
+        .collect();
 
     // The tensors.
     let step_bits = (meta.step as f32).to_bits();
@@ -1138,19 +1137,28 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8], want_params: bool) -> Result<Decoded
                 shape,
             )
         };
+        let rule = rules[ours.group.0].as_ref();
+        let steppable = |r: Result<(), Unsteppable>| r.map_err(|e| format!("layer '{lname}': {e}"));
         let moments = match ours.state {
             StateView::F32 { .. } => {
                 let m = get("exp_avg", Dtype::F32, &[len])?;
                 let v = get("exp_avg_sq", Dtype::F32, &[len])?;
                 check_values(lname, "exp_avg", f32s(m))?;
                 check_values(lname, "exp_avg_sq", f32s(v))?;
+                if let Some(r) = rule {
+                    steppable(r.check_m(f32s(m)).and_then(|()| r.check_v(f32s(v))))?;
+                }
                 MomentsIn::F32 { m, v }
             }
             StateView::Bf16 { .. } => {
                 let m = get("exp_avg", Dtype::BF16, &[len])?;
                 let v = get("exp_avg_sq", Dtype::BF16, &[len])?;
-                check_values(lname, "exp_avg", bf16s(m).map(bf16::to_f32))?;
-                check_values(lname, "exp_avg_sq", bf16s(v).map(bf16::to_f32))?;
+                let (mf, vf) = (|| bf16s(m).map(bf16::to_f32), || bf16s(v).map(bf16::to_f32));
+                check_values(lname, "exp_avg", mf())?;
+                check_values(lname, "exp_avg_sq", vf())?;
+                if let Some(r) = rule {
+                    steppable(r.check_m(mf()).and_then(|()| r.check_v(vf())))?;
+                }
                 MomentsIn::Bf16 { m, v }
             }
             StateView::Q8 { .. } => {
@@ -1161,6 +1169,11 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8], want_params: bool) -> Result<Decoded
                 let v_absmax = get("exp_avg_sq.absmax", Dtype::F32, &blocks)?;
                 check_q8(lname, "exp_avg", m, m_absmax, true)?;
                 check_q8(lname, "exp_avg_sq", v, v_absmax, false)?;
+                if let Some(r) = rule {
+                    let (ma, va): (Vec<f32>, Vec<f32>) =
+                        (f32s(m_absmax).collect(), f32s(v_absmax).collect());
+                    steppable(r.check_q8(m, v, &ma, &va))?;
+                }
                 MomentsIn::Q8 {
                     m,
                     v,
