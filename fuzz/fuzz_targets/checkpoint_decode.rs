@@ -17,20 +17,27 @@
 //!   parameters passed are bit for bit as before;
 //! - `Ok` of an unedited lamb checkpoint into the same model ⇒ the state equals the
 //!   source's bit for bit (reports excepted, which a load clears), and the parameters too;
-//! - `Ok` of anything ⇒ a valid state: every group's configuration and lr scale validate,
-//!   clipping and schedule validate, moments finite (v ≥ 0, 8-bit scales finite and ≥ 0),
-//!   master copies finite; the state saves, and the saved bytes load into a fresh
+//! - `Ok` of anything ⇒ a valid state, in the step domain (`lamb_std::domain`, its rules
+//!   written out here from its docs): the step counter at most `MAX_STEP` (2^53); every
+//!   group's configuration validates, its lr scale is finite and ≥ 0 and `lr × lr_scale`
+//!   finite in f32; clipping off or finite and ≥ f32::MIN_POSITIVE; the schedule validates;
+//!   moments finite (v ≥ 0, 8-bit scales finite and ≥ 0) and able to take the next step
+//!   (with a zero gradient, that step's bias-corrected m̂ and denominator √v̂ + ε are finite
+//!   in f32); master copies finite; the state saves, and the saved bytes load into a fresh
 //!   optimizer of the same model giving the same state; a step on it neither panics nor
-//!   poisons.
+//!   poisons, and the step counter never passes `MAX_STEP` (at it, a step is
+//!   `Error::StepLimit`).
 #![no_main]
 
 use arbitrary::Arbitrary;
 use lamb_core::half::bf16;
-use lamb_core::precision::{Grads, QBLOCK, Rounding};
-use lamb_core::{Adaptation, BiasCorrection, LambConfig};
+use lamb_core::precision::{Grads, QBLOCK, Rounding, q8_m_decode, q8_v_decode};
+use lamb_core::{Adaptation, BiasCorrection, LambConfig, StepScalars};
 use lamb_fuzz::state::{State, snapshot};
 use lamb_fuzz::{ConfigSpec, F64, Few, Rng, ScheduleSpec, bytes_of, known_bugs_skipped};
-use lamb_std::{Error, GroupId, Lamb, LayerId, ParamsIn, Precision, StateFormat, StateView};
+use lamb_std::{
+    Error, GroupId, Lamb, LayerId, MAX_STEP, ParamsIn, Precision, StateFormat, StateView,
+};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value, json};
 
@@ -685,10 +692,33 @@ fn without_reports(mut s: State) -> State {
     s
 }
 
+/// The domain's moment rule: with a zero gradient, step `t`'s m̂ = (β1·m)·c1 and
+/// denominator (√v̂ + ε, or √(v̂ + ε)) of v̂ = (β2·v)·c2 are finite in f32, for every
+/// element. `None` where `config` does not validate (no step to check).
+fn moments_can_step(config: &LambConfig, t: u64, m: &[f32], v: &[f32]) -> Option<bool> {
+    let s = StepScalars::new(config, t, 1.0).ok()?;
+    let m_ok = |m: f32| ((s.beta1 * m + s.beta3 * 0.0) * s.inv_bias1).is_finite();
+    let v_ok = |v: f32| {
+        let v_hat = (s.beta2 * v + s.one_minus_beta2 * 0.0) * s.inv_bias2;
+        let denom = if s.eps_inside_sqrt {
+            (v_hat + s.eps).sqrt()
+        } else {
+            v_hat.sqrt() + s.eps
+        };
+        denom.is_finite()
+    };
+    Some(m.iter().all(|&x| m_ok(x)) && v.iter().all(|&x| v_ok(x)))
+}
+
 /// Panics unless `opt` holds a state a load may produce. `before`: the snapshot before the
 /// load; a group whose configuration the load left as it was (a PyTorch state leaves
 /// groups it has no entry for) is not the load's doing and is not checked.
 fn check_valid(opt: &Lamb, before: &State) {
+    assert!(
+        opt.steps() <= MAX_STEP,
+        "loaded step {} > MAX_STEP",
+        opt.steps()
+    );
     for g in 0..opt.group_count() {
         let group = opt.group(GroupId(g)).expect("group");
         if before.groups.get(g) == Some(&format!("{group:?}")) {
@@ -700,13 +730,19 @@ fn check_valid(opt: &Lamb, before: &State) {
             "loaded an invalid configuration: {group:?}"
         );
         assert!(
-            group.lr_scale.is_finite() && group.lr_scale >= 0.0,
-            "loaded lr_scale {}",
+            group.lr_scale.is_finite()
+                && group.lr_scale >= 0.0
+                && ((group.config.lr * group.lr_scale) as f32).is_finite(),
+            "loaded lr {} × lr_scale {}, not finite in f32",
+            group.config.lr,
             group.lr_scale
         );
     }
     if let Some(x) = opt.max_grad_norm() {
-        assert!(x.is_finite() && x > 0.0, "loaded max_grad_norm {x}");
+        assert!(
+            x.is_finite() && x >= f32::MIN_POSITIVE as f64,
+            "loaded max_grad_norm {x}"
+        );
     }
     assert_eq!(
         opt.schedule().validate(),
@@ -742,6 +778,39 @@ fn check_valid(opt: &Lamb, before: &State) {
             "layer '{}': loaded non-finite (or negative second) moments",
             l.name
         );
+        // And they can take the next step.
+        let (m, v): (Vec<f32>, Vec<f32>) = match l.state {
+            StateView::F32 { m, v } => (m.to_vec(), v.to_vec()),
+            StateView::Bf16 { m, v } => (
+                m.iter().map(|x| x.to_f32()).collect(),
+                v.iter().map(|x| x.to_f32()).collect(),
+            ),
+            StateView::Q8 {
+                m,
+                v,
+                m_absmax,
+                v_absmax,
+            } => (
+                m.iter()
+                    .enumerate()
+                    .map(|(k, &c)| q8_m_decode(c, m_absmax[k / QBLOCK]))
+                    .collect(),
+                v.iter()
+                    .enumerate()
+                    .map(|(k, &c)| q8_v_decode(c, v_absmax[k / QBLOCK]))
+                    .collect(),
+            ),
+        };
+        let config = opt.group(l.group).expect("group").config;
+        if opt.steps() < MAX_STEP {
+            assert_ne!(
+                moments_can_step(&config, opt.steps() + 1, &m, &v),
+                Some(false),
+                "layer '{}': loaded moments that can take no step at step {}",
+                l.name,
+                opt.steps() + 1
+            );
+        }
         // Known bug (lamb-std/tests/fuzz_regressions.rs,
         // a_checkpoint_with_a_non_finite_master_copy_is_refused): the load does not check
         // master copies. A model whose step overflowed its parameters (lamb-core's
@@ -904,8 +973,13 @@ fuzz_target!(|input: Input| {
                 without_reports(snapshot(&again)) == without_reports(snapshot(&target)),
                 "save → load of a loaded state is not the identity"
             );
-            // And it steps without panicking.
+            // And it steps without panicking, and the counter never passes MAX_STEP.
+            let at_limit = target.steps() == MAX_STEP;
             target_model.steps(&mut target, &mut target_params, 1, 7);
+            assert!(target.steps() <= MAX_STEP);
+            if at_limit {
+                assert_eq!(target.steps(), MAX_STEP, "a step past MAX_STEP");
+            }
         }
     }
 });

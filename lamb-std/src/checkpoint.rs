@@ -66,8 +66,8 @@
 //!
 //! - `lamb.format` = `"lamb-checkpoint"` ([`FORMAT`]), `lamb.version` = `"1"` ([`VERSION`]);
 //! - `lamb.meta`: a JSON object, `{"step", "max_grad_norm", "schedule", "params",
-//!   "groups", "layers"}`: the exact step counter (u64), clipping (`null` = off), the
-//!   schedule (`{"kind": "constant" | "warmup_poly" | "warmup_cosine", ...}`), whether
+//!   "groups", "layers"}`: the exact step counter (u64, at most 2^53), clipping (`null` =
+//!   off), the schedule (`{"kind": "constant" | "warmup_poly" | "warmup_cosine", ...}`), whether
 //!   `param.*` tensors are present, each group's `name`, `lr_scale`, every [`LambConfig`]
 //!   field under `config` (enums as snake_case strings), and `params` (its layer indices,
 //!   as PyTorch's `param_groups[g]["params"]`) and `precision` ([`Precision`]: `moments`,
@@ -83,17 +83,25 @@
 //!
 //! # What loading checks
 //!
-//! Before changing anything: the file's size against what this optimizer could need
-//! (before reading it), the safetensors structure (header length against the file size
-//! before any allocation from it, offsets, sizes), format name, version, checksum, that
-//! the metadata has exactly the known keys and fields, the layer count, each layer's name,
-//! length, group and moment dtype, the group count, names and precision, every tensor's
-//! presence, dtype and shape and that there is no other, the step tensors against the
-//! step, every configuration, `lr_scale`, `max_grad_norm` and the schedule (finite, in
-//! range), and that every moment is finite (v ≥ 0; 8-bit scales finite and ≥ 0, codes
-//! within the encoder's range). Any failure is an [`Error::Checkpoint`] that
-//! says what differs, e.g. `layer 'encoder.3.ffn.w1': checkpoint has 2359296 elements,
-//! model has 2359297`, and the optimizer is unchanged; otherwise the load replaces the
+//! Before changing anything: that the path is a regular file (symbolic links are
+//! followed; a directory, FIFO, device or socket is an [`Error::Io`] saying what it is,
+//! found before the file is opened, so a FIFO with no writer cannot block the load and
+//! `/dev/zero` is not read; the open itself does not block either), its size against what
+//! this optimizer could need (before reading it; the read stops at the size the file had
+//! when opened, and a file that grew meanwhile is refused), the safetensors structure
+//! (header length against the file size before any allocation from it, offsets, sizes),
+//! format name, version, checksum, that the metadata has exactly the known keys and
+//! fields, the layer count, each layer's name, length, group and moment dtype, the group
+//! count, names and precision, every tensor's presence, dtype and shape and that there is
+//! no other, the step tensors against the step, that the step is at most [`MAX_STEP`],
+//! every configuration, `lr_scale`, `max_grad_norm` and the schedule by the rules the
+//! setters apply ([`crate::domain`]: `lr × lr_scale` finite in f32, `max_grad_norm` at
+//! least `f32::MIN_POSITIVE`, ...), that every moment is finite (v ≥ 0; 8-bit scales
+//! finite and ≥ 0, codes within the encoder's range), and that the moments can take the
+//! next step (the domain's moment rule: a state from which every step would be skipped is
+//! refused). Any failure is an [`Error::Checkpoint`] that says what differs, e.g.
+//! `layer 'encoder.3.ffn.w1': checkpoint has 2359296 elements, model has 2359297`, and the
+//! optimizer is unchanged; otherwise the load replaces the
 //! moments and master copies, the step counter, every group's configuration and `lr_scale`,
 //! `max_grad_norm` and the schedule (as PyTorch's `load_state_dict` replaces
 //! hyperparameters; change them after loading if you want others), clears the last-step
@@ -110,10 +118,16 @@
 //!
 //! # Never losing one
 //!
-//! [`Lamb::save`] writes through [`write_atomic`]: a temporary file in the same directory,
-//! `fsync`, rename over the target, `fsync` of the directory. A crash at any point leaves
-//! the previous checkpoint or the new one, complete (the crash test of
-//! `tests/checkpoint_crash.rs` kills a saving process hundreds of times to show it).
+//! [`Lamb::save`] writes through [`write_atomic`]: a temporary file in the same directory
+//! (unnamed on Linux until it is complete), `fsync`, rename over the target, `fsync` of
+//! the directory. A crash at any point leaves the previous checkpoint or the new one,
+//! complete (the crash test of `tests/checkpoint_crash.rs` kills a saving process
+//! hundreds of times to show it), and the temporary files of killed saves do not pile up:
+//! each save removes those of the same target whose writer is dead (they are locked while
+//! their writer lives). Only a regular file is replaced: a directory, FIFO, device or
+//! socket at the path is refused, saying what it is; a symbolic link is followed, and the
+//! file it leads to is replaced (the link stays); a link to anything else, or to nothing,
+//! is refused. See [`write_atomic`].
 //!
 //! # PyTorch and timm
 //!
@@ -160,15 +174,16 @@
 //! [`BiasCorrection::F64`]: lamb_core::BiasCorrection::F64
 //! [`Adaptation::Always`]: lamb_core::Adaptation::Always
 //! [`Precision`]: crate::Precision
+//! [`MAX_STEP`]: crate::MAX_STEP
 
 mod atomic;
+mod file;
 mod meta;
 mod torch;
 mod xxh64;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
 use std::path::Path;
 
 use lamb_core::half::bf16;
@@ -177,12 +192,14 @@ use lamb_core::{Buffer, LambConfig, LambError, Schedule};
 use safetensors::{Dtype, SafeTensors, View};
 
 use crate::buffer::AlignedBuf;
+use crate::domain::{NextStep, Unsteppable};
 use crate::error::Error;
 use crate::optimizer::{GroupId, Lamb, LayerId, StateView};
 use meta::{ConfigMeta, F64, GroupMeta, LayerMeta, Meta, MomentMeta, PrecisionMeta, ScheduleMeta};
 use xxh64::Xxh64;
 
 pub use atomic::write_atomic;
+use file::read_bounded;
 
 /// The value of the `lamb.format` metadata key.
 pub const FORMAT: &str = "lamb-checkpoint";
@@ -222,8 +239,10 @@ impl Lamb {
     /// Saves the optimizer state to `path` atomically (see the [module docs](self)): the
     /// file at `path` is either the previous one or this one, whatever happens.
     ///
-    /// Refused: a poisoned optimizer ([`Error::Poisoned`]; its state is inconsistent) and
-    /// a group whose configuration does not validate (it could not be loaded back).
+    /// Refused: a poisoned optimizer ([`Error::Poisoned`]; its state is inconsistent), a
+    /// group whose configuration does not validate (it could not be loaded back), and a
+    /// path that holds anything but a regular file or a symbolic link to one (see
+    /// [`write_atomic`]).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), Error> {
         write_atomic(path, &self.to_checkpoint_bytes()?)
     }
@@ -356,40 +375,6 @@ impl Lamb {
         self.restore_scalars(d.step, &d.groups, d.max_grad_norm, d.schedule);
         Ok(())
     }
-}
-
-/// Reads a checkpoint file, refusing before reading one larger than any checkpoint of
-/// `lamb` can be.
-fn read_bounded(lamb: &Lamb, path: &Path) -> Result<Vec<u8>, Error> {
-    let io = |op, e: std::io::Error| Error::Io {
-        path: path.to_path_buf(),
-        op,
-        kind: e.kind(),
-        message: e.to_string(),
-    };
-    let elements: u64 = (0..lamb.layer_count())
-        .map(|i| lamb.layer(LayerId(i)).len as u64)
-        .sum();
-    // At most: m, v, a master copy and the params in f32 (16 bytes per element), a step
-    // tensor of 8 bytes per layer, the header limit.
-    let max = 8 + MAX_HEADER + 16 * elements + 8 * lamb.layer_count() as u64;
-    let file = std::fs::File::open(path).map_err(|e| io("open", e))?;
-    let len = file.metadata().map_err(|e| io("read", e))?.len();
-    if len > max {
-        return Err(refused(
-            Some(path),
-            format!(
-                "the file has {len} bytes, more than any checkpoint of this optimizer \
-                 ({} layers, {elements} elements) can have ({max})",
-                lamb.layer_count()
-            ),
-        ));
-    }
-    let mut bytes = Vec::with_capacity(len as usize);
-    file.take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| io("read", e))?;
-    Ok(bytes)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -572,25 +557,14 @@ pub(crate) fn check_moment(layer: &str, which: &str, data: &[u8]) -> Result<(), 
     check_values(layer, which, f32s(data))
 }
 
-/// Validates a group's configuration and lr multiplier as the optimizer does.
+/// Validates a group's configuration and lr multiplier as the optimizer's setters do.
 pub(crate) fn check_group(name: &str, config: &LambConfig, lr_scale: f64) -> Result<(), Refusal> {
-    if !(lr_scale.is_finite() && lr_scale >= 0.0) {
-        return Err(format!(
-            "group '{name}': invalid lr_scale = {lr_scale:?}: must be finite and >= 0"
-        ));
-    }
-    config
-        .validate()
-        .map_err(|e| format!("group '{name}': {e}"))
+    crate::domain::validate_group(name, config, lr_scale).map_err(|e| e.to_string())
 }
 
+/// Validates a clipping threshold as [`Lamb::set_max_grad_norm`] does.
 pub(crate) fn check_max_grad_norm(x: Option<f64>) -> Result<(), Refusal> {
-    match x {
-        Some(x) if !(x.is_finite() && x > 0.0) => Err(format!(
-            "invalid max_grad_norm = {x:?}: must be finite and > 0 (null for no clipping)"
-        )),
-        _ => Ok(()),
-    }
+    crate::domain::validate_max_grad_norm(x).map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1109,6 +1083,7 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8], want_params: bool) -> Result<Decoded
     }
 
     // The scalars.
+    crate::domain::check_step(meta.step)?;
     let mut groups = Vec::with_capacity(meta.groups.len());
     for gm in &meta.groups {
         let config = LambConfig::from(&gm.config);
@@ -1119,6 +1094,14 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8], want_params: bool) -> Result<Decoded
     check_max_grad_norm(max_grad_norm)?;
     let schedule = Schedule::from(&meta.schedule);
     schedule.validate().map_err(|e| format!("schedule: {e}"))?;
+    // The moments must be able to take the next step under the loaded configuration.
+    let rules: Vec<Option<NextStep>> = groups
+        .iter()
+        .map(|(c, _)| {
+            let t = crate::domain::next_step(meta.step).ok()?;
+            NextStep::new(c, t)
+        })
+        .collect();
 
     // The tensors.
     let step_bits = (meta.step as f32).to_bits();
@@ -1138,19 +1121,28 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8], want_params: bool) -> Result<Decoded
                 shape,
             )
         };
+        let rule = rules[ours.group.0].as_ref();
+        let steppable = |r: Result<(), Unsteppable>| r.map_err(|e| format!("layer '{lname}': {e}"));
         let moments = match ours.state {
             StateView::F32 { .. } => {
                 let m = get("exp_avg", Dtype::F32, &[len])?;
                 let v = get("exp_avg_sq", Dtype::F32, &[len])?;
                 check_values(lname, "exp_avg", f32s(m))?;
                 check_values(lname, "exp_avg_sq", f32s(v))?;
+                if let Some(r) = rule {
+                    steppable(r.check_m(f32s(m)).and_then(|()| r.check_v(f32s(v))))?;
+                }
                 MomentsIn::F32 { m, v }
             }
             StateView::Bf16 { .. } => {
                 let m = get("exp_avg", Dtype::BF16, &[len])?;
                 let v = get("exp_avg_sq", Dtype::BF16, &[len])?;
-                check_values(lname, "exp_avg", bf16s(m).map(bf16::to_f32))?;
-                check_values(lname, "exp_avg_sq", bf16s(v).map(bf16::to_f32))?;
+                let (mf, vf) = (|| bf16s(m).map(bf16::to_f32), || bf16s(v).map(bf16::to_f32));
+                check_values(lname, "exp_avg", mf())?;
+                check_values(lname, "exp_avg_sq", vf())?;
+                if let Some(r) = rule {
+                    steppable(r.check_m(mf()).and_then(|()| r.check_v(vf())))?;
+                }
                 MomentsIn::Bf16 { m, v }
             }
             StateView::Q8 { .. } => {
@@ -1161,6 +1153,11 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8], want_params: bool) -> Result<Decoded
                 let v_absmax = get("exp_avg_sq.absmax", Dtype::F32, &blocks)?;
                 check_q8(lname, "exp_avg", m, m_absmax, true)?;
                 check_q8(lname, "exp_avg_sq", v, v_absmax, false)?;
+                if let Some(r) = rule {
+                    let (ma, va): (Vec<f32>, Vec<f32>) =
+                        (f32s(m_absmax).collect(), f32s(v_absmax).collect());
+                    steppable(r.check_q8(m, v, &ma, &va))?;
+                }
                 MomentsIn::Q8 {
                     m,
                     v,

@@ -48,7 +48,8 @@ pub enum Error {
     UnknownGroup(usize),
     /// A group has no layers when a step is taken.
     EmptyGroup(String),
-    /// `max_grad_norm` must be finite and > 0 (apex and timm divide by it).
+    /// `max_grad_norm` must be finite and at least `f32::MIN_POSITIVE` (see
+    /// [`domain`](crate::domain)).
     InvalidMaxGradNorm(f64),
     /// A group's learning-rate multiplier must be finite and >= 0.
     InvalidLrScale {
@@ -56,6 +57,30 @@ pub enum Error {
         group: String,
         /// The value.
         value: f64,
+    },
+    /// A group's `lr × lr_scale` is not finite in f32: every step at the schedule's full
+    /// rate would err (see [`domain`](crate::domain)).
+    LrScaleOverflow {
+        /// The group.
+        group: String,
+        /// Its `config.lr`.
+        lr: f64,
+        /// Its `lr_scale`.
+        lr_scale: f64,
+    },
+    /// The step counter is at [`MAX_STEP`](crate::MAX_STEP): no further step can be
+    /// counted. Nothing was changed; `reset()` or load a checkpoint.
+    StepLimit {
+        /// The counter.
+        step: u64,
+    },
+    /// A new group configuration would leave a layer's moments unable to take any step
+    /// (see [`domain`](crate::domain)); nothing was changed.
+    StateCannotStep {
+        /// The layer's name.
+        layer: String,
+        /// Which moment element, its value, and the limit.
+        what: String,
     },
     /// `LAMB_BACKEND` names no backend, or one this CPU lacks.
     BadBackendEnv(String),
@@ -154,11 +179,29 @@ impl fmt::Display for Error {
             Error::EmptyGroup(g) => write!(f, "parameter group '{g}' has no layers"),
             Error::InvalidMaxGradNorm(x) => write!(
                 f,
-                "invalid max_grad_norm = {x:?}: must be finite and > 0 (use None to turn clipping off)"
+                "invalid max_grad_norm = {x:?}: must be finite and at least {:?} (f32::MIN_POSITIVE; use None to turn clipping off)",
+                f32::MIN_POSITIVE
             ),
             Error::InvalidLrScale { group, value } => write!(
                 f,
                 "group '{group}': invalid lr_scale = {value:?}: must be finite and >= 0"
+            ),
+            Error::LrScaleOverflow {
+                group,
+                lr,
+                lr_scale,
+            } => write!(
+                f,
+                "group '{group}': lr × lr_scale = {lr:?} × {lr_scale:?} = {:?} is not finite in f32: every step would err",
+                lr * lr_scale
+            ),
+            Error::StepLimit { step } => write!(
+                f,
+                "the step counter is at {step}, the most lamb counts (MAX_STEP = 2^53): no further step can be taken; reset() or load a checkpoint"
+            ),
+            Error::StateCannotStep { layer, what } => write!(
+                f,
+                "layer '{layer}': with this configuration {what}; the group was not changed"
             ),
             Error::BadBackendEnv(v) => write!(
                 f,

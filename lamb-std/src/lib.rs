@@ -29,11 +29,13 @@ pub use lamb_core;
 
 pub mod buffer;
 pub mod checkpoint; // issue #8: save/load (impl Lamb lives there)
+pub mod domain;
 mod error;
 mod optimizer;
 mod partition;
 pub mod shapes;
 
+pub use domain::MAX_STEP;
 pub use error::Error;
 pub use optimizer::{
     Group, GroupId, Lamb, LayerId, LayerView, ParamsIn, Precision, SkippedLayer, StateFormat,

@@ -630,13 +630,11 @@ impl Lamb {
 
     /// Global gradient-norm clipping, NVLAMB's pre-normalisation:
     /// `g ← g / max(1, ‖g‖ / max_norm)` over all layers, folded into phase 1 as a scale.
-    /// `None` turns it off; `Some(0.0)` is an error (apex and timm would divide by zero).
+    /// `None` turns it off; a threshold must be finite and at least `f32::MIN_POSITIVE`
+    /// ([`domain`](crate::domain)): `Some(0.0)` is an error (apex and timm would divide by
+    /// zero), and so is `Some(5e-324)`, under which every step would be skipped.
     pub fn set_max_grad_norm(&mut self, max_norm: Option<f64>) -> Result<(), Error> {
-        if let Some(x) = max_norm
-            && !(x.is_finite() && x > 0.0)
-        {
-            return Err(Error::InvalidMaxGradNorm(x));
-        }
+        crate::domain::validate_max_grad_norm(max_norm)?;
         self.max_grad_norm = max_norm;
         Ok(())
     }
@@ -651,7 +649,9 @@ impl Lamb {
         Ok(())
     }
 
-    /// Replaces a group's configuration and lr multiplier, after validating them.
+    /// Replaces a group's configuration and lr multiplier, after validating them (the rules
+    /// of [`domain`](crate::domain), which also refuse a configuration under which the
+    /// group's moments could take no step).
     pub fn set_group(
         &mut self,
         id: GroupId,
@@ -666,6 +666,7 @@ impl Lamb {
             precision: old.precision,
         };
         validate_group(&group)?;
+        crate::domain::check_group_state(self, id, &old.config, &group.config)?;
         self.groups[id.0] = group;
         Ok(())
     }
@@ -708,7 +709,7 @@ impl Lamb {
         self.layers.iter().position(|l| l.name == name).map(LayerId)
     }
 
-    /// Steps taken so far.
+    /// Steps taken so far, at most [`MAX_STEP`](crate::MAX_STEP).
     pub fn steps(&self) -> u64 {
         self.step
     }
@@ -802,7 +803,7 @@ impl Lamb {
                 },
             });
         }
-        let t = self.step + 1;
+        let t = crate::domain::next_step(self.step)?;
         let lr_factor = self.schedule.factor(t);
         let configs = self.step_configs(lr_factor)?;
         let made = self.make_masters(params);
@@ -1081,16 +1082,7 @@ impl Lamb {
 }
 
 fn validate_group(g: &Group) -> Result<(), Error> {
-    if !(g.lr_scale.is_finite() && g.lr_scale >= 0.0) {
-        return Err(Error::InvalidLrScale {
-            group: g.name.clone(),
-            value: g.lr_scale,
-        });
-    }
-    g.config.validate().map_err(|source| Error::Config {
-        group: Some(g.name.clone()),
-        source,
-    })
+    crate::domain::validate_group(&g.name, &g.config, g.lr_scale)
 }
 
 /// The report (or error, per the layer's group policy) of a step skipped at layer `index`.
@@ -1342,6 +1334,7 @@ impl Lamb {
         schedule: Schedule,
     ) {
         debug_assert_eq!(groups.len(), self.groups.len());
+        debug_assert!(step <= crate::MAX_STEP);
         for (g, &(config, lr_scale)) in self.groups.iter_mut().zip(groups) {
             g.config = config;
             g.lr_scale = lr_scale;

@@ -808,7 +808,8 @@ fn a_missing_or_oversized_file_is_an_error() {
             .contains("more than any checkpoint of this optimizer"),
         "{e}"
     );
-    // A directory cannot be replaced by a file: an error, and no temporary file is left.
+    // A directory is not replaced by a file: refused before anything is written, saying
+    // what it is, and no temporary file is left.
     let sub = dir.join("sub");
     std::fs::create_dir(&sub).unwrap();
     let e = opt.save(&sub).unwrap_err();
@@ -816,11 +817,17 @@ fn a_missing_or_oversized_file_is_an_error() {
         matches!(
             e,
             Error::Io {
-                op: "rename the temporary file over",
+                op: "replace",
+                kind: std::io::ErrorKind::IsADirectory,
                 ..
             }
         ),
         "{e:?}"
+    );
+    assert!(
+        e.to_string()
+            .ends_with("sub': it is a directory, not a regular file"),
+        "{e}"
     );
     let mut names: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()

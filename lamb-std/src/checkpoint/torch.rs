@@ -12,12 +12,13 @@ use serde_json::{Map, Value};
 use super::{
     KEY_FORMAT, Refusal, Tensor, check_group, check_max_grad_norm, check_moment, f32s, parse,
 };
+use crate::domain::NextStep;
 use crate::optimizer::{GroupId, Lamb, LayerId, StateView};
 
 /// The metadata key holding the JSON of `state_dict()["param_groups"]`.
 const KEY_PARAM_GROUPS: &str = "param_groups";
-/// The largest step an f64 (or an f32 step tensor below it) holds exactly.
-const MAX_EXACT_STEP: f64 = 9_007_199_254_740_992.0;
+/// The largest step counter, [`crate::MAX_STEP`] (2^53, exact in an f64).
+const MAX_EXACT_STEP: f64 = crate::MAX_STEP as f64;
 
 struct Decoded<'a> {
     step: u64,
@@ -231,6 +232,17 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
         }
     }
     check_max_grad_norm(max_grad_norm)?;
+    // The moments must be able to take the next step under the loaded configuration.
+    if let Ok(t) = crate::domain::next_step(step) {
+        for (layer, mv) in out_moments.iter().enumerate() {
+            let l = lamb.layer(LayerId(layer));
+            if let (Some((m, v)), Some(rule)) = (mv, NextStep::new(&configs[l.group.0].0, t)) {
+                rule.check_m(f32s(m))
+                    .and_then(|()| rule.check_v(f32s(v)))
+                    .map_err(|e| format!("layer '{}': {e}", l.name))?;
+            }
+        }
+    }
     Ok(Decoded {
         step,
         groups: configs,
