@@ -297,3 +297,45 @@ fn p_format(p: P) -> ParamFormat {
         P::Bf16Sr(_) => ParamFormat::Bf16Stochastic,
     }
 }
+
+/// The plan's range check on its own, both edges: the largest new value is
+/// `max p − s·min u` and the smallest `min p − s·max u` (s ≥ 0). Each edge is tested just
+/// inside and just outside f16's range, with the other edge far inside, so that each term
+/// of each bound is needed (a bound that added instead of multiplied, or dropped a sign,
+/// decides one of these cases wrongly).
+#[test]
+fn the_plan_checks_each_edge_of_the_range() {
+    // No trust ratio: the step size is the learning rate.
+    let cfg = |lr: f64| LambConfig {
+        lr,
+        ..LambConfig::paper().adamw()
+    };
+    let norms = |p: (f32, f32), u: (f32, f32)| LayerNorms {
+        param_sq: 1.0,
+        update_sq: 1.0,
+        param_min: p.0,
+        param_max: p.1,
+        update_min: u.0,
+        update_max: u.1,
+        param_format: ParamFormat::F16,
+    };
+    // Top edge: max p = 65000, min u = −2, so the largest new value is 65000 + 2·lr.
+    let top = norms((0.0, 65000.0), (-2.0, 0.0));
+    assert!(!LayerReport::plan(&cfg(200.0), top).skipped); // 65400 stays below 65520
+    assert!(LayerReport::plan(&cfg(300.0), top).skipped); // 65600 rounds to inf
+    // Bottom edge: min p = −65000, max u = 2: the smallest is −65000 − 2·lr.
+    let bottom = norms((-65000.0, 0.0), (0.0, 2.0));
+    assert!(!LayerReport::plan(&cfg(200.0), bottom).skipped);
+    assert!(LayerReport::plan(&cfg(300.0), bottom).skipped);
+    // An update that pulls the weights back in keeps them in range at any rate.
+    let inward = norms((0.0, 65000.0), (0.0, 2.0));
+    assert!(!LayerReport::plan(&cfg(300.0), inward).skipped);
+    // The same ranges in f32 storage are far from its limit.
+    for n in [top, bottom] {
+        let f32_layer = LayerNorms {
+            param_format: ParamFormat::F32,
+            ..n
+        };
+        assert!(!LayerReport::plan(&cfg(300.0), f32_layer).skipped);
+    }
+}
