@@ -36,6 +36,6 @@ pub mod shapes;
 
 pub use error::Error;
 pub use optimizer::{
-    Group, GroupId, Lamb, LayerId, LayerView, ParamsIn, Precision, SkippedLayer, StateFormat,
-    StateView, StepReport,
+    Group, GroupId, Lamb, LayerId, LayerView, ParamStorage, ParamsIn, Precision, SkippedLayer,
+    StateFormat, StateView, StepReport,
 };
