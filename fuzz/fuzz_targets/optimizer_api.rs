@@ -749,6 +749,9 @@ fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
                 r.is_err() || len <= MAX_LEN,
                 "add_layer accepted {len} elements"
             );
+            if stats() {
+                eprintln!("STATS add_layer len={len} outcome={}", show(&r));
+            }
             if (UNALLOCATABLE..UNALLOCATABLE + 256).contains(&len) {
                 // Refused by the allocator (or earlier, for a bad group or name).
                 assert!(
@@ -931,7 +934,10 @@ fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
             Ok(())
         }
         Op::Convert { layer, format } => {
-            if let Some(t) = model.params.get_mut(*layer as usize % opt.layer_count().max(1)) {
+            if let Some(t) = model
+                .params
+                .get_mut(*layer as usize % opt.layer_count().max(1))
+            {
                 *t = t.convert(*format);
             }
             Ok(())
@@ -963,7 +969,11 @@ fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
     }
     // The storage each layer reports is the harness's record.
     for (i, f) in model.fixed.iter().enumerate() {
-        assert_eq!(opt.layer(LayerId(i)).storage, *f, "layer {i}'s storage after {op:?}");
+        assert_eq!(
+            opt.layer(LayerId(i)).storage,
+            *f,
+            "layer {i}'s storage after {op:?}"
+        );
     }
     // The optimizer and its shadow agree on every bit after every call.
     let (a, b) = (snapshot(opt), snapshot(shadow));
