@@ -327,6 +327,22 @@ mod tests {
         assert!(codes.iter().all(|&c| c == 0));
     }
 
+    /// A buffer beyond any 64-bit address space (2^60 bytes, within `isize`): the allocator
+    /// returns null, which is an `Err` with the size, not an abort.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn an_allocation_the_machine_cannot_make_is_an_error() {
+        for len in [1usize << 60, (1 << 60) + 3] {
+            let e = Aligned::<u8>::try_zeroed(len).unwrap_err();
+            assert_eq!(e.bytes(), Some((len).next_multiple_of(HUGE_PAGE)));
+            assert!(e.to_string().contains("could not allocate"), "{e}");
+        }
+        let e = AlignedBuf::try_zeroed(1 << 60).unwrap_err();
+        assert_eq!(e.bytes(), Some(1 << 62));
+        // And the allocator still serves ordinary requests.
+        assert_eq!(AlignedBuf::try_zeroed(HUGE_PAGE).unwrap().len(), HUGE_PAGE);
+    }
+
     #[test]
     fn every_element_type_is_zeroed_and_aligned() {
         fn check<T: Element + std::fmt::Debug>(zero: T) {
