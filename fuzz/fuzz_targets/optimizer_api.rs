@@ -1,10 +1,12 @@
 //! Arbitrary sequences of calls on `lamb_std::Lamb`: registering layers and groups (bad
 //! names, unknown groups, invalid configurations and lr scales), precision settings (f32,
 //! bf16 and 8-bit moments, master copies, stochastic rounding), clipping, schedules,
-//! threads, backends, `reset`, impossible lengths and shapes (which must be refused, not
-//! abort in the allocator), and steps (`step`, `step_scaled`, `step_mixed`,
-//! `step_mixed_scaled`, with f32/bf16/f16 parameters and gradients) with the wrong number of
-//! tensors, wrong lengths, aliased gradients, non-finite values and bad loss scales.
+//! threads (including counts over `Lamb::max_threads`, which must be refused), backends,
+//! `reset`, impossible and unallocatable lengths and shapes (which must be refused, not
+//! abort in the allocator), the model converting a layer's parameters to another storage,
+//! and steps (`step`, `step_scaled`, `step_mixed`, `step_mixed_scaled`, with f32/bf16/f16
+//! parameters and gradients) with the wrong number of tensors, wrong lengths, aliased
+//! gradients, non-finite values and bad loss scales.
 //!
 //! Checked after every call:
 //! - nothing panics, and no step reports a worker panic or a poisoned optimizer;
@@ -14,6 +16,11 @@
 //!   payloads included), master copies included: a refused step keeps none of the copies it
 //!   made (fuzz/README.md, Findings 3);
 //! - an applied step advances `steps()` by exactly one and reports that step;
+//! - the parameter storage rule (`lamb_std::ParamStorage`): the harness records each
+//!   layer's storage at every applied step and frees it at `reset`; a step passing a layer
+//!   in another storage than recorded must be an `Err`, an applied step must never have
+//!   one, `Error::StorageChanged` must name exactly a recorded mismatch, and each layer's
+//!   `storage` must equal the record after every call;
 //! - a shadow optimizer fed the same calls, but on `Backend::Scalar` and one thread, returns
 //!   the same result and holds the same bits (params, moments, masters, reports) after
 //!   every call, while the optimizer under test runs on the backend and thread count
@@ -27,7 +34,8 @@ use lamb_core::half::{bf16, f16};
 use lamb_core::precision::{Grads as GradsIn, Rounding};
 use lamb_fuzz::{ConfigSpec, F32, F64, Few, Fill, Rng, ScheduleSpec, bytes_of, canon};
 use lamb_std::{
-    Error, GroupId, Lamb, LayerId, ParamsIn, Precision, StateFormat, StateView, StepReport,
+    Error, GroupId, Lamb, LayerId, ParamStorage, ParamsIn, Precision, StateFormat, StateView,
+    StepReport,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -72,7 +80,17 @@ enum Len {
         k: u8,
         top: bool,
     },
+    /// `2^58 + k`: buffers within `isize::MAX` bytes but beyond any 64-bit address space
+    /// (2^58 to 2^60 bytes, whatever the moments' format): the allocator is asked and
+    /// fails, which must be `Error::OutOfMemory`, not an abort. (Under AddressSanitizer
+    /// this needs `allocator_may_return_null=1`, which `run.sh` sets.)
+    Unallocatable {
+        k: u8,
+    },
 }
+
+/// The first length of `Len::Unallocatable`.
+const UNALLOCATABLE: usize = 1 << 58;
 
 /// The most elements a layer of this target may have: anything larger that is accepted
 /// is a failure (the harness would have to allocate it).
@@ -92,6 +110,7 @@ impl Len {
                     (1usize << 62) + k as usize
                 }
             }
+            Len::Unallocatable { k } => UNALLOCATABLE + k as usize,
         }
     }
 }
@@ -99,6 +118,19 @@ impl Len {
 /// How the user's model holds a layer's parameters (0, 1: f32; 2: bf16; 3: f16).
 #[derive(Arbitrary, Debug, Clone, Copy)]
 struct Format(u8);
+
+/// A thread count for `set_threads`.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Threads {
+    /// 1..=3.
+    Few(u8),
+    /// 0: one per core.
+    Auto,
+    /// `Lamb::max_threads() + 1 + k`: refused.
+    Over(u16),
+    /// `usize::MAX`: refused.
+    Huge,
+}
 
 #[derive(Arbitrary, Debug, Clone)]
 enum Fault {
@@ -221,10 +253,15 @@ enum Op {
     },
     SetMaxGradNorm(Option<F64>),
     SetSchedule(ScheduleSpec),
-    SetThreads(u8),
+    SetThreads(Threads),
     SetBackend(u8),
     Step(StepSpec),
     Reset,
+    /// The model converts layer `layer`'s parameters to `format` (values through f32).
+    Convert {
+        layer: u8,
+        format: Format,
+    },
     // ---------------------------------------------------------------------------------
     // CHECKPOINT (the checkpoint issue): add here an operation that saves the optimizer
     // (to bytes and/or a file under a temp dir), optionally corrupts/truncates the bytes,
@@ -279,7 +316,7 @@ impl<'a> Arbitrary<'a> for Input {
 }
 
 /// A layer as snapshotted: name, len, group, f32 m and v, compact state, master, last
-/// report; buffers as their exact bytes.
+/// report, parameter storage; buffers as their exact bytes.
 type LayerState = (
     String,
     usize,
@@ -289,6 +326,7 @@ type LayerState = (
     Vec<u8>,
     Option<Vec<u8>>,
     Option<[u32; 5]>,
+    Option<ParamStorage>,
 );
 
 /// Everything observable about an optimizer's state.
@@ -346,6 +384,7 @@ fn snapshot(opt: &Lamb) -> State {
                             r.skipped as u32,
                         ]
                     }),
+                    l.storage,
                 )
             })
             .collect(),
@@ -380,6 +419,26 @@ impl Tensor {
     fn is_f32(&self) -> bool {
         matches!(self, Tensor::F32(_))
     }
+    fn storage(&self) -> ParamStorage {
+        match self {
+            Tensor::F32(_) => ParamStorage::F32,
+            Tensor::Bf16(_) => ParamStorage::Bf16,
+            Tensor::F16(_) => ParamStorage::F16,
+        }
+    }
+    /// The same values (through f32) in `format`'s storage.
+    fn convert(&self, format: Format) -> Tensor {
+        let v: Vec<f32> = match self {
+            Tensor::F32(t) => t.clone(),
+            Tensor::Bf16(t) => t.iter().map(|x| x.to_f32()).collect(),
+            Tensor::F16(t) => t.iter().map(|x| x.to_f32()).collect(),
+        };
+        match format.0 % 4 {
+            2 => Tensor::Bf16(v.into_iter().map(bf16::from_f32).collect()),
+            3 => Tensor::F16(v.into_iter().map(f16::from_f32).collect()),
+            _ => Tensor::F32(v),
+        }
+    }
     fn set(&mut self, i: usize, x: f32) {
         match self {
             Tensor::F32(t) => t[i] = x,
@@ -410,15 +469,19 @@ impl Tensor {
     }
 }
 
-/// The user's side of the model: parameter tensors, one per registered layer.
+/// The user's side of the model: parameter tensors, one per registered layer, and the
+/// harness's record of each layer's fixed storage (`ParamStorage`'s rule: set by an
+/// applied step, freed by `reset`).
 struct Model {
     params: Vec<Tensor>,
+    fixed: Vec<Option<ParamStorage>>,
 }
 
 impl Model {
     fn add(&mut self, len: usize, format: Format) {
         let seed = 0x9e37_79b9 + self.params.len() as u64;
         self.params.push(Tensor::new(len, format, seed));
+        self.fixed.push(None);
     }
 }
 
@@ -566,9 +629,38 @@ fn do_step(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, s: &StepSpec) {
             }
         }
     };
+    // The first layer passed in another storage than the one its applied steps fixed.
+    let mismatch = params
+        .iter()
+        .zip(&model.fixed)
+        .position(|(t, f)| f.is_some_and(|f| f != t.storage()));
     let result = run(opt, &mut params);
     let shadow_result = run(shadow, &mut shadow_params);
     check_no_panic(&result);
+    if let Some(i) = mismatch {
+        assert!(
+            result.is_err(),
+            "layer {i} passed as {:?} but fixed as {:?}: {result:?}",
+            params[i].storage(),
+            model.fixed[i]
+        );
+    }
+    match &result {
+        Err(Error::StorageChanged {
+            index,
+            name,
+            fixed,
+            found,
+        }) => {
+            assert!(fixed != found);
+            assert_eq!(model.fixed.get(*index), Some(&Some(*fixed)), "{result:?}");
+            assert_eq!(params[*index].storage(), *found, "{result:?}");
+            assert_eq!(opt.layer(LayerId(*index)).name, name.as_str());
+        }
+        // Only a checkpoint load leaves a master copy with the storage free.
+        Err(e @ Error::MasterNeedsHalf { .. }) => panic!("no checkpoint was loaded: {e}"),
+        _ => {}
+    }
     assert_eq!(
         show(&result),
         show(&shadow_result),
@@ -604,6 +696,7 @@ fn do_step(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, s: &StepSpec) {
             );
             assert_eq!(r.step, opt.steps());
             assert!(r.skipped.is_none());
+            model.fixed = params.iter().map(|t| Some(t.storage())).collect();
             model.params = params;
         }
         _ => {
@@ -656,6 +749,19 @@ fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
                 r.is_err() || len <= MAX_LEN,
                 "add_layer accepted {len} elements"
             );
+            if stats() {
+                eprintln!("STATS add_layer len={len} outcome={}", show(&r));
+            }
+            if (UNALLOCATABLE..UNALLOCATABLE + 256).contains(&len) {
+                // Refused by the allocator (or earlier, for a bad group or name).
+                assert!(
+                    matches!(
+                        &r,
+                        Err(Error::OutOfMemory { what: "moments", bytes, .. }) if *bytes >= len
+                    ) || matches!(&r, Err(Error::UnknownGroup(_) | Error::DuplicateName(_))),
+                    "add_layer({len}): {r:?}"
+                );
+            }
             if let Ok(id) = &r {
                 assert_eq!(id.0, before.layers.len());
                 let l = opt.layer(*id);
@@ -791,10 +897,30 @@ fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
             r
         }
         Op::SetThreads(t) => {
-            let t = 1 + *t as usize % 3;
-            let r = opt.set_threads(t);
-            assert!(r.is_ok(), "set_threads({t}): {r:?}");
-            assert_eq!(opt.threads(), t);
+            let max = Lamb::max_threads();
+            let threads_before = opt.threads();
+            let n = match *t {
+                Threads::Few(k) => 1 + k as usize % 3,
+                Threads::Auto => 0,
+                Threads::Over(k) => max + 1 + k as usize,
+                Threads::Huge => usize::MAX,
+            };
+            let r = opt.set_threads(n);
+            if n > max {
+                assert_eq!(r, Err(Error::ThreadCount { requested: n, max }));
+                assert_eq!(
+                    opt.threads(),
+                    threads_before,
+                    "a refused count changed the threads"
+                );
+            } else {
+                assert!(r.is_ok(), "set_threads({n}): {r:?}");
+                let expected = match n {
+                    0 => std::thread::available_parallelism().map_or(1, |c| c.get().min(max)),
+                    n => n,
+                };
+                assert_eq!(opt.threads(), expected);
+            }
             r
         }
         Op::SetBackend(b) => {
@@ -807,14 +933,27 @@ fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
             do_step(opt, shadow, model, s);
             Ok(())
         }
+        Op::Convert { layer, format } => {
+            if let Some(t) = model
+                .params
+                .get_mut(*layer as usize % opt.layer_count().max(1))
+            {
+                *t = t.convert(*format);
+            }
+            Ok(())
+        }
         Op::Reset => {
             opt.reset();
             shadow.reset();
+            model.fixed.iter_mut().for_each(|f| *f = None);
             let st = snapshot(opt);
             assert_eq!(st.steps, 0);
             for l in &st.layers {
                 assert!(
-                    l.5[1..].iter().all(|&b| b == 0) && l.6.is_none() && l.7.is_none(),
+                    l.5[1..].iter().all(|&b| b == 0)
+                        && l.6.is_none()
+                        && l.7.is_none()
+                        && l.8.is_none(),
                     "reset left state"
                 );
             }
@@ -826,6 +965,14 @@ fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
         assert!(
             snapshot(opt) == before,
             "{op:?} failed with {result:?} but changed the state"
+        );
+    }
+    // The storage each layer reports is the harness's record.
+    for (i, f) in model.fixed.iter().enumerate() {
+        assert_eq!(
+            opt.layer(LayerId(i)).storage,
+            *f,
+            "layer {i}'s storage after {op:?}"
         );
     }
     // The optimizer and its shadow agree on every bit after every call.
@@ -864,7 +1011,10 @@ fuzz_target!(|input: Input| {
     shadow
         .set_backend(Backend::Scalar)
         .expect("scalar is always available");
-    let mut model = Model { params: Vec::new() };
+    let mut model = Model {
+        params: Vec::new(),
+        fixed: Vec::new(),
+    };
     for (i, (len, format)) in input.initial.iter().enumerate() {
         let op = Op::AddLayerTo {
             group: (i % opt.group_count()) as u8,

@@ -80,31 +80,60 @@ unsafe impl<T: Element> Sync for Aligned<T> {}
 
 impl<T: Element> Aligned<T> {
     /// `len` zeros.
+    ///
+    /// # Panics
+    /// Aborts the process if the allocator has no memory for it, like `Vec` (use
+    /// [`Aligned::try_zeroed`] for an error instead), and panics if its size overflows `isize`.
     pub fn zeroed(len: usize) -> Aligned<T> {
-        let bytes = len
-            .checked_mul(size_of::<T>())
-            .expect("AlignedBuf: length overflows usize");
+        match Self::try_zeroed(len) {
+            Ok(b) => b,
+            Err(AllocError {
+                layout: Some(layout),
+                ..
+            }) => handle_alloc_error(layout),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// `len` zeros, or an [`AllocError`] if the allocator has no memory for them (or their
+    /// size overflows `isize`): never an abort. Optimizer state is allocated this way, so
+    /// that a model too large for the machine is an error the caller can handle.
+    ///
+    /// ```
+    /// use lamb_std::buffer::AlignedBuf;
+    /// assert_eq!(AlignedBuf::try_zeroed(1000).unwrap().len(), 1000);
+    /// // More bytes than isize::MAX: refused before asking the allocator.
+    /// let e = AlignedBuf::try_zeroed(usize::MAX / 4).unwrap_err();
+    /// assert_eq!(e.bytes(), Some(usize::MAX / 4 * 4));
+    /// // A size that overflows usize.
+    /// assert_eq!(AlignedBuf::try_zeroed(usize::MAX).unwrap_err().bytes(), None);
+    /// ```
+    pub fn try_zeroed(len: usize) -> Result<Aligned<T>, AllocError> {
+        let overflow = AllocError {
+            bytes: len.checked_mul(size_of::<T>()),
+            layout: None,
+        };
+        let bytes = overflow.bytes.ok_or(overflow)?;
         if bytes == 0 {
-            return Aligned {
+            return Ok(Aligned {
                 ptr: NonNull::dangling(),
                 len: 0,
                 placement: Placement::CacheLine,
-            };
+            });
         }
-        let align = if bytes >= HUGE_PAGE {
-            HUGE_PAGE
-        } else {
-            CACHE_LINE
+        let layout = Self::layout(bytes, Self::align_for(bytes)).ok_or(overflow)?;
+        let failed = AllocError {
+            bytes: Some(layout.size()),
+            layout: Some(layout),
         };
-        let layout = Self::layout(bytes, align);
-        let (raw, placement) = if align == HUGE_PAGE {
+        let (raw, placement) = if layout.align() == HUGE_PAGE {
             // Advise before the first touch: `alloc_zeroed` of an over-aligned layout writes
             // every page (as 4 KiB pages) before the advice could apply. So: allocate, advise,
             // then zero, which faults the memory in as huge pages where the OS gives them.
             // SAFETY: the layout has a non-zero size.
             let raw = unsafe { alloc(layout) };
             if raw.is_null() {
-                handle_alloc_error(layout)
+                return Err(failed);
             }
             let placement = advise_huge_pages(raw, layout.size());
             // SAFETY: `raw` is a live allocation of `layout.size()` bytes.
@@ -116,14 +145,12 @@ impl<T: Element> Aligned<T> {
         };
         // The zero bytes written above are `len` zeros of T (`Element`'s contract); the
         // alignment (64 or 2 MiB) is a multiple of T's.
-        let Some(ptr) = NonNull::new(raw.cast::<T>()) else {
-            handle_alloc_error(layout)
-        };
-        Aligned {
+        let ptr = NonNull::new(raw.cast::<T>()).ok_or(failed)?;
+        Ok(Aligned {
             ptr,
             len,
             placement,
-        }
+        })
     }
 
     /// A copy of `data`.
@@ -138,12 +165,50 @@ impl<T: Element> Aligned<T> {
         self.placement
     }
 
-    fn layout(bytes: usize, align: usize) -> Layout {
-        // Round the size up to the alignment so a huge-page advice covers whole pages.
-        Layout::from_size_align(bytes.next_multiple_of(align), align)
-            .expect("AlignedBuf: size overflows isize")
+    /// The alignment of a buffer of `bytes` bytes (see the module docs).
+    fn align_for(bytes: usize) -> usize {
+        if bytes >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            CACHE_LINE
+        }
+    }
+
+    /// The allocation of a buffer of `bytes` bytes: its size rounded up to the alignment so
+    /// that a huge-page advice covers whole pages. `None` if that overflows `isize`.
+    fn layout(bytes: usize, align: usize) -> Option<Layout> {
+        let size = bytes.checked_next_multiple_of(align)?;
+        Layout::from_size_align(size, align).ok()
     }
 }
+
+/// A buffer the allocator could not provide (from [`Aligned::try_zeroed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocError {
+    /// The bytes asked for (rounded up to the alignment); `None` if they overflow `usize`.
+    bytes: Option<usize>,
+    /// The allocation asked for; `None` if its size overflows `isize`.
+    layout: Option<Layout>,
+}
+
+impl AllocError {
+    /// The bytes that were asked for, or `None` if the size overflows `usize`.
+    pub fn bytes(&self) -> Option<usize> {
+        self.bytes
+    }
+}
+
+impl std::fmt::Display for AllocError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.bytes, self.layout) {
+            (Some(b), Some(_)) => write!(f, "could not allocate {b} bytes"),
+            (Some(b), None) => write!(f, "{b} bytes is more than isize::MAX"),
+            (None, _) => write!(f, "the buffer's size overflows usize"),
+        }
+    }
+}
+
+impl std::error::Error for AllocError {}
 
 #[cfg(target_os = "linux")]
 fn advise_huge_pages(ptr: *mut u8, len: usize) -> Placement {
@@ -168,13 +233,12 @@ impl<T: Element> Drop for Aligned<T> {
             return;
         }
         let bytes = self.len * size_of::<T>();
-        let align = if bytes >= HUGE_PAGE {
-            HUGE_PAGE
-        } else {
-            CACHE_LINE
+        // `try_zeroed` computed this same layout and allocated with it.
+        let Some(layout) = Self::layout(bytes, Self::align_for(bytes)) else {
+            return;
         };
-        // SAFETY: allocated in `zeroed` with exactly this layout.
-        unsafe { dealloc(self.ptr.as_ptr().cast(), Self::layout(bytes, align)) }
+        // SAFETY: allocated in `try_zeroed` with exactly this layout.
+        unsafe { dealloc(self.ptr.as_ptr().cast(), layout) }
     }
 }
 
@@ -261,6 +325,22 @@ mod tests {
         assert_eq!(codes.placement(), Placement::HugePages);
         assert_eq!(codes.as_ptr() as usize % HUGE_PAGE, 0);
         assert!(codes.iter().all(|&c| c == 0));
+    }
+
+    /// A buffer beyond any 64-bit address space (2^60 bytes, within `isize`): the allocator
+    /// returns null, which is an `Err` with the size, not an abort.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn an_allocation_the_machine_cannot_make_is_an_error() {
+        for len in [1usize << 60, (1 << 60) + 3] {
+            let e = Aligned::<u8>::try_zeroed(len).unwrap_err();
+            assert_eq!(e.bytes(), Some((len).next_multiple_of(HUGE_PAGE)));
+            assert!(e.to_string().contains("could not allocate"), "{e}");
+        }
+        let e = AlignedBuf::try_zeroed(1 << 60).unwrap_err();
+        assert_eq!(e.bytes(), Some(1 << 62));
+        // And the allocator still serves ordinary requests.
+        assert_eq!(AlignedBuf::try_zeroed(HUGE_PAGE).unwrap().len(), HUGE_PAGE);
     }
 
     #[test]

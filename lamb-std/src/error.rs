@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use lamb_core::LambError;
 
+use crate::ParamStorage;
+
 /// Everything [`Lamb`](crate::Lamb) refuses. Whenever an `Err` is returned by a step, no
 /// parameter, moment or counter has changed, except for [`Error::WorkerPanicked`] in the
 /// apply phase, which says so and poisons the optimizer.
@@ -86,6 +88,45 @@ pub enum Error {
     BadBackendEnv(String),
     /// The thread pool could not be built.
     ThreadPool(String),
+    /// [`Lamb::set_threads`](crate::Lamb::set_threads) was asked for more threads than
+    /// [`Lamb::max_threads`](crate::Lamb::max_threads); the previous setting stays.
+    ThreadCount {
+        /// The count asked for.
+        requested: usize,
+        /// The most accepted.
+        max: usize,
+    },
+    /// A step passed a layer's parameters in another storage than the one its first applied
+    /// step fixed (see [`ParamStorage`]). Nothing was written.
+    StorageChanged {
+        /// Index of the layer.
+        index: usize,
+        /// Its registered name.
+        name: String,
+        /// The storage fixed for it.
+        fixed: ParamStorage,
+        /// The storage the step passed.
+        found: ParamStorage,
+    },
+    /// A step passed f32 parameters for a layer holding an f32 master copy of bf16/f16
+    /// parameters (loaded from a checkpoint): the copy would be left stale. Nothing was
+    /// written.
+    MasterNeedsHalf {
+        /// Index of the layer.
+        index: usize,
+        /// Its registered name.
+        name: String,
+    },
+    /// The allocator had no memory for a layer's state (moments when registering it, its
+    /// master copy at a step). Nothing was registered or written.
+    OutOfMemory {
+        /// The layer's name.
+        name: String,
+        /// What was being allocated (`"moments"`, `"master copy"`, ...).
+        what: &'static str,
+        /// The size of the allocation that failed, in bytes.
+        bytes: usize,
+    },
     /// A parameter's shape has more elements than `usize` can count.
     ShapeOverflow {
         /// The layer's name.
@@ -220,6 +261,27 @@ impl fmt::Display for Error {
                 "layer '{l}': f16 parameters need an f32 master copy (Precision::master = true)"
             ),
             Error::ThreadPool(e) => write!(f, "could not build the thread pool: {e}"),
+            Error::ThreadCount { requested, max } => write!(
+                f,
+                "{requested} threads requested; at most {max} are supported (0 means one per core)"
+            ),
+            Error::StorageChanged {
+                index,
+                name,
+                fixed,
+                found,
+            } => write!(
+                f,
+                "layer '{name}' (#{index}): the step passed {found} parameters, but the layer's storage is {fixed} since its first step; nothing was written (reset() frees it)"
+            ),
+            Error::MasterNeedsHalf { index, name } => write!(
+                f,
+                "layer '{name}' (#{index}): the step passed f32 parameters, but the layer holds an f32 master copy of bf16/f16 parameters (from a checkpoint); nothing was written"
+            ),
+            Error::OutOfMemory { name, what, bytes } => write!(
+                f,
+                "layer '{name}': could not allocate {bytes} bytes for its {what}; nothing was changed"
+            ),
             Error::WorkerPanicked { phase, message } => write!(
                 f,
                 "a worker thread panicked in the {phase} phase: {message}{}",

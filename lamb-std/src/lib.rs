@@ -38,6 +38,6 @@ pub mod shapes;
 pub use domain::MAX_STEP;
 pub use error::Error;
 pub use optimizer::{
-    Group, GroupId, Lamb, LayerId, LayerView, ParamsIn, Precision, SkippedLayer, StateFormat,
-    StateView, StepReport,
+    Group, GroupId, Lamb, LayerId, LayerView, ParamStorage, ParamsIn, Precision, SkippedLayer,
+    StateFormat, StateView, StepReport,
 };

@@ -11,6 +11,7 @@
 //! phase 1 would reuse more, but would write layers before knowing whether a later layer is
 //! non-finite, and a step would no longer be all or nothing.
 
+use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 
@@ -23,7 +24,7 @@ use lamb_core::{
     StepScalars,
 };
 
-use crate::buffer::{Aligned, AlignedBuf};
+use crate::buffer::{Aligned, AlignedBuf, AllocError, Element};
 use crate::error::Error;
 use crate::partition::{Piece, partition};
 
@@ -124,6 +125,60 @@ impl ParamsIn<'_> {
             ParamsIn::F16(p) => p.len(),
         }
     }
+
+    /// The storage these parameters come in.
+    pub fn storage(&self) -> ParamStorage {
+        match self {
+            ParamsIn::F32(_) => ParamStorage::F32,
+            ParamsIn::Bf16(_) => ParamStorage::Bf16,
+            ParamsIn::F16(_) => ParamStorage::F16,
+        }
+    }
+}
+
+/// How a layer's parameters are stored by the model: the variant of [`ParamsIn`].
+///
+/// A layer's storage is fixed by its first applied step (after registration, [`Lamb::reset`]
+/// or a checkpoint load): a later step that passes the layer in another storage is refused
+/// with [`Error::StorageChanged`], and nothing is written. The optimizer's state for the
+/// layer (an f32 master copy of bf16/f16 parameters above all) describes the parameters in
+/// that storage; stepping f32 parameters in between would leave the master copy behind, and
+/// a later half-precision step would continue from it instead of from the model.
+///
+/// ```
+/// use lamb_std::{Error, Lamb, LayerId, ParamStorage, ParamsIn, lamb_core::{LambConfig, half::bf16, precision::Grads}};
+/// let mut opt = Lamb::new(LambConfig::paper());
+/// opt.add_layer("w", 4)?;
+/// assert_eq!(opt.layer(LayerId(0)).storage, None); // free until the first step
+/// let mut w = vec![bf16::from_f32(0.5); 4];
+/// let g = vec![bf16::from_f32(0.01); 4];
+/// opt.step_mixed(&mut [ParamsIn::Bf16(&mut w)], &[Grads::Bf16(&g)])?;
+/// assert_eq!(opt.layer(LayerId(0)).storage, Some(ParamStorage::Bf16));
+///
+/// let mut w32 = vec![0.5f32; 4];
+/// let e = opt.step(&mut [&mut w32], &[&[0.01; 4]]).unwrap_err();
+/// assert!(matches!(e, Error::StorageChanged { fixed: ParamStorage::Bf16, found: ParamStorage::F32, .. }));
+/// assert_eq!(w32, [0.5; 4]);
+/// # Ok::<(), lamb_std::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ParamStorage {
+    /// [`ParamsIn::F32`].
+    F32,
+    /// [`ParamsIn::Bf16`].
+    Bf16,
+    /// [`ParamsIn::F16`].
+    F16,
+}
+
+impl std::fmt::Display for ParamStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ParamStorage::F32 => "f32",
+            ParamStorage::Bf16 => "bf16",
+            ParamStorage::F16 => "f16",
+        })
+    }
 }
 
 /// A layer's moments as stored, from [`Lamb::layer`].
@@ -173,6 +228,9 @@ pub struct LayerView<'a> {
     pub state: StateView<'a>,
     /// The f32 master copy of half-precision parameters, once the first step made it.
     pub master: Option<&'a [f32]>,
+    /// The parameters' storage, fixed by the first applied step (`None` before it; see
+    /// [`ParamStorage`]).
+    pub storage: Option<ParamStorage>,
     /// Norms and ratio of the last applied step (`None` before the first).
     pub last: Option<LayerReport>,
 }
@@ -209,6 +267,8 @@ struct Layer {
     name: String,
     group: usize,
     len: usize,
+    /// Fixed by the first applied step; cleared by `reset` and checkpoint loads.
+    storage: Option<ParamStorage>,
     last: Option<LayerReport>,
 }
 
@@ -237,7 +297,12 @@ enum Compact {
 }
 
 impl Moments {
-    fn new(len: usize, precision: &Precision) -> Moments {
+    /// Zeroed moments of a layer of `len` elements, or the failed allocation's size (the
+    /// buffers allocated before it are freed).
+    fn new(len: usize, precision: &Precision) -> Result<Moments, AllocError> {
+        fn zeroed<T: Element>(len: usize) -> Result<Aligned<T>, AllocError> {
+            Aligned::try_zeroed(len)
+        }
         let compact = if len < precision.compact_min_len {
             StateFormat::F32
         } else {
@@ -245,24 +310,24 @@ impl Moments {
         };
         let f32_len = if compact == StateFormat::F32 { len } else { 0 };
         let q = len.div_ceil(QBLOCK);
-        Moments {
-            m: AlignedBuf::zeroed(f32_len),
-            v: AlignedBuf::zeroed(f32_len),
+        Ok(Moments {
+            m: zeroed(f32_len)?,
+            v: zeroed(f32_len)?,
             compact: match compact {
                 StateFormat::F32 => Compact::None,
                 StateFormat::Bf16 => Compact::Bf16 {
-                    m: Aligned::zeroed(len),
-                    v: Aligned::zeroed(len),
+                    m: zeroed(len)?,
+                    v: zeroed(len)?,
                 },
                 StateFormat::Q8 => Compact::Q8 {
-                    m: Aligned::zeroed(len),
-                    v: Aligned::zeroed(len),
-                    m_absmax: AlignedBuf::zeroed(q),
-                    v_absmax: AlignedBuf::zeroed(q),
+                    m: zeroed(len)?,
+                    v: zeroed(len)?,
+                    m_absmax: zeroed(q)?,
+                    v_absmax: zeroed(q)?,
                 },
             },
             master: None,
-        }
+        })
     }
 
     fn zero(&mut self) {
@@ -369,7 +434,11 @@ impl Moments {
 /// ```
 pub struct Lamb {
     groups: Vec<Group>,
+    /// Number of layers in each group (parallel to `groups`).
+    group_layers: Vec<usize>,
     layers: Vec<Layer>,
+    /// Layer index by name: the one place names are looked up.
+    names: HashMap<String, usize>,
     moments: Vec<Moments>,
     step: u64,
     threads: usize,
@@ -379,13 +448,20 @@ pub struct Lamb {
     schedule: Schedule,
     poisoned: bool,
     no_decay_group: Option<usize>,
+    /// The partition of the layers among `threads` threads; rebuilt at the next step when
+    /// `plan_stale` (adding a layer or changing the thread count only marks it, so that
+    /// registering n layers is O(n), not O(n²)).
     plan: Vec<Piece>,
+    plan_stale: bool,
     /// Phase-1 block sums of all layers, laid end to end (layer `i` at its block offset).
     block_norms: Vec<LayerNorms>,
     /// Gradient block sums of squares, same layout.
     block_grad_sq: Vec<f64>,
     #[cfg(test)]
     pub(crate) panic_in: Option<(&'static str, usize)>,
+    /// Makes the allocation of this layer's master copy fail, as if memory ran out.
+    #[cfg(test)]
+    pub(crate) fail_master_of: Option<usize>,
 }
 
 /// One thread's share of one layer during a step.
@@ -437,7 +513,9 @@ impl Lamb {
                 lr_scale: 1.0,
                 precision: Precision::default(),
             }],
+            group_layers: vec![0],
             layers: Vec::new(),
+            names: HashMap::new(),
             moments: Vec::new(),
             step: 0,
             threads: 1,
@@ -448,10 +526,13 @@ impl Lamb {
             poisoned: false,
             no_decay_group: None,
             plan: Vec::new(),
+            plan_stale: false,
             block_norms: Vec::new(),
             block_grad_sq: Vec::new(),
             #[cfg(test)]
             panic_in: None,
+            #[cfg(test)]
+            fail_master_of: None,
         }
     }
 
@@ -482,6 +563,7 @@ impl Lamb {
             lr_scale: 1.0,
             precision: Precision::default(),
         });
+        opt.group_layers.push(0);
         opt.no_decay_group = Some(1);
         opt
     }
@@ -501,6 +583,7 @@ impl Lamb {
         };
         validate_group(&group)?;
         self.groups.push(group);
+        self.group_layers.push(0);
         Ok(GroupId(self.groups.len() - 1))
     }
 
@@ -508,7 +591,7 @@ impl Lamb {
     /// state is allocated in the group's format when they are added.
     pub fn set_precision(&mut self, id: GroupId, precision: Precision) -> Result<(), Error> {
         let name = self.group(id)?.name.clone();
-        if self.layers.iter().any(|l| l.group == id.0) {
+        if self.group_layers[id.0] > 0 {
             return Err(Error::PrecisionAfterLayers(name));
         }
         self.groups[id.0].precision = precision;
@@ -542,7 +625,10 @@ impl Lamb {
         self.add_layer_to(GroupId(group), name, len)
     }
 
-    /// Registers a layer of `len` elements in `group`.
+    /// Registers a layer of `len` elements in `group`. Its state is allocated now; if the
+    /// allocator has no memory for it, the result is [`Error::OutOfMemory`] and nothing is
+    /// registered. Registration takes constant time per layer (amortised): the names are
+    /// indexed, and the partition among threads is made once, at the next step.
     pub fn add_layer_to(
         &mut self,
         group: GroupId,
@@ -553,7 +639,7 @@ impl Lamb {
         if group.0 >= self.groups.len() {
             return Err(Error::UnknownGroup(group.0));
         }
-        if self.layers.iter().any(|l| l.name == name) {
+        if self.names.contains_key(&name) {
             return Err(Error::DuplicateName(name));
         }
         // A length whose buffers could not even be described (more bytes than isize) is an
@@ -568,31 +654,84 @@ impl Lamb {
                 shape: vec![len],
             });
         }
+        // Every allocation first, fallibly; then the pushes, which cannot fail.
+        let moments = match Moments::new(len, &self.groups[group.0].precision) {
+            Ok(m) => m,
+            Err(e) => return Err(out_of_memory(name, "moments", e.bytes())),
+        };
+        let blocks = len.div_ceil(BLOCK);
+        let reserved = (|| {
+            let table = size_of::<Layer>() + size_of::<Moments>() + size_of::<(String, usize)>();
+            let table = Some(table);
+            self.layers.try_reserve(1).map_err(|_| table)?;
+            self.moments.try_reserve(1).map_err(|_| table)?;
+            self.names.try_reserve(1).map_err(|_| table)?;
+            let sums = blocks.checked_mul(size_of::<LayerNorms>() + size_of::<f64>());
+            self.block_norms.try_reserve(blocks).map_err(|_| sums)?;
+            self.block_grad_sq.try_reserve(blocks).map_err(|_| sums)
+        })();
+        if let Err(bytes) = reserved {
+            return Err(out_of_memory(name, "layer table and block sums", bytes));
+        }
+        let index = self.layers.len();
+        self.names.insert(name.clone(), index);
         self.layers.push(Layer {
             name,
             group: group.0,
             len,
+            storage: None,
             last: None,
         });
-        self.moments
-            .push(Moments::new(len, &self.groups[group.0].precision));
-        let blocks = len.div_ceil(BLOCK);
+        self.moments.push(moments);
+        self.group_layers[group.0] += 1;
         self.block_norms
             .resize(self.block_norms.len() + blocks, LayerNorms::default());
         self.block_grad_sq
             .resize(self.block_grad_sq.len() + blocks, 0.0);
-        self.replan();
-        Ok(LayerId(self.layers.len() - 1))
+        self.plan_stale = true;
+        Ok(LayerId(index))
     }
 
+    /// The most threads [`Lamb::set_threads`] accepts: [`Lamb::MAX_THREADS`], or rayon's
+    /// maximum pool size where that is lower (255 on 32-bit targets, whose thread pools
+    /// rayon caps silently).
+    pub fn max_threads() -> usize {
+        Lamb::MAX_THREADS.min(rayon::max_num_threads())
+    }
+
+    /// The most threads a [`Lamb`] runs on (see [`Lamb::max_threads`]). A step is
+    /// memory-bound: past one thread per core more threads only add overhead, and each
+    /// costs a stack and a piece of every step's partition. 1024 is above the hardware
+    /// threads of today's largest common servers, far below what exhausts memory, and the
+    /// same on every machine, so a program that runs on one is not refused on another.
+    pub const MAX_THREADS: usize = 1024;
+
     /// Number of worker threads: 1 runs on the caller's thread with no pool; 0 means one per
-    /// available core. Results are bit-identical for every count.
+    /// available core (at most [`Lamb::max_threads`]). Results are bit-identical for every
+    /// count. A count above [`Lamb::max_threads`] is refused with [`Error::ThreadCount`],
+    /// and the previous setting stays. The work is planned for the threads the pool
+    /// actually has ([`Lamb::threads`]).
+    ///
+    /// ```
+    /// use lamb_std::{Error, Lamb, lamb_core::LambConfig};
+    /// let mut opt = Lamb::new(LambConfig::paper());
+    /// opt.set_threads(3)?;
+    /// assert_eq!(opt.threads(), 3);
+    /// let e = opt.set_threads(100_000).unwrap_err();
+    /// assert!(matches!(e, Error::ThreadCount { requested: 100_000, .. }));
+    /// assert_eq!(opt.threads(), 3);
+    /// # Ok::<(), lamb_std::Error>(())
+    /// ```
     pub fn set_threads(&mut self, threads: usize) -> Result<(), Error> {
+        let max = Lamb::max_threads();
         let threads = match threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(max)),
+            n if n > max => {
+                return Err(Error::ThreadCount { requested: n, max });
+            }
             n => n,
         };
-        self.pool = if threads == 1 {
+        let pool = if threads == 1 {
             None
         } else {
             Some(
@@ -603,12 +742,14 @@ impl Lamb {
                     .map_err(|e| Error::ThreadPool(e.to_string()))?,
             )
         };
-        self.threads = threads;
-        self.replan();
+        // What the pool has, not what was asked: the plan gives work to these threads only.
+        self.threads = pool.as_ref().map_or(1, |p| p.current_num_threads());
+        self.pool = pool;
+        self.plan_stale = true;
         Ok(())
     }
 
-    /// The thread count in use.
+    /// The thread count in use: that of the pool (1 without one).
     pub fn threads(&self) -> usize {
         self.threads
     }
@@ -700,13 +841,14 @@ impl Lamb {
             v: &s.v,
             state: s.view(),
             master: s.master.as_deref(),
+            storage: l.storage,
             last: l.last,
         }
     }
 
     /// Finds a layer by name.
     pub fn layer_id(&self, name: &str) -> Option<LayerId> {
-        self.layers.iter().position(|l| l.name == name).map(LayerId)
+        self.names.get(name).copied().map(LayerId)
     }
 
     /// Steps taken so far, at most [`MAX_STEP`](crate::MAX_STEP).
@@ -715,11 +857,13 @@ impl Lamb {
     }
 
     /// Zeroes every moment and the step counter and clears reports and poisoning; layers,
-    /// groups and settings stay.
+    /// groups and settings stay. The layers' parameter storage is free again, to be fixed by
+    /// the next applied step (see [`ParamStorage`]).
     pub fn reset(&mut self) {
         for (l, s) in self.layers.iter_mut().zip(&mut self.moments) {
             s.zero();
             s.master = None;
+            l.storage = None;
             l.last = None;
         }
         self.step = 0;
@@ -739,9 +883,14 @@ impl Lamb {
         }
     }
 
-    fn replan(&mut self) {
-        let lens: Vec<usize> = self.layers.iter().map(|l| l.len).collect();
-        self.plan = partition(&lens, self.threads);
+    /// Makes the partition for the current layers and thread count, if it is stale. Runs
+    /// before a step writes anything, and replaces the plan whole: a step that is refused
+    /// later leaves a valid, current plan behind.
+    fn ensure_plan(&mut self) {
+        if self.plan_stale {
+            self.plan = partition(self.layers.iter().map(|l| l.len), self.threads);
+            self.plan_stale = false;
+        }
     }
 
     /// One step over every layer: `params[i]` and `grads[i]` belong to layer `i`.
@@ -806,7 +955,8 @@ impl Lamb {
         let t = crate::domain::next_step(self.step)?;
         let lr_factor = self.schedule.factor(t);
         let configs = self.step_configs(lr_factor)?;
-        let made = self.make_masters(params);
+        self.ensure_plan();
+        let made = self.make_masters(params)?;
         let result = self.step_with_masters(
             params,
             grads,
@@ -854,7 +1004,7 @@ impl Lamb {
         let layers: &[Layer] = layers;
         let mut work = split_work(
             plan,
-            *threads,
+            (*threads).max(1),
             t,
             params,
             grads,
@@ -949,8 +1099,9 @@ impl Lamb {
             self.poisoned = true;
             return Err(e.into_error("apply", &self.layers));
         }
-        for (l, r) in self.layers.iter_mut().zip(reports) {
+        for ((l, r), p) in self.layers.iter_mut().zip(reports).zip(params.iter()) {
             l.last = Some(r);
+            l.storage = Some(p.storage());
         }
         self.step = t;
         Ok(StepReport {
@@ -964,38 +1115,49 @@ impl Lamb {
     }
 
     /// Makes the f32 master copy of every half-precision layer whose group keeps one and
-    /// that has none yet, from the model's current values (exact: bf16/f16 → f32). The
-    /// master then equals the model, so making it changes nothing even if the step is
-    /// later refused.
-    fn make_masters(&mut self, params: &[ParamsIn<'_>]) -> Vec<usize> {
-        let mut made = Vec::new();
+    /// that has none yet, from the model's current values (exact: bf16/f16 → f32), and
+    /// returns the layers it made one for. The master then equals the model, so making it
+    /// changes nothing even if the step is later refused. If the allocator has no memory for
+    /// one, the copies made so far are dropped and the step fails with nothing changed.
+    fn make_masters(&mut self, params: &[ParamsIn<'_>]) -> Result<Vec<usize>, Error> {
+        let mut made: Vec<usize> = Vec::new();
         for (i, p) in params.iter().enumerate() {
-            let group = &self.groups[self.layers[i].group];
-            let state = &mut self.moments[i];
-            if !group.precision.master || state.master.is_some() {
+            let keeps = self.groups[self.layers[i].group].precision.master;
+            if !keeps || self.moments[i].master.is_some() || p.storage() == ParamStorage::F32 {
                 continue;
             }
-            let master = match p {
-                ParamsIn::F32(_) => continue,
-                ParamsIn::Bf16(x) => {
-                    let mut b = AlignedBuf::zeroed(x.len());
-                    b.iter_mut()
-                        .zip(x.iter())
-                        .for_each(|(o, h)| *o = h.to_f32());
-                    b
-                }
-                ParamsIn::F16(x) => {
-                    let mut b = AlignedBuf::zeroed(x.len());
-                    b.iter_mut()
-                        .zip(x.iter())
-                        .for_each(|(o, h)| *o = h.to_f32());
-                    b
+            let allocated = AlignedBuf::try_zeroed(p.len());
+            #[cfg(test)]
+            let allocated = match self.fail_master_of {
+                // The size of a buffer no machine can allocate.
+                Some(j) if j == i => AlignedBuf::try_zeroed(usize::MAX / 8),
+                _ => allocated,
+            };
+            let mut b = match allocated {
+                Ok(b) => b,
+                Err(e) => {
+                    for &j in &made {
+                        self.moments[j].master = None;
+                    }
+                    let name = self.layers[i].name.clone();
+                    return Err(out_of_memory(name, "master copy", e.bytes()));
                 }
             };
-            state.master = Some(master);
+            match p {
+                ParamsIn::F32(_) => {}
+                ParamsIn::Bf16(x) => b
+                    .iter_mut()
+                    .zip(x.iter())
+                    .for_each(|(o, h)| *o = h.to_f32()),
+                ParamsIn::F16(x) => b
+                    .iter_mut()
+                    .zip(x.iter())
+                    .for_each(|(o, h)| *o = h.to_f32()),
+            }
+            self.moments[i].master = Some(b);
             made.push(i);
         }
-        made
+        Ok(made)
     }
 
     /// Every check that needs no kernel: counts, lengths, formats, aliasing, empty groups.
@@ -1029,6 +1191,26 @@ impl Lamb {
             if matches!(params[i], ParamsIn::F16(_)) && !self.groups[l.group].precision.master {
                 return Err(Error::NeedsMaster(l.name.clone()));
             }
+            let found = params[i].storage();
+            match l.storage {
+                Some(fixed) if fixed != found => {
+                    return Err(Error::StorageChanged {
+                        index: i,
+                        name: l.name.clone(),
+                        fixed,
+                        found,
+                    });
+                }
+                // Only a checkpoint load leaves a master copy with the storage free: the copy
+                // is of bf16 or f16 parameters, and f32 ones would leave it stale.
+                None if found == ParamStorage::F32 && self.moments[i].master.is_some() => {
+                    return Err(Error::MasterNeedsHalf {
+                        index: i,
+                        name: l.name.clone(),
+                    });
+                }
+                _ => {}
+            }
         }
         // Two gradients sharing memory is almost certainly a bug in the caller's bookkeeping.
         let mut ranges: Vec<(usize, usize, usize)> = grads
@@ -1053,8 +1235,8 @@ impl Lamb {
                 });
             }
         }
-        for (g, group) in self.groups.iter().enumerate() {
-            if !self.layers.iter().any(|l| l.group == g) {
+        for (group, &count) in self.groups.iter().zip(&self.group_layers) {
+            if count == 0 {
                 return Err(Error::EmptyGroup(group.name.clone()));
             }
         }
@@ -1116,6 +1298,15 @@ fn skip(
     }
 }
 
+/// The error of a failed allocation of `what` for layer `name`.
+fn out_of_memory(name: String, what: &'static str, bytes: Option<usize>) -> Error {
+    Error::OutOfMemory {
+        name,
+        what,
+        bytes: bytes.unwrap_or(usize::MAX),
+    }
+}
+
 fn backend_from_env() -> Result<Backend, Error> {
     match std::env::var("LAMB_BACKEND") {
         Ok(name) if !name.is_empty() => Backend::from_name(&name)
@@ -1140,7 +1331,9 @@ fn split_work<'a>(
     block_norms: &'a mut [LayerNorms],
     block_grad_sq: &'a mut [f64],
 ) -> Result<Vec<Vec<Work<'a>>>, (LambError, usize)> {
-    let mut out: Vec<Vec<Work<'a>>> = (0..threads).map(|_| Vec::new()).collect();
+    // One list per thread of the plan (its pieces' threads are in non-decreasing order).
+    let lists = plan.last().map_or(0, |p| p.thread + 1).max(threads);
+    let mut out: Vec<Vec<Work<'a>>> = (0..lists).map(|_| Vec::new()).collect();
     let (mut norms_rest, mut gsq_rest) = (block_norms, block_grad_sq);
     let mut cursor = 0;
     let all = params.iter_mut().zip(grads).zip(layers.iter().zip(moments));
@@ -1213,6 +1406,8 @@ fn split_work<'a>(
             });
             done += n;
         }
+        // The plan is made from the layers it is used with (`Lamb::ensure_plan`).
+        debug_assert_eq!(done, layer.len, "the plan does not cover layer {i}");
     }
     Ok(out)
 }
@@ -1249,7 +1444,9 @@ impl RunError {
 
 /// Runs `f` over every thread's pieces (`reverse`: last piece first), one list per pool
 /// thread, pinned by thread index so phase 2 finds phase 1's data in that core's cache.
-/// Panics are caught and returned.
+/// Panics are caught and returned. Every list is run, whatever the pool's size: should
+/// there be more lists than pool threads, pool thread `k` also runs lists `k + n`,
+/// `k + 2n`, ... (`n` threads), in that order.
 fn run<F>(
     pool: Option<&rayon::ThreadPool>,
     work: &mut [Vec<Work<'_>>],
@@ -1274,12 +1471,16 @@ where
         None => work.iter_mut().try_for_each(one),
         Some(pool) => {
             let cells: Vec<Mutex<&mut Vec<Work<'_>>>> = work.iter_mut().map(Mutex::new).collect();
-            let results = pool.broadcast(|ctx| match cells.get(ctx.index()) {
-                Some(cell) => match cell.lock() {
-                    Ok(mut list) => one(&mut list),
-                    Err(_) => Err(RunError::Panic("work list poisoned".into())),
-                },
-                None => Ok(()),
+            let results = pool.broadcast(|ctx| {
+                let stride = ctx.num_threads().max(1);
+                cells
+                    .iter()
+                    .skip(ctx.index())
+                    .step_by(stride)
+                    .try_for_each(|cell| match cell.lock() {
+                        Ok(mut list) => one(&mut list),
+                        Err(_) => Err(RunError::Panic("work list poisoned".into())),
+                    })
             });
             results.into_iter().collect()
         }
@@ -1311,8 +1512,13 @@ impl Lamb {
         self.poisoned
     }
 
-    /// Layer `i`'s stored moments and f32 master copy, writable.
+    /// Layer `i`'s stored moments and f32 master copy, writable, for a checkpoint load that
+    /// overwrites them whole. The layer's parameter storage becomes free again, to be fixed
+    /// by the next applied step (a checkpoint does not record it): the loaded state is
+    /// valid for any storage, except that a master copy, if the load leaves one, is of
+    /// bf16 or f16 parameters, and a step then refuses f32 ones ([`Error::MasterNeedsHalf`]).
     pub(crate) fn state_mut(&mut self, i: usize) -> (CoreMoments<'_>, &mut Option<AlignedBuf>) {
+        self.layers[i].storage = None;
         let Moments {
             m,
             v,
@@ -1416,5 +1622,78 @@ mod tests {
             opt.reset();
             assert!(do_step(&mut opt, &mut p, &g).unwrap().applied);
         }
+    }
+
+    /// The plan and the pool can disagree (a pool smaller than the plan's thread count):
+    /// every work list must still run. Here the plan is for 7 threads and the pool has 2.
+    #[test]
+    fn every_work_list_runs_on_a_pool_smaller_than_the_plan() {
+        let (mut reference, mut p1, g) = setup(1);
+        do_step(&mut reference, &mut p1, &g).unwrap();
+        let (mut opt, mut p, _) = setup(2);
+        opt.ensure_plan();
+        opt.plan = partition(opt.layers.iter().map(|l| l.len), 7);
+        opt.threads = 7;
+        assert_eq!(opt.plan.last().unwrap().thread, 6);
+        assert_eq!(opt.pool.as_ref().unwrap().current_num_threads(), 2);
+        assert!(do_step(&mut opt, &mut p, &g).unwrap().applied);
+        assert!(p == p1, "pieces of threads the pool lacks were not stepped");
+        assert!(state(&opt, &p) == state(&reference, &p1));
+    }
+
+    /// A layer added, or a thread count set, after a step is in the next step's plan.
+    #[test]
+    fn the_plan_follows_layers_and_threads_added_after_a_step() {
+        let (mut opt, mut p, mut g) = setup(3);
+        do_step(&mut opt, &mut p, &g).unwrap();
+        assert!(!opt.plan_stale);
+        opt.add_layer("late", 5000).unwrap();
+        p.push(vec![0.5; 5000]);
+        g.push(vec![0.01; 5000]);
+        do_step(&mut opt, &mut p, &g).unwrap();
+        assert!(
+            p[6].iter().all(|&x| x < 0.5),
+            "the late layer was not stepped"
+        );
+        opt.set_threads(5).unwrap();
+        do_step(&mut opt, &mut p, &g).unwrap();
+        assert_eq!(opt.plan.last().unwrap().thread, 4);
+        assert_eq!(opt.plan, partition(opt.layers.iter().map(|l| l.len), 5));
+    }
+
+    /// A master copy whose allocation fails fails the step: an `Err` naming the layer and
+    /// the bytes, the copies made before it dropped, nothing written; the next step works.
+    #[test]
+    fn a_failed_master_allocation_fails_the_step_cleanly() {
+        use lamb_core::half::bf16;
+        let mut opt = Lamb::new(LambConfig::paper());
+        for i in 0..3 {
+            opt.add_layer(format!("h{i}"), 100).unwrap();
+        }
+        let mut w: Vec<Vec<bf16>> = (0..3).map(|_| vec![bf16::from_f32(0.5); 100]).collect();
+        let g: Vec<Vec<bf16>> = (0..3).map(|_| vec![bf16::from_f32(0.01); 100]).collect();
+        let grads: Vec<Grads<'_>> = g.iter().map(|x| Grads::Bf16(x)).collect();
+        opt.fail_master_of = Some(2);
+        let before = w.clone();
+        let mut p: Vec<ParamsIn<'_>> = w.iter_mut().map(|x| ParamsIn::Bf16(x)).collect();
+        let e = opt.step_mixed(&mut p, &grads).unwrap_err();
+        assert!(
+            matches!(&e, Error::OutOfMemory { name, what: "master copy", bytes }
+                if name == "h2" && *bytes >= usize::MAX / 8 * 4),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("layer 'h2'"), "{e}");
+        drop(p);
+        assert!(w == before);
+        assert_eq!(opt.steps(), 0);
+        for i in 0..3 {
+            let l = opt.layer(LayerId(i));
+            assert!(l.master.is_none() && l.storage.is_none() && l.last.is_none());
+            assert!(l.m.iter().all(|&x| x == 0.0));
+        }
+        opt.fail_master_of = None;
+        let mut p: Vec<ParamsIn<'_>> = w.iter_mut().map(|x| ParamsIn::Bf16(x)).collect();
+        assert!(opt.step_mixed(&mut p, &grads).unwrap().applied);
+        assert!((0..3).all(|i| opt.layer(LayerId(i)).master.is_some()));
     }
 }

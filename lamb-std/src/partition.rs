@@ -18,14 +18,18 @@ pub(crate) struct Piece {
 }
 
 /// Cuts layers of lengths `lens` among `threads` threads. Pieces come in layer order, and
-/// within a layer in element order; each thread's pieces are consecutive.
-pub(crate) fn partition(lens: &[usize], threads: usize) -> Vec<Piece> {
+/// within a layer in element order; each thread's pieces are consecutive. O(layers +
+/// threads).
+pub(crate) fn partition<I>(lens: I, threads: usize) -> Vec<Piece>
+where
+    I: ExactSizeIterator<Item = usize> + Clone,
+{
     let threads = threads.max(1);
-    let total: usize = lens.iter().sum();
+    let total: usize = lens.clone().sum();
     let target = total.div_ceil(threads).max(1);
     let mut pieces = Vec::with_capacity(lens.len() + threads);
     let (mut thread, mut filled) = (0, 0);
-    for (layer, &len) in lens.iter().enumerate() {
+    for (layer, len) in lens.enumerate() {
         let mut start = 0;
         loop {
             let remaining = len - start;
@@ -62,7 +66,7 @@ mod tests {
     use super::*;
 
     fn check(lens: &[usize], threads: usize) {
-        let pieces = partition(lens, threads);
+        let pieces = partition(lens.iter().copied(), threads);
         // Every element of every layer exactly once, in order, cuts on block boundaries.
         for (layer, &len) in lens.iter().enumerate() {
             let mine: Vec<_> = pieces.iter().filter(|p| p.layer == layer).collect();
@@ -92,14 +96,14 @@ mod tests {
 
     #[test]
     fn balances_a_big_layer() {
-        let pieces = partition(&[1 << 24], 4);
+        let pieces = partition([1 << 24].into_iter(), 4);
         assert_eq!(pieces.len(), 4);
         assert!(pieces.iter().all(|p| p.end - p.start == 1 << 22));
     }
 
     #[test]
     fn packs_small_layers() {
-        let pieces = partition(&vec![1024; 1000], 2);
+        let pieces = partition([1024; 1000].into_iter(), 2);
         assert_eq!(pieces.len(), 1000);
         assert_eq!(pieces.iter().filter(|p| p.thread == 0).count(), 500);
     }
