@@ -357,15 +357,31 @@ impl Lamb {
         params: Option<&mut [&mut [f32]]>,
     ) -> Result<(), Refusal> {
         let d = decode(self, bytes, params.is_some())?;
-        // Everything is checked: from here nothing can fail.
+        // The master copies are the only state a load allocates: allocate them all before
+        // changing anything, so that running out of memory is a refusal, not an abort.
+        let mut masters = Vec::with_capacity(d.layers.len());
         for (i, layer) in d.layers.iter().enumerate() {
+            masters.push(match layer.master {
+                None => None,
+                Some(src) => {
+                    let mut b = AlignedBuf::try_zeroed(src.len() / 4).map_err(|e| {
+                        Error::OutOfMemory {
+                            name: self.layer(LayerId(i)).name.to_string(),
+                            what: "master copy",
+                            bytes: e.bytes().unwrap_or(usize::MAX),
+                        }
+                        .to_string()
+                    })?;
+                    copy_f32(&mut b, src);
+                    Some(b)
+                }
+            });
+        }
+        // Everything is checked and allocated: from here nothing can fail.
+        for (i, (layer, new_master)) in d.layers.iter().zip(masters).enumerate() {
             let (moments, master) = self.state_mut(i);
             copy_moments(moments, &layer.moments);
-            *master = layer.master.map(|src| {
-                let mut b = AlignedBuf::zeroed(src.len() / 4);
-                copy_f32(&mut b, src);
-                b
-            });
+            *master = new_master;
         }
         if let Some(params) = params {
             for (dst, src) in params.iter_mut().zip(&d.params) {
