@@ -1,7 +1,8 @@
 //! Edge cases and bad input of the single-layer step: every refusal leaves every buffer as it was.
 
 use lamb_core::{
-    Backend, Buffer, Field, LambConfig, LambError, NonFinite, StepScalars, step_layer,
+    Backend, Buffer, Field, LambConfig, LambError, LayerNorms, LayerReport, NonFinite, StepScalars,
+    step_layer,
 };
 
 /// A layer's four buffers, cloneable so a test can compare before and after.
@@ -484,4 +485,28 @@ fn adaptation_policies() {
             .trust_ratio,
         1.0
     );
+}
+
+/// The f32 overflow check keeps a margin of 2^-16 below `f32::MAX` for the roundings of
+/// `p − s·u`: a layer whose bound ‖p‖ + s·‖u‖ lies inside that margin is refused, one just
+/// below it steps.
+#[test]
+fn the_f32_overflow_bound_keeps_its_margin() {
+    let cfg = LambConfig {
+        lr: 0.0,
+        ..LambConfig::paper().adamw()
+    };
+    let plan = |pn: f64| {
+        LayerReport::plan(
+            &cfg,
+            LayerNorms {
+                param_sq: pn * pn,
+                update_sq: 1.0,
+                ..LayerNorms::default()
+            },
+        )
+    };
+    let max = f32::MAX as f64;
+    assert!(plan(max * (1.0 - 1.0 / 131072.0)).skipped);
+    assert!(!plan(max * (1.0 - 1.0 / 32768.0)).skipped);
 }
