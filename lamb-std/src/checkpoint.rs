@@ -1235,6 +1235,30 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8], want_params: bool) -> Result<Decoded
 mod tests {
     use super::*;
 
+    /// safetensors' own header limit is ours: a header of exactly `MAX_HEADER` bytes passes
+    /// the length checks (and goes on to be parsed), one byte more is refused before
+    /// anything is parsed or allocated from it.
+    #[test]
+    fn the_header_limit_is_exact() {
+        for (n, refused) in [(MAX_HEADER, false), (MAX_HEADER + 1, true)] {
+            let mut bytes = vec![b' '; 8 + n as usize];
+            bytes[..8].copy_from_slice(&n.to_le_bytes());
+            match split_header(&bytes) {
+                Ok((header, rest)) => {
+                    assert!(!refused, "{n}");
+                    assert_eq!((header.len() as u64, rest), (n, 0));
+                }
+                Err(e) => {
+                    assert!(refused, "{n}: {e}");
+                    assert!(
+                        e.contains("more than the 100000000 safetensors allows"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+
     fn do_step(opt: &mut Lamb, p: &mut [Vec<f32>]) -> Result<crate::StepReport, Error> {
         let g: Vec<Vec<f32>> = p.iter().map(|x| vec![0.01; x.len()]).collect();
         let mut pp: Vec<&mut [f32]> = p.iter_mut().map(|x| x.as_mut_slice()).collect();

@@ -196,3 +196,33 @@ fn a_timm_state_loads_and_lamb_continues_as_timm_did() {
         assert_eq!(p[i], run.get(&format!("params.{name}")), "{name}");
     }
 }
+
+/// A PyTorch state whose moments cannot be lamb's (a NaN, a negative second moment) is
+/// refused by the moment check, naming the tensor and the element, with nothing loaded.
+#[test]
+fn a_torch_state_with_bad_moments_is_refused_by_name() {
+    let run = Run::load();
+    let clean = std::fs::read(data("timm_state.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&clean).unwrap();
+    for (tensor, value, want) in [
+        (
+            "state.0.exp_avg_sq",
+            -1.0f32,
+            "exp_avg_sq[2] = -1.0: must be finite and >= 0",
+        ),
+        (
+            "state.0.exp_avg",
+            f32::NAN,
+            "exp_avg[2] = NaN: must be finite",
+        ),
+    ] {
+        let data = st.tensor(tensor).unwrap().data();
+        let at = data.as_ptr() as usize - clean.as_ptr() as usize + 2 * 4;
+        let mut bytes = clean.clone();
+        bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        let mut opt = optimizer(&run);
+        let e = opt.load_torch_state_bytes(&bytes).unwrap_err().to_string();
+        assert!(e.contains(want), "{tensor}: {e}");
+        assert_eq!(opt.steps(), 0, "{tensor}: nothing loaded");
+    }
+}
