@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::error::LambError;
 use crate::kernels::{arch, scalar};
-use crate::precision::{Grads, Moments, Params};
+use crate::layer::{Grads, Moments, Params};
 use crate::step::{LayerNorms, StepScalars};
 
 /// A kernel implementation. All backends give identical bits.

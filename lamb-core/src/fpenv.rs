@@ -12,7 +12,7 @@
 //! every floating-point operation of a step, including in threads that call the `Backend`
 //! methods (lamb-std also enters the mode for the whole of its step). What is not
 //! covered: the building blocks that are public for tests and references
-//! ([`kernels::scalar`], the codecs of [`precision`]) and the `+` of [`LayerNorms`] run in
+//! ([`kernels::scalar`], the codecs of [`codec`]) and the `+` of [`LayerNorms`] run in
 //! the caller's mode; enter [`DefaultFpMode`] around them to get the same bits.
 //!
 //! | target | register | what is set on entry |
@@ -37,7 +37,7 @@
 //! [`Schedule::validate`]: crate::Schedule::validate
 //! [`Backend`]: crate::Backend
 //! [`kernels::scalar`]: crate::kernels::scalar
-//! [`precision`]: crate::precision
+//! [`codec`]: crate::codec
 //! [`LayerNorms`]: crate::LayerNorms
 
 use core::marker::PhantomData;

@@ -24,12 +24,13 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod codec;
 mod config;
 mod dispatch;
 mod error;
 pub mod fpenv;
 pub mod kernels;
-pub mod precision;
+pub mod layer;
 mod schedule;
 mod step;
 

@@ -15,7 +15,7 @@ use crate::config::{BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule};
 use crate::dispatch::Backend;
 use crate::error::{Buffer, Field, LambError};
 use crate::fpenv::{DefaultFpMode, in_default_mode};
-use crate::precision::{Grads, Moments, ParamFormat, Params};
+use crate::layer::{Grads, Moments, ParamFormat, Params};
 use core::hint::black_box;
 
 /// The per-step scalars of the element-wise update, rounded to f32 once. Every backend
@@ -450,7 +450,7 @@ impl Backend {
     }
 }
 
-/// Steps and phases of layers in compact storage ([`crate::precision`]).
+/// Steps and phases of layers in compact storage ([`crate::layer`]).
 impl Backend {
     /// One LAMB step of a layer in compact storage; see [`Backend::step_layer`]. The trust
     /// ratio is exact LAMB on the decoded values; on any `Err` or skip nothing is written.
@@ -458,34 +458,35 @@ impl Backend {
     /// ```
     /// use half::bf16;
     /// use lamb_core::{Backend, LambConfig};
-    /// use lamb_core::precision::{Grads, MixedLayer, Moments, Params, Rounding, QBLOCK};
+    /// use lamb_core::codec::QBLOCK;
+    /// use lamb_core::layer::{CompactLayer, Grads, Moments, Params, Rounding};
     ///
     /// let n = 1000;
     /// let mut p = vec![bf16::from_f32(0.5); n];
     /// let g = vec![bf16::from_f32(0.01); n];
     /// let (mut m, mut v) = (vec![0u8; n], vec![0u8; n]);
     /// let (mut ms, mut vs) = (vec![0.0f32; n.div_ceil(QBLOCK)], vec![0.0f32; n.div_ceil(QBLOCK)]);
-    /// let mut layer = MixedLayer {
+    /// let mut layer = CompactLayer {
     ///     params: Params::Bf16 { data: &mut p, rounding: Rounding::Stochastic { seed: 42 } },
     ///     grads: Grads::Bf16(&g),
     ///     moments: Moments::Q8 { m: &mut m, v: &mut v, m_absmax: &mut ms, v_absmax: &mut vs },
     /// };
     /// let cfg = LambConfig { lr: 0.01, ..LambConfig::paper() };
-    /// let r = Backend::detect().step_layer_mixed(&cfg, 1, 1.0, &mut layer)?;
+    /// let r = Backend::detect().step_layer_compact(&cfg, 1, 1.0, &mut layer)?;
     /// assert!(!r.skipped);
     /// assert!(p.iter().all(|x| x.to_f32() < 0.5));
     /// # Ok::<(), lamb_core::LambError>(())
     /// ```
-    pub fn step_layer_mixed(
+    pub fn step_layer_compact(
         self,
         config: &LambConfig,
         step: u64,
         grad_scale: f32,
-        layer: &mut crate::precision::MixedLayer<'_>,
+        layer: &mut crate::layer::CompactLayer<'_>,
     ) -> Result<LayerReport, LambError> {
         let _mode = DefaultFpMode::enter();
         let scalars = StepScalars::new(config, step, grad_scale)?;
-        let norms = self.norms_mixed(&scalars, layer)?;
+        let norms = self.norms_compact(&scalars, layer)?;
         let report = LayerReport::plan(config, norms);
         if report.skipped {
             return match config.non_finite {
@@ -493,15 +494,15 @@ impl Backend {
                 NonFinite::Error => Err(LambError::NonFinite { layer: 0 }),
             };
         }
-        self.apply_mixed(&scalars, report.step_size, layer, 0)?;
+        self.apply_compact(&scalars, report.step_size, layer, 0)?;
         Ok(report)
     }
 
     /// Phase 1 of a compact layer: Σp² and Σu², blocks added in order.
-    pub fn norms_mixed(
+    pub fn norms_compact(
         self,
         scalars: &StepScalars,
-        layer: &crate::precision::MixedLayer<'_>,
+        layer: &crate::layer::CompactLayer<'_>,
     ) -> Result<LayerNorms, LambError> {
         let _mode = DefaultFpMode::enter();
         if let Some((p, g, m, v)) = all_f32(layer) {
@@ -530,10 +531,10 @@ impl Backend {
 
     /// Phase 1 of a compact layer (or a block-aligned piece of one), one entry per block.
     /// See [`Backend::norms_blocks`].
-    pub fn norms_blocks_mixed(
+    pub fn norms_blocks_compact(
         self,
         scalars: &StepScalars,
-        layer: &crate::precision::MixedLayer<'_>,
+        layer: &crate::layer::CompactLayer<'_>,
         out: &mut [LayerNorms],
     ) -> Result<(), LambError> {
         let _mode = DefaultFpMode::enter();
@@ -553,7 +554,7 @@ impl Backend {
         }
         for (b, slot) in out.iter_mut().take(blocks).enumerate() {
             let at = b * crate::BLOCK;
-            // SAFETY: as in `norms_mixed`.
+            // SAFETY: as in `norms_compact`.
             *slot = unsafe {
                 (k.mixed_block_norms)(
                     scalars,
@@ -570,15 +571,15 @@ impl Backend {
 
     /// Phase 2 of a compact layer. `index0` is the index in the whole layer of this
     /// (piece of a) layer's element 0, used by stochastic rounding; 0 for a whole layer.
-    pub fn apply_mixed(
+    pub fn apply_compact(
         self,
         scalars: &StepScalars,
         step_size: f32,
-        layer: &mut crate::precision::MixedLayer<'_>,
+        layer: &mut crate::layer::CompactLayer<'_>,
         index0: usize,
     ) -> Result<(), LambError> {
         let _mode = DefaultFpMode::enter();
-        if let crate::precision::MixedLayer {
+        if let crate::layer::CompactLayer {
             params: Params::F32(p),
             grads: Grads::F32(g),
             moments: Moments::F32 { m, v },
@@ -605,11 +606,11 @@ impl Backend {
     /// Σg² of gradients in any storage, with the fixed block/lane order.
     ///
     /// ```
-    /// use lamb_core::{Backend, precision::Grads};
+    /// use lamb_core::{Backend, layer::Grads};
     /// let g = [half::f16::from_f32(3.0), half::f16::from_f32(4.0)];
     /// assert_eq!(Backend::Scalar.sum_squares_grads(&Grads::F16(&g)), Ok(25.0));
     /// ```
-    pub fn sum_squares_grads(self, grads: &crate::precision::Grads<'_>) -> Result<f64, LambError> {
+    pub fn sum_squares_grads(self, grads: &crate::layer::Grads<'_>) -> Result<f64, LambError> {
         let _mode = DefaultFpMode::enter();
         let k = self.kernels()?;
         let n = grads.len();
@@ -627,9 +628,9 @@ type F32Rows<'a> = (&'a [f32], &'a [f32], &'a [f32], &'a [f32]);
 
 /// The buffers of an all-f32 compact layer: the f32 kernels serve it directly (the compact
 /// path would compute the same bits, a few percent slower).
-fn all_f32<'a>(layer: &'a crate::precision::MixedLayer<'_>) -> Option<F32Rows<'a>> {
+fn all_f32<'a>(layer: &'a crate::layer::CompactLayer<'_>) -> Option<F32Rows<'a>> {
     match layer {
-        crate::precision::MixedLayer {
+        crate::layer::CompactLayer {
             params: Params::F32(p),
             grads: Grads::F32(g),
             moments: Moments::F32 { m, v },

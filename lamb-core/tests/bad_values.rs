@@ -10,7 +10,8 @@
 //! in m, v or p.
 
 use half::{bf16, f16};
-use lamb_core::precision::{Grads, HalfMut, MixedLayer, Moments, Params, QBLOCK, Rounding};
+use lamb_core::codec::QBLOCK;
+use lamb_core::layer::{CompactLayer, Grads, HalfMut, Moments, Params, Rounding};
 use lamb_core::{Backend, LANES, LambConfig};
 
 /// xorshift64*.
@@ -176,25 +177,25 @@ impl Layer {
             }
             _ => {
                 let mut layer = self.mixed(kernel);
-                b.step_layer_mixed(&cfg, 2, 1.0, &mut layer)
+                b.step_layer_compact(&cfg, 2, 1.0, &mut layer)
             }
         };
         r.unwrap().skipped
     }
 
-    fn mixed(&mut self, kernel: Kernel) -> MixedLayer<'_> {
+    fn mixed(&mut self, kernel: Kernel) -> CompactLayer<'_> {
         let f32_moments = Moments::F32 {
             m: &mut self.m,
             v: &mut self.v,
         };
         match kernel {
             Kernel::F32 => unreachable!(),
-            Kernel::F32ParamsBf16Grads => MixedLayer {
+            Kernel::F32ParamsBf16Grads => CompactLayer {
                 params: Params::F32(&mut self.p),
                 grads: Grads::Bf16(&self.gb),
                 moments: f32_moments,
             },
-            Kernel::Bf16 => MixedLayer {
+            Kernel::Bf16 => CompactLayer {
                 params: Params::Bf16 {
                     data: &mut self.pb,
                     rounding: Rounding::Nearest,
@@ -206,7 +207,7 @@ impl Layer {
                     rounding: Rounding::Nearest,
                 },
             },
-            Kernel::MasterF16 => MixedLayer {
+            Kernel::MasterF16 => CompactLayer {
                 params: Params::Master {
                     master: &mut self.p,
                     model: HalfMut::F16(&mut self.ph),
@@ -214,7 +215,7 @@ impl Layer {
                 grads: Grads::F16(&self.gh),
                 moments: f32_moments,
             },
-            Kernel::Bf16Q8 => MixedLayer {
+            Kernel::Bf16Q8 => CompactLayer {
                 params: Params::Bf16 {
                     data: &mut self.pb,
                     rounding: Rounding::Stochastic { seed: 7 },

@@ -10,7 +10,7 @@
 mod on_this_target {
     use half::{bf16, f16};
     use lamb_core::fpenv::DefaultFpMode;
-    use lamb_core::precision::{Grads, HalfMut, MixedLayer, Moments, Params, Rounding};
+    use lamb_core::layer::{CompactLayer, Grads, HalfMut, Moments, Params, Rounding};
     use lamb_core::{Backend, EpsMode, LambConfig, LayerNorms, LayerReport, Schedule, StepScalars};
     use std::hint::black_box;
 
@@ -190,11 +190,11 @@ mod on_this_target {
             let (g, gh) = (&inputs.g[step as usize - 1], &inputs.gh[step as usize - 1]);
             let reports = [
                 b.step_layer(cfg, step, 0.5, &mut p, g, &mut m, &mut v),
-                b.step_layer_mixed(
+                b.step_layer_compact(
                     cfg,
                     step,
                     1.0,
-                    &mut MixedLayer {
+                    &mut CompactLayer {
                         params: Params::Bf16 {
                             data: &mut pb,
                             rounding: Rounding::Stochastic { seed: step },
@@ -207,11 +207,11 @@ mod on_this_target {
                         },
                     },
                 ),
-                b.step_layer_mixed(
+                b.step_layer_compact(
                     cfg,
                     step,
                     1.0,
-                    &mut MixedLayer {
+                    &mut CompactLayer {
                         params: Params::Master {
                             master: &mut master,
                             model: HalfMut::F16(&mut ph),

@@ -8,7 +8,7 @@
 //!
 //! # Method
 //!
-//! Each step of `Backend::Scalar.step_layer_mixed` starts from the reference's stored
+//! Each step of `Backend::Scalar.step_layer_compact` starts from the reference's stored
 //! state after the previous step (step 1: the recipe inputs, zero moments), so each
 //! comparison sees one step of f32 arithmetic against one step of float64, never an
 //! accumulated drift. (A free-running 5-step trajectory is compared too, loosely.)
@@ -58,10 +58,8 @@ mod precision_data;
 mod reference_data;
 
 use half::{bf16, f16};
-use lamb_core::precision::{
-    Grads, HalfMut, MixedLayer, Moments, Params, QBLOCK, Rounding, q8_m_decode, q8_v_decode,
-    stochastic_bits,
-};
+use lamb_core::codec::{QBLOCK, q8_m_decode, q8_v_decode, stochastic_bits};
+use lamb_core::layer::{CompactLayer, Grads, HalfMut, Moments, Params, Rounding};
 use lamb_core::{Backend, LambConfig, LayerReport, StepScalars};
 use precision_data::{Combo, GFmt, MFmt, Manifest, MomentState, PFmt, ParamState, State, load};
 
@@ -258,8 +256,8 @@ impl Storage {
         s
     }
 
-    fn layer<'a>(&'a mut self, p: PFmt, grads: Grads<'a>, mo: MFmt, seed: u64) -> MixedLayer<'a> {
-        MixedLayer {
+    fn layer<'a>(&'a mut self, p: PFmt, grads: Grads<'a>, mo: MFmt, seed: u64) -> CompactLayer<'a> {
+        CompactLayer {
             params: match p {
                 PFmt::F32 => Params::F32(&mut self.p32),
                 PFmt::Bf16 => Params::Bf16 {
@@ -364,7 +362,7 @@ fn lamb_step(
     let cfg = config();
     let mut layer = s.layer(p, g.grads(gf), mo, seed);
     let r = backend
-        .step_layer_mixed(&cfg, step, 1.0, &mut layer)
+        .step_layer_compact(&cfg, step, 1.0, &mut layer)
         .unwrap_or_else(|e| panic!("step {step}: {e}"));
     assert!(!r.skipped, "step {step} skipped");
     r

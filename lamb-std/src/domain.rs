@@ -48,7 +48,7 @@
 //! [`Lamb::load`]: crate::Lamb::load
 //! [`LambConfig::validate`]: lamb_core::LambConfig::validate
 
-use lamb_core::precision::{QBLOCK, q8_m_decode, q8_v_decode};
+use lamb_core::codec::{QBLOCK, q8_m_decode, q8_v_decode};
 use lamb_core::{LambConfig, StepScalars};
 
 use crate::error::Error;

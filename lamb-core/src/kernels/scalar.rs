@@ -6,7 +6,8 @@ use super::mixed::{
 };
 use super::simd::Soft;
 use super::{LANES, fold_lanes};
-use crate::precision::{Grads, Moments, ParamFormat, Params, QBLOCK};
+use crate::codec::QBLOCK;
+use crate::layer::{Grads, Moments, ParamFormat, Params};
 use crate::step::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
 
 /// New m, v and the update u of one element, in the canonical order of operations.

@@ -90,7 +90,7 @@ pub(crate) trait HalfConv {
     #[inline(always)]
     unsafe fn f16_to_f32(src: &[half::f16], out: &mut [f32]) {
         for (o, h) in out.iter_mut().zip(src) {
-            *o = crate::precision::f16_to_f32(h.to_bits());
+            *o = crate::codec::f16_to_f32(h.to_bits());
         }
     }
 
@@ -101,7 +101,7 @@ pub(crate) trait HalfConv {
     #[inline(always)]
     unsafe fn f32_to_f16(src: &[f32], out: &mut [half::f16]) {
         for (o, &x) in out.iter_mut().zip(src) {
-            *o = half::f16::from_bits(crate::precision::f32_to_f16(x));
+            *o = half::f16::from_bits(crate::codec::f32_to_f16(x));
         }
     }
 }
@@ -431,9 +431,9 @@ macro_rules! entry_points {
         #[target_feature($(enable = $feature),+)]
         pub(crate) unsafe fn mixed_block_norms(
             s: &StepScalars,
-            p: &crate::precision::Params,
-            g: &crate::precision::Grads,
-            mo: &crate::precision::Moments,
+            p: &crate::layer::Params,
+            g: &crate::layer::Grads,
+            mo: &crate::layer::Moments,
             at: usize,
             n: usize,
         ) -> LayerNorms {
@@ -449,9 +449,9 @@ macro_rules! entry_points {
         pub(crate) unsafe fn mixed_apply(
             s: &StepScalars,
             step: f32,
-            p: &mut crate::precision::Params,
-            g: &crate::precision::Grads,
-            mo: &mut crate::precision::Moments,
+            p: &mut crate::layer::Params,
+            g: &crate::layer::Grads,
+            mo: &mut crate::layer::Moments,
             index0: usize,
         ) {
             // SAFETY: forwarded from this function's contract.
@@ -464,7 +464,7 @@ macro_rules! entry_points {
         /// The CPU must support the enabled features; the range must be in bounds.
         #[target_feature($(enable = $feature),+)]
         pub(crate) unsafe fn mixed_block_sum_squares(
-            g: &crate::precision::Grads,
+            g: &crate::layer::Grads,
             at: usize,
             n: usize,
         ) -> f64 {

@@ -114,7 +114,7 @@ impl HalfConv for Avx512 {
             }
         }
         for k in i..n {
-            out[k] = crate::precision::f16_to_f32(src[k].to_bits());
+            out[k] = crate::codec::f16_to_f32(src[k].to_bits());
         }
     }
 
@@ -132,7 +132,7 @@ impl HalfConv for Avx512 {
             }
         }
         for k in i..n {
-            out[k] = half::f16::from_bits(crate::precision::f32_to_f16(src[k]));
+            out[k] = half::f16::from_bits(crate::codec::f32_to_f16(src[k]));
         }
     }
 }

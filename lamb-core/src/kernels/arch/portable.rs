@@ -143,9 +143,9 @@ pub(crate) fn block_sum_squares(x: &[f32]) -> f64 {
 /// Phase 1 of one block in compact storage.
 pub(crate) fn mixed_block_norms(
     s: &StepScalars,
-    p: &crate::precision::Params,
-    g: &crate::precision::Grads,
-    mo: &crate::precision::Moments,
+    p: &crate::layer::Params,
+    g: &crate::layer::Grads,
+    mo: &crate::layer::Moments,
     at: usize,
     n: usize,
 ) -> LayerNorms {
@@ -157,9 +157,9 @@ pub(crate) fn mixed_block_norms(
 pub(crate) fn mixed_apply(
     s: &StepScalars,
     step: f32,
-    p: &mut crate::precision::Params,
-    g: &crate::precision::Grads,
-    mo: &mut crate::precision::Moments,
+    p: &mut crate::layer::Params,
+    g: &crate::layer::Grads,
+    mo: &mut crate::layer::Moments,
     index0: usize,
 ) {
     // SAFETY: Portable needs no runtime feature; the caller checked the lengths.
@@ -167,7 +167,7 @@ pub(crate) fn mixed_apply(
 }
 
 /// Σg² of one block of gradients in any storage.
-pub(crate) fn mixed_block_sum_squares(g: &crate::precision::Grads, at: usize, n: usize) -> f64 {
+pub(crate) fn mixed_block_sum_squares(g: &crate::layer::Grads, at: usize, n: usize) -> f64 {
     // SAFETY: Portable needs no runtime feature; the caller checked the range.
     unsafe { crate::kernels::mixed::block_sum_squares::<Portable>(g, at, n) }
 }
