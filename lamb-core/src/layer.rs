@@ -11,6 +11,19 @@ use half::{bf16, f16};
 use crate::codec::QBLOCK;
 use crate::error::{Buffer, LambError};
 
+/// One layer of f32 buffers, named so that they cannot be passed in the wrong order.
+#[derive(Debug)]
+pub struct F32Layer<'a> {
+    /// Parameters, updated in place.
+    pub param: &'a mut [f32],
+    /// Gradients.
+    pub grad: &'a [f32],
+    /// First moment, updated in place.
+    pub m: &'a mut [f32],
+    /// Second moment, updated in place.
+    pub v: &'a mut [f32],
+}
+
 /// How a layer's parameters are stored.
 #[derive(Debug)]
 pub enum Params<'a> {

@@ -31,13 +31,15 @@ mod error;
 pub mod fpenv;
 pub mod kernels;
 pub mod layer;
+mod plan;
+mod scalars;
 mod schedule;
-mod step;
 
 pub use config::{Adaptation, BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule};
-pub use dispatch::Backend;
+pub use dispatch::{Backend, step_layer};
 pub use error::{Buffer, Field, LambError};
 pub use half;
 pub use kernels::{BLOCK, LANES};
+pub use plan::LayerReport;
+pub use scalars::{LayerNorms, StepScalars};
 pub use schedule::Schedule;
-pub use step::{LayerNorms, LayerReport, StepScalars, step_layer};

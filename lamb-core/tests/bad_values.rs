@@ -11,7 +11,7 @@
 
 use half::{bf16, f16};
 use lamb_core::codec::QBLOCK;
-use lamb_core::layer::{CompactLayer, Grads, HalfMut, Moments, Params, Rounding};
+use lamb_core::layer::{CompactLayer, F32Layer, Grads, HalfMut, Moments, Params, Rounding};
 use lamb_core::{Backend, LANES, LambConfig};
 
 /// xorshift64*.
@@ -172,9 +172,17 @@ impl Layer {
     fn step(&mut self, b: Backend, kernel: Kernel) -> bool {
         let cfg = LambConfig::paper();
         let r = match kernel {
-            Kernel::F32 => {
-                b.step_layer(&cfg, 2, 1.0, &mut self.p, &self.g, &mut self.m, &mut self.v)
-            }
+            Kernel::F32 => b.step_layer(
+                &cfg,
+                2,
+                1.0,
+                &mut F32Layer {
+                    param: &mut self.p,
+                    grad: &self.g,
+                    m: &mut self.m,
+                    v: &mut self.v,
+                },
+            ),
             _ => {
                 let mut layer = self.mixed(kernel);
                 b.step_layer_compact(&cfg, 2, 1.0, &mut layer)

@@ -4,7 +4,7 @@
 
 use half::{bf16, f16};
 use lamb_core::codec::QBLOCK;
-use lamb_core::layer::{CompactLayer, Grads, HalfMut, Moments, Params, Rounding};
+use lamb_core::layer::{CompactLayer, F32Layer, Grads, HalfMut, Moments, Params, Rounding};
 use lamb_core::{Backend, LambConfig, LayerReport};
 
 struct Rng(u64);
@@ -257,8 +257,18 @@ fn compact_path_with_f32_state_equals_the_f32_kernels() {
             let g: Vec<f32> = owned.gb.iter().map(|x| x.to_f32()).collect();
             let (mut p, mut m, mut v) = (owned.p32.clone(), owned.m32.clone(), owned.v32.clone());
             for step in 1..=2 {
-                b.step_layer(&cfg, step, 1.0, &mut p, &g, &mut m, &mut v)
-                    .unwrap();
+                b.step_layer(
+                    &cfg,
+                    step,
+                    1.0,
+                    &mut F32Layer {
+                        param: &mut p,
+                        grad: &g,
+                        m: &mut m,
+                        v: &mut v,
+                    },
+                )
+                .unwrap();
             }
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert!(

@@ -1,5 +1,6 @@
 //! Edge cases and bad input of the single-layer step: every refusal leaves every buffer as it was.
 
+use lamb_core::layer::F32Layer;
 use lamb_core::{
     Backend, Buffer, Field, LambConfig, LambError, NonFinite, StepScalars, step_layer,
 };
@@ -422,10 +423,12 @@ fn bad_grad_scale_is_refused_untouched() {
                 &LambConfig::paper(),
                 1,
                 scale,
-                &mut l.p,
-                &l.g,
-                &mut l.m,
-                &mut l.v,
+                &mut F32Layer {
+                    param: &mut l.p,
+                    grad: &l.g,
+                    m: &mut l.m,
+                    v: &mut l.v,
+                },
             )
             .unwrap_err();
         assert!(

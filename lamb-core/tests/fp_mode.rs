@@ -10,7 +10,7 @@
 mod on_this_target {
     use half::{bf16, f16};
     use lamb_core::fpenv::DefaultFpMode;
-    use lamb_core::layer::{CompactLayer, Grads, HalfMut, Moments, Params, Rounding};
+    use lamb_core::layer::{CompactLayer, F32Layer, Grads, HalfMut, Moments, Params, Rounding};
     use lamb_core::{Backend, EpsMode, LambConfig, LayerNorms, LayerReport, Schedule, StepScalars};
     use std::hint::black_box;
 
@@ -189,7 +189,17 @@ mod on_this_target {
         for step in 1..=3u64 {
             let (g, gh) = (&inputs.g[step as usize - 1], &inputs.gh[step as usize - 1]);
             let reports = [
-                b.step_layer(cfg, step, 0.5, &mut p, g, &mut m, &mut v),
+                b.step_layer(
+                    cfg,
+                    step,
+                    0.5,
+                    &mut F32Layer {
+                        param: &mut p,
+                        grad: g,
+                        m: &mut m,
+                        v: &mut v,
+                    },
+                ),
                 b.step_layer_compact(
                     cfg,
                     step,
@@ -327,7 +337,17 @@ mod on_this_target {
                 let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
                 let r = {
                     let trapping = Mode::set(mode::TRAPPING);
-                    let r = b.step_layer(&LambConfig::paper(), 1, 1.0, &mut p, &g, &mut m, &mut v);
+                    let r = b.step_layer(
+                        &LambConfig::paper(),
+                        1,
+                        1.0,
+                        &mut F32Layer {
+                            param: &mut p,
+                            grad: &g,
+                            m: &mut m,
+                            v: &mut v,
+                        },
+                    );
                     assert_eq!(mode::get() & mode::CONTROL, trapping.now);
                     r
                 };

@@ -9,6 +9,7 @@
 #[path = "common/reference_data.rs"]
 mod reference_data;
 
+use lamb_core::layer::F32Layer;
 use lamb_core::{Adaptation, Backend, BiasCorrection, LambConfig, StepScalars};
 use reference_data::{Case, Reference, flag, load, num};
 use serde_json::Value;
@@ -117,7 +118,15 @@ fn run_case(cfg: &LambConfig, case: &Case, steps: u64) -> Vec<Errors> {
         for k in 0..n {
             let report = Backend::Scalar
                 .step_layer(
-                    cfg, step, grad_scale, &mut p[k], &grads[k], &mut m[k], &mut v[k],
+                    cfg,
+                    step,
+                    grad_scale,
+                    &mut F32Layer {
+                        param: &mut p[k],
+                        grad: &grads[k],
+                        m: &mut m[k],
+                        v: &mut v[k],
+                    },
                 )
                 .unwrap_or_else(|e| panic!("case {}: {e}", case.name));
             assert!(!report.skipped, "case {}: step {step} skipped", case.name);

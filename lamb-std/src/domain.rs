@@ -365,7 +365,17 @@ mod tests {
                         let step = |m: f32, v: f32, g: f32| {
                             let (mut p, mut mm, mut vv) = ([0.5f32], [m], [v]);
                             lamb_core::Backend::Scalar
-                                .step_layer(&config, t, 1.0, &mut p, &[g], &mut mm, &mut vv)
+                                .step_layer(
+                                    &config,
+                                    t,
+                                    1.0,
+                                    &mut lamb_core::layer::F32Layer {
+                                        param: &mut p,
+                                        grad: &[g],
+                                        m: &mut mm,
+                                        v: &mut vv,
+                                    },
+                                )
                                 .unwrap()
                         };
                         let v_max = NextStep::limit(|x| rule.v_ok(x));

@@ -14,7 +14,7 @@ use crate::codec::{
     q8_m_encode_block, q8_v_decode, q8_v_encode_block, stochastic_bits,
 };
 use crate::layer::{Grads, HalfMut, Moments, ParamFormat, Params, Rounding};
-use crate::step::{LayerNorms, StepScalars};
+use crate::scalars::{LayerNorms, StepScalars};
 use half::bf16;
 
 /// One chunk of a layer, decoded to f32.

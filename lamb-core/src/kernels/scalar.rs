@@ -8,7 +8,7 @@ use super::simd::Soft;
 use super::{LANES, fold_lanes};
 use crate::codec::QBLOCK;
 use crate::layer::{Grads, Moments, ParamFormat, Params};
-use crate::step::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
+use crate::scalars::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
 
 /// New m, v and the update u of one element, in the canonical order of operations.
 #[inline(always)]

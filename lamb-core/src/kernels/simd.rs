@@ -12,7 +12,7 @@
 //! the sums are bit-identical to the scalar reference, which never visits them.
 
 use super::{LANES, fold_lanes};
-use crate::step::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
+use crate::scalars::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
 
 /// A bundle of 16 f32 lanes and its f64 accumulator.
 ///
@@ -379,7 +379,7 @@ pub(crate) unsafe fn block_sum_squares<S: Simd>(x: &[f32]) -> f64 {
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! entry_points {
     ($simd:ty, $($feature:literal),+) => {
-        use crate::step::{LayerNorms, StepScalars};
+        use crate::scalars::{LayerNorms, StepScalars};
 
         /// Phase 1 of one block.
         ///

@@ -5,7 +5,7 @@ use wide::{f32x4, f64x2};
 
 use crate::kernels::LANES;
 use crate::kernels::simd::{HalfConv, Simd};
-use crate::step::{LayerNorms, StepScalars};
+use crate::scalars::{LayerNorms, StepScalars};
 
 #[derive(Clone, Copy)]
 pub(crate) struct Portable;
