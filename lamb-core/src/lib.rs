@@ -29,7 +29,7 @@ mod config;
 mod dispatch;
 mod error;
 pub mod fpenv;
-pub mod kernels;
+mod kernels;
 pub mod layer;
 mod plan;
 mod scalars;

@@ -52,9 +52,9 @@ macro_rules! kernels_of {
             block_norms: $($m)::+::block_norms,
             apply: $($m)::+::apply,
             block_sum_squares: $($m)::+::block_sum_squares,
-            compact_block_norms: $($m)::+::mixed_block_norms,
-            compact_apply: $($m)::+::mixed_apply,
-            compact_block_sum_squares: $($m)::+::mixed_block_sum_squares,
+            compact_block_norms: $($m)::+::compact_block_norms,
+            compact_apply: $($m)::+::compact_apply,
+            compact_block_sum_squares: $($m)::+::compact_block_sum_squares,
         }
     };
 }

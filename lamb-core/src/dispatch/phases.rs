@@ -202,6 +202,7 @@ enum Phase1<'a> {
 }
 
 impl Phase1<'_> {
+    #[inline]
     fn len(self) -> usize {
         match self {
             Phase1::F32 { param, .. } => param.len(),
@@ -214,6 +215,7 @@ impl Phase1<'_> {
     /// # Safety
     /// `k` must come from [`Backend::kernels`] (the CPU supports it), and the block must lie
     /// inside the buffers.
+    #[inline(always)]
     unsafe fn block(self, k: &Kernels, s: &StepScalars, at: usize, len: usize) -> LayerNorms {
         // SAFETY: forwarded from this function's contract; the f32 sub-slices are the same
         // range of equal-length slices.
@@ -269,6 +271,7 @@ impl Backend {
 
 /// The blocks `(at, len)` of a layer of `n` elements, in order: [`BLOCK`] elements each but
 /// the last.
+#[inline]
 fn blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(BLOCK).map(move |at| (at, BLOCK.min(n - at)))
 }

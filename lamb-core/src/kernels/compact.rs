@@ -3,7 +3,7 @@
 //! Work goes in chunks of [`QBLOCK`] elements: decode the chunk of p, g, m and v into f32
 //! stack buffers (f32 buffers are used in place, see the views below), run the very same
 //! f32 row code as the all-f32 kernels over them ([`NormAcc::add`], [`simd::apply`]), then
-//! encode the results back. Which codec runs is a
+//! encode the results back with the codecs of [`crate::codec`]. Which codec runs is a
 //! `match` per chunk, not per element, so one instantiation per backend serves every
 //! combination of storage types. The codecs are exact integer/bit operations (or exactly
 //! rounded conversions), so the bits do not depend on the backend.
