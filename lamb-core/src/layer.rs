@@ -162,7 +162,8 @@ pub enum Moments<'a> {
         v: &'a mut [bf16],
         /// How new values are rounded to bf16. Stochastic draws for element `i` are
         /// `stochastic_bits(seed ^ M_STREAM, i)` for m and `stochastic_bits(seed ^
-        /// V_STREAM, i)` for v ([`M_STREAM`], [`V_STREAM`]), so one seed can serve the
+        /// V_STREAM, i)` for v ([`M_STREAM`](crate::codec::M_STREAM),
+        /// [`V_STREAM`](crate::codec::V_STREAM)), so one seed can serve the
         /// parameters and the moments of a layer without correlated draws.
         rounding: Rounding,
     },

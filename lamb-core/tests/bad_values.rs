@@ -184,14 +184,14 @@ impl Layer {
                 },
             ),
             _ => {
-                let mut layer = self.mixed(kernel);
+                let mut layer = self.compact_layer(kernel);
                 b.step_layer_compact(&cfg, 2, 1.0, &mut layer)
             }
         };
         r.unwrap().skipped
     }
 
-    fn mixed(&mut self, kernel: Kernel) -> CompactLayer<'_> {
+    fn compact_layer(&mut self, kernel: Kernel) -> CompactLayer<'_> {
         let f32_moments = Moments::F32 {
             m: &mut self.m,
             v: &mut self.v,
@@ -346,7 +346,7 @@ fn check(lengths: impl IntoIterator<Item = usize>, every_position: bool) -> usiz
     cases
 }
 
-/// The lengths of the issue (a partial row of 1 and of 15 lanes, and one past a block),
+/// Lengths with a partial row of 1 and of 15 lanes, and one past a block,
 /// at every position class.
 #[test]
 fn bad_values_at_every_position_class_are_refused() {

@@ -114,7 +114,7 @@ fn norms_blocks_refuse_a_short_out_untouched() {
 }
 
 #[test]
-fn norms_blocks_mixed_are_the_blocks_phase_1() {
+fn norms_blocks_compact_are_the_blocks_phase_1() {
     let s = scalars();
     for b in Backend::available() {
         for n in LENGTHS {
@@ -150,9 +150,12 @@ fn norms_blocks_mixed_are_the_blocks_phase_1() {
             let mut f32_out = vec![UNTOUCHED; blocks];
             b.norms_blocks(&s, &l.p, &decoded, &l.m, &l.v, &mut f32_out)
                 .unwrap();
-            for (k, (mixed, plain)) in out.iter().zip(&f32_out).enumerate() {
-                assert_eq!(mixed.param_sq, plain.param_sq, "{b:?} n = {n} block {k}");
-                assert_eq!(mixed.update_sq, plain.update_sq, "{b:?} n = {n} block {k}");
+            for (k, (compact, plain)) in out.iter().zip(&f32_out).enumerate() {
+                assert_eq!(compact.param_sq, plain.param_sq, "{b:?} n = {n} block {k}");
+                assert_eq!(
+                    compact.update_sq, plain.update_sq,
+                    "{b:?} n = {n} block {k}"
+                );
             }
         }
     }

@@ -350,7 +350,7 @@ fn nvlamb_config(case: &Case) -> LambConfig {
     }
 }
 
-/// The seed text's formula (`lr`, `beta1`, `beta2`, `eps`).
+/// [`LambConfig::seed`]'s formula (`lr`, `beta1`, `beta2`, `eps`).
 fn seed_config(case: &Case) -> LambConfig {
     let h = hp(case);
     LambConfig {

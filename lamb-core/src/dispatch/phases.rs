@@ -46,7 +46,7 @@ impl Backend {
     }
 
     /// Phase 1 over a block-aligned chunk of a layer, one [`LayerNorms`] per block of
-    /// [`BLOCK`](crate::BLOCK) elements written to `out` (which must hold
+    /// [`BLOCK`] elements written to `out` (which must hold
     /// `param.len().div_ceil(BLOCK)` entries). Adding `out` in order gives exactly
     /// [`Backend::norms`] of the whole layer, however the layer was cut into chunks,
     /// provided every chunk but the last has a multiple of `BLOCK` elements.

@@ -5,7 +5,7 @@
 //! IEEE `sqrt` and `/` (never the approximate reciprocals). Sums of squares are exact
 //! products in f64 (an f32 × f32 product fits in f64), added into 16 lanes (element `i` of
 //! a block goes to lane `i % 16`), the lanes folded by [`fold_lanes`], and blocks of
-//! [`BLOCK`] elements added in index order by the caller. f64 lanes (DESIGN.md says f32)
+//! [`BLOCK`] elements added in index order by the caller. f64 lanes (rather than f32 ones)
 //! cost nothing measurable in these memory-bound loops and make the norms overflow-free:
 //! any finite f32 tensor has a finite f64 sum of squares.
 
