@@ -181,6 +181,12 @@ pub fn q8_v_encode(x: f32, absmax: f32) -> u8 {
     if absmax <= 0.0 {
         return 0;
     }
+    v_code(x, absmax)
+}
+
+/// `q8_v_encode` for `absmax > 0`.
+#[inline(always)]
+fn v_code(x: f32, absmax: f32) -> u8 {
     minifloat_code(x.abs() / absmax, V_BIAS) as u8
 }
 
@@ -197,24 +203,23 @@ fn absmax_of(xs: &[f32]) -> f32 {
 /// Encodes one block of new first moments (finite) into `codes`; returns its absmax.
 #[inline(always)]
 pub(crate) fn q8_m_encode_block(xs: &[f32], codes: &mut [u8]) -> f32 {
-    let am = absmax_of(xs);
-    if am > 0.0 {
-        for (c, &x) in codes.iter_mut().zip(xs) {
-            *c = m_code(x, am);
-        }
-    } else {
-        codes.fill(0);
-    }
-    am
+    encode_block::<true>(xs, codes)
 }
 
 /// Encodes one block of new second moments (finite, `>= 0`); returns its absmax.
 #[inline(always)]
 pub(crate) fn q8_v_encode_block(xs: &[f32], codes: &mut [u8]) -> f32 {
+    encode_block::<false>(xs, codes)
+}
+
+/// Encodes one block with the first moment's code (`SIGNED`) or the second's; returns the
+/// block's absmax, the scale of its codes (all codes 0 where it is 0).
+#[inline(always)]
+fn encode_block<const SIGNED: bool>(xs: &[f32], codes: &mut [u8]) -> f32 {
     let am = absmax_of(xs);
     if am > 0.0 {
         for (c, &x) in codes.iter_mut().zip(xs) {
-            *c = minifloat_code(x.abs() / am, V_BIAS) as u8;
+            *c = if SIGNED { m_code(x, am) } else { v_code(x, am) };
         }
     } else {
         codes.fill(0);

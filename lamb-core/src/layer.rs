@@ -248,52 +248,24 @@ impl<'a> CompactLayer<'a> {
     /// The layer's length, after checking that every buffer agrees with it.
     pub fn check(&self) -> Result<usize, LambError> {
         let n = self.params.len();
-        let mut lens = [(Buffer::Grad, self.grads.len()); 5];
-        let mut k = 1;
+        if let Moments::Q8 {
+            m_absmax, v_absmax, ..
+        } = &self.moments
+        {
+            expect_len(Buffer::ExpAvgAbsmax, n.div_ceil(QBLOCK), m_absmax.len())?;
+            expect_len(Buffer::ExpAvgSqAbsmax, n.div_ceil(QBLOCK), v_absmax.len())?;
+        }
+        expect_len(Buffer::Grad, n, self.grads.len())?;
         if let Params::Master { model, .. } = &self.params {
-            let len = match model {
-                HalfMut::Bf16(h) => h.len(),
-                HalfMut::F16(h) => h.len(),
-            };
-            lens[k] = (Buffer::ModelCopy, len);
-            k += 1;
+            expect_len(Buffer::ModelCopy, n, model.len())?;
         }
         let (m, v) = match &self.moments {
             Moments::F32 { m, v } => (m.len(), v.len()),
             Moments::Bf16 { m, v, .. } => (m.len(), v.len()),
             Moments::Q8 { m, v, .. } => (m.len(), v.len()),
         };
-        lens[k] = (Buffer::ExpAvg, m);
-        lens[k + 1] = (Buffer::ExpAvgSq, v);
-        k += 2;
-        if let Moments::Q8 {
-            m_absmax, v_absmax, ..
-        } = &self.moments
-        {
-            for (buffer, len) in [
-                (Buffer::ExpAvgAbsmax, m_absmax.len()),
-                (Buffer::ExpAvgSqAbsmax, v_absmax.len()),
-            ] {
-                if len != n.div_ceil(QBLOCK) {
-                    return Err(LambError::LengthMismatch {
-                        layer: 0,
-                        buffer,
-                        expected: n.div_ceil(QBLOCK),
-                        found: len,
-                    });
-                }
-            }
-        }
-        for &(buffer, len) in &lens[..k] {
-            if len != n {
-                return Err(LambError::LengthMismatch {
-                    layer: 0,
-                    buffer,
-                    expected: n,
-                    found: len,
-                });
-            }
-        }
+        expect_len(Buffer::ExpAvg, n, m)?;
+        expect_len(Buffer::ExpAvgSq, n, v)?;
         Ok(n)
     }
 
@@ -322,6 +294,27 @@ impl<'a> CompactLayer<'a> {
             },
         ))
     }
+}
+
+/// Checks that the four buffers of a layer of f32 buffers have the parameter's length `p`.
+pub(crate) fn check_f32_lengths(p: usize, g: usize, m: usize, v: usize) -> Result<(), LambError> {
+    expect_len(Buffer::Grad, p, g)?;
+    expect_len(Buffer::ExpAvg, p, m)?;
+    expect_len(Buffer::ExpAvgSq, p, v)
+}
+
+/// `Err(LengthMismatch)` naming `buffer` unless it has the `expected` length. The layer is
+/// 0 here: a multi-layer caller fills it in ([`LambError::in_layer`]).
+fn expect_len(buffer: Buffer, expected: usize, found: usize) -> Result<(), LambError> {
+    if found == expected {
+        return Ok(());
+    }
+    Err(LambError::LengthMismatch {
+        layer: 0,
+        buffer,
+        expected,
+        found,
+    })
 }
 
 // The halves of each buffer for `CompactLayer::split_at`, which checked the lengths and `mid`.
@@ -359,6 +352,13 @@ impl<'a> Params<'a> {
 }
 
 impl<'a> HalfMut<'a> {
+    fn len(&self) -> usize {
+        match self {
+            HalfMut::Bf16(h) => h.len(),
+            HalfMut::F16(h) => h.len(),
+        }
+    }
+
     fn split_at(self, mid: usize) -> (HalfMut<'a>, HalfMut<'a>) {
         match self {
             HalfMut::Bf16(h) => {

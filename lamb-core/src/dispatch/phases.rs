@@ -19,7 +19,7 @@ use super::{Backend, Kernels};
 use crate::error::{Buffer, LambError};
 use crate::fpenv::DefaultFpMode;
 use crate::kernels::BLOCK;
-use crate::layer::{CompactLayer, Grads, Moments, Params};
+use crate::layer::{CompactLayer, Grads, Moments, Params, check_f32_lengths};
 use crate::scalars::{LayerNorms, StepScalars};
 
 /// Phase 1 and phase 2 of layers of f32 buffers.
@@ -41,7 +41,7 @@ impl Backend {
         v: &[f32],
     ) -> Result<LayerNorms, LambError> {
         let _mode = DefaultFpMode::enter();
-        check_lengths(param.len(), grad.len(), m.len(), v.len())?;
+        check_f32_lengths(param.len(), grad.len(), m.len(), v.len())?;
         self.layer_norms(scalars, Phase1::F32 { param, grad, m, v })
     }
 
@@ -60,7 +60,7 @@ impl Backend {
         out: &mut [LayerNorms],
     ) -> Result<(), LambError> {
         let _mode = DefaultFpMode::enter();
-        check_lengths(param.len(), grad.len(), m.len(), v.len())?;
+        check_f32_lengths(param.len(), grad.len(), m.len(), v.len())?;
         self.norms_per_block(scalars, Phase1::F32 { param, grad, m, v }, out)
     }
 
@@ -76,7 +76,7 @@ impl Backend {
         v: &mut [f32],
     ) -> Result<(), LambError> {
         let _mode = DefaultFpMode::enter();
-        check_lengths(param.len(), grad.len(), m.len(), v.len())?;
+        check_f32_lengths(param.len(), grad.len(), m.len(), v.len())?;
         let k = self.kernels()?;
         // SAFETY: `kernels()` checked that this CPU supports the backend; the lengths are equal.
         unsafe { (k.apply)(scalars, step_size, param, grad, m, v) };
@@ -274,25 +274,6 @@ impl Backend {
 #[inline]
 fn blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).step_by(BLOCK).map(move |at| (at, BLOCK.min(n - at)))
-}
-
-/// Checks that the four buffers of a layer have the parameter's length.
-fn check_lengths(p: usize, g: usize, m: usize, v: usize) -> Result<(), LambError> {
-    for (buffer, len) in [
-        (Buffer::Grad, g),
-        (Buffer::ExpAvg, m),
-        (Buffer::ExpAvgSq, v),
-    ] {
-        if len != p {
-            return Err(LambError::LengthMismatch {
-                layer: 0,
-                buffer,
-                expected: p,
-                found: len,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// p, g, m, v of an all-f32 layer.

@@ -63,14 +63,7 @@ impl Backend {
         grad_scale: f32,
         layer: &mut F32Layer<'_>,
     ) -> Result<LayerReport, LambError> {
-        let _mode = DefaultFpMode::enter();
-        let scalars = StepScalars::new(config, step, grad_scale)?;
-        let F32Layer { param, grad, m, v } = layer;
-        let report = plan(config, self.norms(&scalars, param, grad, m, v)?)?;
-        if !report.skipped {
-            self.apply(&scalars, report.step_size, param, grad, m, v)?;
-        }
-        Ok(report)
+        self.step(config, step, grad_scale, layer)
     }
 
     /// One LAMB step of a layer in compact storage; see [`Backend::step_layer`]. The trust
@@ -105,22 +98,54 @@ impl Backend {
         grad_scale: f32,
         layer: &mut CompactLayer<'_>,
     ) -> Result<LayerReport, LambError> {
+        self.step(config, step, grad_scale, layer)
+    }
+
+    /// Phase 1, the plan, phase 2 (unless the plan refuses the step).
+    fn step(
+        self,
+        config: &LambConfig,
+        step: u64,
+        grad_scale: f32,
+        layer: &mut impl Phases,
+    ) -> Result<LayerReport, LambError> {
         let _mode = DefaultFpMode::enter();
         let scalars = StepScalars::new(config, step, grad_scale)?;
-        let report = plan(config, self.norms_compact(&scalars, layer)?)?;
-        if !report.skipped {
-            self.apply_compact(&scalars, report.step_size, layer, 0)?;
+        let report = LayerReport::plan(config, layer.norms(self, &scalars)?);
+        if report.skipped {
+            return match config.non_finite {
+                NonFinite::Skip => Ok(report),
+                NonFinite::Error => Err(LambError::NonFinite { layer: 0 }),
+            };
         }
+        layer.apply(self, &scalars, report.step_size)?;
         Ok(report)
     }
 }
 
-/// [`LayerReport::plan`], with a refused step an error under [`NonFinite::Error`] (and a
-/// skipped report under [`NonFinite::Skip`]).
-fn plan(config: &LambConfig, norms: LayerNorms) -> Result<LayerReport, LambError> {
-    let report = LayerReport::plan(config, norms);
-    if report.skipped && config.non_finite == NonFinite::Error {
-        return Err(LambError::NonFinite { layer: 0 });
+/// A view of a whole layer, as the two phases take it.
+trait Phases {
+    /// Phase 1 of the whole layer.
+    fn norms(&self, backend: Backend, s: &StepScalars) -> Result<LayerNorms, LambError>;
+    /// Phase 2 of the whole layer.
+    fn apply(&mut self, backend: Backend, s: &StepScalars, step_size: f32)
+    -> Result<(), LambError>;
+}
+
+impl Phases for F32Layer<'_> {
+    fn norms(&self, backend: Backend, s: &StepScalars) -> Result<LayerNorms, LambError> {
+        backend.norms(s, self.param, self.grad, self.m, self.v)
     }
-    Ok(report)
+    fn apply(&mut self, backend: Backend, s: &StepScalars, size: f32) -> Result<(), LambError> {
+        backend.apply(s, size, self.param, self.grad, self.m, self.v)
+    }
+}
+
+impl Phases for CompactLayer<'_> {
+    fn norms(&self, backend: Backend, s: &StepScalars) -> Result<LayerNorms, LambError> {
+        backend.norms_compact(s, self)
+    }
+    fn apply(&mut self, backend: Backend, s: &StepScalars, size: f32) -> Result<(), LambError> {
+        backend.apply_compact(s, size, self, 0)
+    }
 }
