@@ -30,8 +30,8 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use lamb_core::half::bf16;
 use lamb_core::codec::{QBLOCK, q8_m_decode, q8_v_decode};
+use lamb_core::half::bf16;
 use lamb_core::layer::{Grads, Rounding};
 use lamb_core::{Adaptation, BiasCorrection, LambConfig, StepScalars};
 use lamb_fuzz::state::{State, snapshot};

@@ -147,8 +147,17 @@ fuzz_target!(|input: Input| {
     let before = [bits_all(&p), bits_all(&m), bits_all(&v)];
     let step = input.step.get().max(1);
     let grad_scale = input.grad_scale.get();
-    let result =
-        Backend::detect().step_layer(&config, step, grad_scale, &mut F32Layer { param: &mut p, grad: &g, m: &mut m, v: &mut v });
+    let result = Backend::detect().step_layer(
+        &config,
+        step,
+        grad_scale,
+        &mut F32Layer {
+            param: &mut p,
+            grad: &g,
+            m: &mut m,
+            v: &mut v,
+        },
+    );
 
     let applied = matches!(&result, Ok(r) if !r.skipped);
     if !applied {

@@ -19,8 +19,8 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use lamb_core::half::{bf16, f16};
 use lamb_core::codec::QBLOCK;
+use lamb_core::half::{bf16, f16};
 use lamb_core::layer::{CompactLayer, F32Layer, Grads, HalfMut, Moments, Params, Rounding};
 use lamb_core::{Backend, LambConfig, LambError, LayerReport};
 use lamb_fuzz::{ConfigSpec, F32, Few, Fill, Rng, StepNo, canon};
@@ -435,7 +435,17 @@ fn run_f32(input: &Input, config: &LambConfig, len: usize, offset: usize, step: 
     let mut reference: Option<Reference> = None;
     for backend in Backend::available() {
         let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
-        let result = backend.step_layer(config, step, gs, &mut F32Layer { param: p.slice_mut(), grad: g.slice(), m: m.slice_mut(), v: v.slice_mut() });
+        let result = backend.step_layer(
+            config,
+            step,
+            gs,
+            &mut F32Layer {
+                param: p.slice_mut(),
+                grad: g.slice(),
+                m: m.slice_mut(),
+                v: v.slice_mut(),
+            },
+        );
         p.check_canaries("param", backend);
         m.check_canaries("m", backend);
         v.check_canaries("v", backend);
