@@ -1,4 +1,4 @@
-//! One LAMB step of one layer in each storage combination of `lamb_core::precision`
+//! One LAMB step of one layer in each storage combination of `lamb_core::layer`
 //! (`lamb_benches::precision::combos`: params {f32, bf16 in place, bf16 stochastic, bf16 +
 //! f32 master, f16 + f32 master} × moments {f32, bf16 stochastic, 8-bit}), with the
 //! dispatched backend, single thread, at 64K elements (cache resident) and 16M (DRAM
@@ -16,8 +16,9 @@
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use lamb_benches::precision::{Combo, MomentFmt, ParamFmt, combos};
 use lamb_benches::{Meta, Placed, cli_sets_sampling, fill, placement_line};
+use lamb_core::codec::QBLOCK;
 use lamb_core::half::{bf16, f16};
-use lamb_core::precision::{Grads, HalfMut, MixedLayer, Moments, Params, QBLOCK, Rounding};
+use lamb_core::layer::{CompactLayer, Grads, HalfMut, Moments, Params, Rounding};
 use lamb_core::{Backend, LambConfig, LayerReport, StepScalars};
 use lamb_std::buffer::{Aligned, AlignedBuf};
 use lamb_std::{GroupId, Lamb, ParamsIn, Precision, StateFormat};
@@ -92,7 +93,7 @@ impl Storage {
         s
     }
 
-    fn layer(&mut self) -> MixedLayer<'_> {
+    fn layer(&mut self) -> CompactLayer<'_> {
         let params = match self.combo.params {
             ParamFmt::F32 => Params::F32(&mut self.p32),
             ParamFmt::Bf16 => Params::Bf16 {
@@ -134,7 +135,7 @@ impl Storage {
                 v_absmax: &mut self.va,
             },
         };
-        MixedLayer {
+        CompactLayer {
             params,
             grads,
             moments,
@@ -144,11 +145,11 @@ impl Storage {
     /// One step; returns the step size (nonzero work for the optimiser to keep).
     fn step(&mut self, backend: Backend, cfg: &LambConfig, s: &StepScalars) -> f32 {
         let mut layer = self.layer();
-        let norms = backend.norms_mixed(s, &layer).expect("norms");
+        let norms = backend.norms_compact(s, &layer).expect("norms");
         let report = LayerReport::plan(cfg, norms);
         assert!(!report.skipped, "bench state is not finite");
         backend
-            .apply_mixed(s, report.step_size, &mut layer, 0)
+            .apply_compact(s, report.step_size, &mut layer, 0)
             .expect("apply");
         report.step_size
     }

@@ -4,7 +4,7 @@
 //! Shared by `benches/precision.rs` (which measures them) and `bin/precision-table.rs`
 //! (which turns criterion's results into the README table), so both use one model.
 
-use lamb_core::precision::QBLOCK;
+use lamb_core::codec::QBLOCK;
 
 /// How the model's parameters are stored (gradients come in the same half format, f32 for
 /// f32 parameters).

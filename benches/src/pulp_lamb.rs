@@ -93,7 +93,8 @@ impl<S: Simd> K<S> {
         }
     }
 
-    /// `lamb_core::kernels::scalar::update_and_denom` on a vector.
+    /// lamb-core's element update (the order of `LambConfig`'s docs) and its denominator,
+    /// on a vector.
     #[inline(always)]
     fn update(
         &self,

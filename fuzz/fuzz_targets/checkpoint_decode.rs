@@ -30,8 +30,9 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
+use lamb_core::codec::{QBLOCK, q8_m_decode, q8_v_decode};
 use lamb_core::half::bf16;
-use lamb_core::precision::{Grads, QBLOCK, Rounding, q8_m_decode, q8_v_decode};
+use lamb_core::layer::{Grads, Rounding};
 use lamb_core::{Adaptation, BiasCorrection, LambConfig, StepScalars};
 use lamb_fuzz::state::{State, snapshot};
 use lamb_fuzz::{ConfigSpec, F64, Few, Rng, ScheduleSpec, bytes_of, known_bugs_skipped};

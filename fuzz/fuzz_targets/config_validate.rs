@@ -30,6 +30,7 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
+use lamb_core::layer::F32Layer;
 use lamb_core::{Backend, LambError};
 use lamb_fuzz::{ConfigSpec, F32, Few, Fill, StepNo, bits_all, expected_first_invalid};
 use libfuzzer_sys::fuzz_target;
@@ -146,8 +147,17 @@ fuzz_target!(|input: Input| {
     let before = [bits_all(&p), bits_all(&m), bits_all(&v)];
     let step = input.step.get().max(1);
     let grad_scale = input.grad_scale.get();
-    let result =
-        Backend::detect().step_layer(&config, step, grad_scale, &mut p, &g, &mut m, &mut v);
+    let result = Backend::detect().step_layer(
+        &config,
+        step,
+        grad_scale,
+        &mut F32Layer {
+            param: &mut p,
+            grad: &g,
+            m: &mut m,
+            v: &mut v,
+        },
+    );
 
     let applied = matches!(&result, Ok(r) if !r.skipped);
     if !applied {

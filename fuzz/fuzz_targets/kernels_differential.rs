@@ -5,8 +5,8 @@
 //!
 //! Two storage modes:
 //! - `F32`: `Backend::step_layer` on f32 p, g, m, v (also checked against the scalar
-//!   `step_layer_mixed` with all-f32 storage, which must be the same step);
-//! - `Mixed`: `Backend::step_layer_mixed` with parameters in f32, bf16 (rounded to nearest
+//!   `step_layer_compact` with all-f32 storage, which must be the same step);
+//! - `Mixed`: `Backend::step_layer_compact` with parameters in f32, bf16 (rounded to nearest
 //!   or stochastically), or an f32 master copy with a bf16/f16 model copy; gradients in
 //!   f32/bf16/f16; moments in f32, bf16 (rounded to nearest or stochastically) or 8-bit
 //!   codes with per-block absmax.
@@ -19,8 +19,9 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
+use lamb_core::codec::QBLOCK;
 use lamb_core::half::{bf16, f16};
-use lamb_core::precision::{Grads, HalfMut, MixedLayer, Moments, Params, QBLOCK, Rounding};
+use lamb_core::layer::{CompactLayer, F32Layer, Grads, HalfMut, Moments, Params, Rounding};
 use lamb_core::{Backend, LambConfig, LambError, LayerReport};
 use lamb_fuzz::{ConfigSpec, F32, Few, Fill, Rng, StepNo, canon};
 use libfuzzer_sys::fuzz_target;
@@ -163,7 +164,7 @@ impl<T: Elem> Guarded<T> {
 /// A visitor of a layer's buffers: `(name, exact bits, canonical bits, canary check)`.
 type Visit<'a> = dyn FnMut(&str, Vec<u32>, Vec<u32>, &dyn Fn(Backend)) + 'a;
 
-/// Parameters in one of the storages of `lamb_core::precision::Params`.
+/// Parameters in one of the storages of `lamb_core::layer::Params`.
 #[derive(Clone)]
 enum PBuf {
     F32(Guarded<f32>),
@@ -305,7 +306,7 @@ enum GradScale {
 enum Storage {
     /// `Backend::step_layer` on f32 slices.
     F32,
-    /// `Backend::step_layer_mixed`.
+    /// `Backend::step_layer_compact`.
     Mixed {
         /// f32, bf16 nearest, bf16 stochastic, master + bf16, master + f16.
         params: u8,
@@ -438,10 +439,12 @@ fn run_f32(input: &Input, config: &LambConfig, len: usize, offset: usize, step: 
             config,
             step,
             gs,
-            p.slice_mut(),
-            g.slice(),
-            m.slice_mut(),
-            v.slice_mut(),
+            &mut F32Layer {
+                param: p.slice_mut(),
+                grad: g.slice(),
+                m: m.slice_mut(),
+                v: v.slice_mut(),
+            },
         );
         p.check_canaries("param", backend);
         m.check_canaries("m", backend);
@@ -477,7 +480,7 @@ fn run_f32(input: &Input, config: &LambConfig, len: usize, offset: usize, step: 
             }
             // The compact-storage entry point with all-f32 storage is the same step.
             let (mut p2, mut m2, mut v2) = (p0.clone(), m0.clone(), v0.clone());
-            let mut layer = MixedLayer {
+            let mut layer = CompactLayer {
                 params: Params::F32(p2.slice_mut()),
                 grads: Grads::F32(g.slice()),
                 moments: Moments::F32 {
@@ -485,7 +488,7 @@ fn run_f32(input: &Input, config: &LambConfig, len: usize, offset: usize, step: 
                     v: v2.slice_mut(),
                 },
             };
-            let mixed = backend.step_layer_mixed(config, step, gs, &mut layer);
+            let mixed = backend.step_layer_compact(config, step, gs, &mut layer);
             let sum_mixed = nan_free(
                 backend
                     .sum_squares_grads(&Grads::F32(g.slice()))
@@ -604,12 +607,12 @@ fn run_mixed(
     for backend in Backend::available() {
         let (mut p, mut m) = (p0.clone(), m0.clone());
         let result = {
-            let mut layer = MixedLayer {
+            let mut layer = CompactLayer {
                 params: p.params(),
                 grads: g.grads(),
                 moments: m.moments(),
             };
-            backend.step_layer_mixed(config, step, gs, &mut layer)
+            backend.step_layer_compact(config, step, gs, &mut layer)
         };
         let mut buffers = Vec::new();
         let mut after = Vec::new();

@@ -31,7 +31,7 @@
 use arbitrary::Arbitrary;
 use lamb_core::Backend;
 use lamb_core::half::{bf16, f16};
-use lamb_core::precision::{Grads as GradsIn, Rounding};
+use lamb_core::layer::{Grads as GradsIn, Rounding};
 use lamb_fuzz::{ConfigSpec, F32, F64, Few, Fill, Rng, ScheduleSpec, bytes_of, canon};
 use lamb_std::{
     Error, GroupId, Lamb, LayerId, ParamStorage, ParamsIn, Precision, StateFormat, StateView,
@@ -859,7 +859,7 @@ fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
                     [*moments as usize % 3],
                 compact_min_len: match *min_len {
                     MinLen::Zero => 0,
-                    MinLen::Blocks(k) => (k % 9) as usize * lamb_core::precision::QBLOCK,
+                    MinLen::Blocks(k) => (k % 9) as usize * lamb_core::codec::QBLOCK,
                     MinLen::Default => Precision::default().compact_min_len,
                     MinLen::Any(n) => n as usize,
                 },

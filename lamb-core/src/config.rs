@@ -48,7 +48,8 @@ pub enum RatioRule {
     /// `r = φ(‖p‖) / ‖u‖`, and `r = 1` where `‖p‖ = 0` or `‖u‖ = 0` (every real implementation).
     #[default]
     ZeroNormIsOne,
-    /// `r = φ(‖p‖) / (‖u‖ + ε)`, no zero-norm rule: a zero tensor never moves (the seed text).
+    /// `r = φ(‖p‖) / (‖u‖ + ε)`, no zero-norm rule: a zero tensor never moves
+    /// ([`LambConfig::seed`]).
     EpsDenominator,
 }
 
@@ -65,7 +66,8 @@ pub enum NonFinite {
 
 /// LAMB hyperparameters for one layer or parameter group.
 ///
-/// The step (per element, f32, in this order; see [`crate::kernels`]):
+/// The step (per element, f32, in this order; see
+/// [the crate docs](crate#same-bits-everywhere)):
 /// ```text
 /// g  = g·c                       c: grad_scale (clipping × 1/loss_scale), 1 by default
 /// m  = β1·m + β3·g               β3 = 1−β1, or 1 with grad_averaging off
@@ -211,8 +213,9 @@ impl LambConfig {
         }
     }
 
-    /// The seed text's formula: `r = ‖θ‖ / (‖Δ‖ + ε)` with Δ the bias-corrected Adam update,
-    /// no weight decay, φ the identity and no zero-norm rule (a zero tensor never moves).
+    /// LAMB as first written down for this project: `r = ‖θ‖ / (‖Δ‖ + ε)` with Δ the
+    /// bias-corrected Adam update, no weight decay, φ the identity and no zero-norm rule (a
+    /// zero tensor never moves). Checked against a NumPy float64 reference of that formula.
     ///
     /// ```
     /// use lamb_core::{LambConfig, RatioRule};

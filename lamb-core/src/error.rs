@@ -125,7 +125,7 @@ pub enum LambError {
         backend: crate::Backend,
     },
     /// A layer in compact storage was split at an element that is not a multiple of
-    /// [`QBLOCK`](crate::precision::QBLOCK) (8-bit moments are quantised in those blocks).
+    /// [`QBLOCK`](crate::codec::QBLOCK) (8-bit moments are quantised in those blocks).
     MisalignedSplit {
         /// The split point.
         at: usize,
@@ -216,7 +216,7 @@ impl fmt::Display for LambError {
             LambError::MisalignedSplit { at } => write!(
                 f,
                 "cannot split a compact layer at element {at}: not a multiple of {}",
-                crate::precision::QBLOCK
+                crate::codec::QBLOCK
             ),
             LambError::NonFinite { layer } => write!(
                 f,

@@ -11,9 +11,9 @@
 //! [`Backend`] methods that run kernels (phases, whole steps, sums of squares). That covers
 //! every floating-point operation of a step, including in threads that call the `Backend`
 //! methods (lamb-std also enters the mode for the whole of its step). What is not
-//! covered: the building blocks that are public for tests and references
-//! ([`kernels::scalar`], the codecs of [`precision`]) and the `+` of [`LayerNorms`] run in
-//! the caller's mode; enter [`DefaultFpMode`] around them to get the same bits.
+//! covered: the building blocks that are public for tests and references (the codecs of
+//! [`codec`]) and the `+` of [`LayerNorms`] run in the caller's mode; enter
+//! [`DefaultFpMode`] around them to get the same bits.
 //!
 //! | target | register | what is set on entry |
 //! |---|---|---|
@@ -36,8 +36,7 @@
 //! [`Schedule::factor`]: crate::Schedule::factor
 //! [`Schedule::validate`]: crate::Schedule::validate
 //! [`Backend`]: crate::Backend
-//! [`kernels::scalar`]: crate::kernels::scalar
-//! [`precision`]: crate::precision
+//! [`codec`]: crate::codec
 //! [`LayerNorms`]: crate::LayerNorms
 
 use core::marker::PhantomData;

@@ -20,23 +20,46 @@
 //! }
 //! # Ok::<(), lamb_core::LambError>(())
 //! ```
+//!
+//! # The parts of a step
+//!
+//! One step of one layer: [`StepScalars::new`] rounds the configuration of step `t` to f32
+//! once; phase 1 ([`Backend::norms`]) reads the layer and sums ‖p‖² and ‖u‖², writing
+//! nothing; [`LayerReport::plan`] turns the sums into the trust ratio and the step size, or
+//! refuses the step; phase 2 ([`Backend::apply`]) recomputes the same update and writes it.
+//! [`step_layer`] and [`Backend::step_layer`] do all four, and on an error or a refused step
+//! the layer is as it was. A layer's buffers are f32 ([`layer::F32Layer`]) or in compact
+//! storage ([`layer::CompactLayer`]: bf16/f16 parameters and gradients, bf16 or 8-bit
+//! moments, encoded and decoded by [`codec`]).
+//!
+//! # Same bits everywhere
+//!
+//! Every [`Backend`] computes each element with the same f32 operations in the same order,
+//! with separate multiplies and adds (never FMA) and IEEE `sqrt` and `/`. Sums of squares are
+//! exact f64 products added into [`LANES`] lanes (element `i` of a block to lane `i % 16`),
+//! folded in a fixed tree, and blocks of [`BLOCK`] elements are added in index order, so a
+//! layer cut into block-aligned pieces (one per thread) sums to the same bits as the whole.
+//! The arithmetic runs in the default floating-point mode whatever the caller's ([`fpenv`]).
 #![no_std]
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod codec;
 mod config;
 mod dispatch;
 mod error;
 pub mod fpenv;
-pub mod kernels;
-pub mod precision;
+mod kernels;
+pub mod layer;
+mod plan;
+mod scalars;
 mod schedule;
-mod step;
 
 pub use config::{Adaptation, BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule};
-pub use dispatch::Backend;
+pub use dispatch::{Backend, step_layer};
 pub use error::{Buffer, Field, LambError};
 pub use half;
 pub use kernels::{BLOCK, LANES};
+pub use plan::LayerReport;
+pub use scalars::{LayerNorms, StepScalars};
 pub use schedule::Schedule;
-pub use step::{LayerNorms, LayerReport, StepScalars, step_layer};

@@ -2,6 +2,7 @@
 //! params, m, v and the report (norms, ratio, step size) of a step, and the plain sum of
 //! squares; on every length 0..=300, on long random lengths, and on unaligned starts.
 
+use lamb_core::layer::F32Layer;
 use lamb_core::{Backend, BiasCorrection, EpsMode, LambConfig, LayerReport};
 
 /// xorshift64*: deterministic inputs without a dependency.
@@ -109,10 +110,12 @@ fn run(
             cfg,
             step,
             scale,
-            &mut l.p[offset..],
-            &l.g[offset..],
-            &mut l.m[offset..],
-            &mut l.v[offset..],
+            &mut F32Layer {
+                param: &mut l.p[offset..],
+                grad: &l.g[offset..],
+                m: &mut l.m[offset..],
+                v: &mut l.v[offset..],
+            },
         )
         .unwrap();
     let ss = backend.sum_squares(&layer.g[offset..]).unwrap().to_bits();

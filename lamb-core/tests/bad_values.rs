@@ -10,7 +10,8 @@
 //! in m, v or p.
 
 use half::{bf16, f16};
-use lamb_core::precision::{Grads, HalfMut, MixedLayer, Moments, Params, QBLOCK, Rounding};
+use lamb_core::codec::QBLOCK;
+use lamb_core::layer::{CompactLayer, F32Layer, Grads, HalfMut, Moments, Params, Rounding};
 use lamb_core::{Backend, LANES, LambConfig};
 
 /// xorshift64*.
@@ -171,30 +172,38 @@ impl Layer {
     fn step(&mut self, b: Backend, kernel: Kernel) -> bool {
         let cfg = LambConfig::paper();
         let r = match kernel {
-            Kernel::F32 => {
-                b.step_layer(&cfg, 2, 1.0, &mut self.p, &self.g, &mut self.m, &mut self.v)
-            }
+            Kernel::F32 => b.step_layer(
+                &cfg,
+                2,
+                1.0,
+                &mut F32Layer {
+                    param: &mut self.p,
+                    grad: &self.g,
+                    m: &mut self.m,
+                    v: &mut self.v,
+                },
+            ),
             _ => {
-                let mut layer = self.mixed(kernel);
-                b.step_layer_mixed(&cfg, 2, 1.0, &mut layer)
+                let mut layer = self.compact_layer(kernel);
+                b.step_layer_compact(&cfg, 2, 1.0, &mut layer)
             }
         };
         r.unwrap().skipped
     }
 
-    fn mixed(&mut self, kernel: Kernel) -> MixedLayer<'_> {
+    fn compact_layer(&mut self, kernel: Kernel) -> CompactLayer<'_> {
         let f32_moments = Moments::F32 {
             m: &mut self.m,
             v: &mut self.v,
         };
         match kernel {
             Kernel::F32 => unreachable!(),
-            Kernel::F32ParamsBf16Grads => MixedLayer {
+            Kernel::F32ParamsBf16Grads => CompactLayer {
                 params: Params::F32(&mut self.p),
                 grads: Grads::Bf16(&self.gb),
                 moments: f32_moments,
             },
-            Kernel::Bf16 => MixedLayer {
+            Kernel::Bf16 => CompactLayer {
                 params: Params::Bf16 {
                     data: &mut self.pb,
                     rounding: Rounding::Nearest,
@@ -206,7 +215,7 @@ impl Layer {
                     rounding: Rounding::Nearest,
                 },
             },
-            Kernel::MasterF16 => MixedLayer {
+            Kernel::MasterF16 => CompactLayer {
                 params: Params::Master {
                     master: &mut self.p,
                     model: HalfMut::F16(&mut self.ph),
@@ -214,7 +223,7 @@ impl Layer {
                 grads: Grads::F16(&self.gh),
                 moments: f32_moments,
             },
-            Kernel::Bf16Q8 => MixedLayer {
+            Kernel::Bf16Q8 => CompactLayer {
                 params: Params::Bf16 {
                     data: &mut self.pb,
                     rounding: Rounding::Stochastic { seed: 7 },
@@ -337,7 +346,7 @@ fn check(lengths: impl IntoIterator<Item = usize>, every_position: bool) -> usiz
     cases
 }
 
-/// The lengths of the issue (a partial row of 1 and of 15 lanes, and one past a block),
+/// Lengths with a partial row of 1 and of 15 lanes, and one past a block,
 /// at every position class.
 #[test]
 fn bad_values_at_every_position_class_are_refused() {

@@ -1,11 +1,11 @@
 //! The per-block phase-1 entry points that lamb-std's threads use (`norms_blocks`,
-//! `norms_blocks_mixed`) and the gradient sum of squares of the global norm
+//! `norms_blocks_compact`) and the gradient sum of squares of the global norm
 //! (`sum_squares_grads`), on every backend this CPU has: each block's entry is phase 1 of
 //! that block alone, the entries add up (in order) to phase 1 of the whole layer, entries
 //! past the layer are left alone, and a short `out` is refused with nothing written.
 
 use lamb_core::half::{bf16, f16};
-use lamb_core::precision::{Grads, MixedLayer, Moments, Params};
+use lamb_core::layer::{CompactLayer, Grads, Moments, Params};
 use lamb_core::{BLOCK, Backend, LambConfig, LambError, LayerNorms, StepScalars};
 
 const LENGTHS: [usize; 7] = [1, 17, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 5000];
@@ -18,7 +18,7 @@ const UNTOUCHED: LayerNorms = LayerNorms {
     param_max: 0.0,
     update_min: 0.0,
     update_max: 0.0,
-    param_format: lamb_core::precision::ParamFormat::F32,
+    param_format: lamb_core::layer::ParamFormat::F32,
 };
 
 struct Layer {
@@ -106,7 +106,7 @@ fn norms_blocks_refuse_a_short_out_untouched() {
         let g: Vec<bf16> = l.g.iter().map(|&x| bf16::from_f32(x)).collect();
         let (mut m, mut v) = (l.m.clone(), l.v.clone());
         let mut p = l.p.clone();
-        let layer = MixedLayer {
+        let layer = CompactLayer {
             params: Params::F32(&mut p),
             grads: Grads::Bf16(&g),
             moments: Moments::F32 {
@@ -114,21 +114,21 @@ fn norms_blocks_refuse_a_short_out_untouched() {
                 v: &mut v,
             },
         };
-        let e = b.norms_blocks_mixed(&s, &layer, &mut out).unwrap_err();
+        let e = b.norms_blocks_compact(&s, &layer, &mut out).unwrap_err();
         assert_eq!(short(e), (3 * BLOCK, n), "{b:?}");
         assert_eq!(out, [UNTOUCHED; 3]);
     }
 }
 
 #[test]
-fn norms_blocks_mixed_are_the_blocks_phase_1() {
+fn norms_blocks_compact_are_the_blocks_phase_1() {
     let s = scalars();
     for b in Backend::available() {
         for n in LENGTHS {
             let l = Layer::new(n);
             let g: Vec<bf16> = l.g.iter().map(|&x| bf16::from_f32(x)).collect();
             let (mut p, mut m, mut v) = (l.p.clone(), l.m.clone(), l.v.clone());
-            let layer = MixedLayer {
+            let layer = CompactLayer {
                 params: Params::F32(&mut p),
                 grads: Grads::Bf16(&g),
                 moments: Moments::F32 {
@@ -138,14 +138,14 @@ fn norms_blocks_mixed_are_the_blocks_phase_1() {
             };
             let blocks = n.div_ceil(BLOCK);
             let mut out = vec![UNTOUCHED; blocks + 2];
-            b.norms_blocks_mixed(&s, &layer, &mut out).unwrap();
+            b.norms_blocks_compact(&s, &layer, &mut out).unwrap();
             assert_eq!(
                 out[blocks..],
                 [UNTOUCHED; 2],
                 "{b:?} n = {n}: past the layer"
             );
             let mut exact = vec![UNTOUCHED; blocks];
-            b.norms_blocks_mixed(&s, &layer, &mut exact).unwrap();
+            b.norms_blocks_compact(&s, &layer, &mut exact).unwrap();
             assert_eq!(
                 exact,
                 out[..blocks],
@@ -157,9 +157,12 @@ fn norms_blocks_mixed_are_the_blocks_phase_1() {
             let mut f32_out = vec![UNTOUCHED; blocks];
             b.norms_blocks(&s, &l.p, &decoded, &l.m, &l.v, &mut f32_out)
                 .unwrap();
-            for (k, (mixed, plain)) in out.iter().zip(&f32_out).enumerate() {
-                assert_eq!(mixed.param_sq, plain.param_sq, "{b:?} n = {n} block {k}");
-                assert_eq!(mixed.update_sq, plain.update_sq, "{b:?} n = {n} block {k}");
+            for (k, (compact, plain)) in out.iter().zip(&f32_out).enumerate() {
+                assert_eq!(compact.param_sq, plain.param_sq, "{b:?} n = {n} block {k}");
+                assert_eq!(
+                    compact.update_sq, plain.update_sq,
+                    "{b:?} n = {n} block {k}"
+                );
             }
         }
     }

@@ -1,5 +1,6 @@
 //! Edge cases and bad input of the single-layer step: every refusal leaves every buffer as it was.
 
+use lamb_core::layer::F32Layer;
 use lamb_core::{
     Backend, Buffer, Field, LambConfig, LambError, LayerNorms, LayerReport, NonFinite, StepScalars,
     step_layer,
@@ -239,115 +240,49 @@ fn step_zero_is_refused_untouched() {
     assert_eq!(l, before);
 }
 
+/// The paper preset with the hyperparameter `field` set to `value`.
+fn paper_with(field: Field, value: f64) -> LambConfig {
+    let mut c = LambConfig::paper();
+    *match field {
+        Field::Lr => &mut c.lr,
+        Field::Beta1 => &mut c.beta1,
+        Field::Beta2 => &mut c.beta2,
+        Field::Eps => &mut c.eps,
+        Field::WeightDecay => &mut c.weight_decay,
+        Field::ParamNormMin => &mut c.param_norm_min,
+        Field::ParamNormMax => &mut c.param_norm_max,
+        Field::RatioMin => &mut c.ratio_min,
+        Field::RatioMax => &mut c.ratio_max,
+        Field::GradScale => unreachable!("grad_scale is not a LambConfig field"),
+    } = value;
+    c
+}
+
 #[test]
 fn every_invalid_hyperparameter_is_refused_untouched() {
-    let base = LambConfig::paper();
-    let cases: Vec<(LambConfig, Field, &str)> = vec![
-        (LambConfig { lr: -1e-3, ..base }, Field::Lr, "-0.001"),
-        (
-            LambConfig {
-                lr: f64::NAN,
-                ..base
-            },
-            Field::Lr,
-            "NaN",
-        ),
-        (
-            LambConfig {
-                lr: f64::INFINITY,
-                ..base
-            },
-            Field::Lr,
-            "inf",
-        ),
-        (LambConfig { lr: 1e300, ..base }, Field::Lr, "1e300"),
-        (LambConfig { beta1: 1.0, ..base }, Field::Beta1, "= 1.0:"),
-        (
-            LambConfig {
-                beta1: -0.1,
-                ..base
-            },
-            Field::Beta1,
-            "-0.1",
-        ),
-        (
-            LambConfig {
-                beta1: f64::NAN,
-                ..base
-            },
-            Field::Beta1,
-            "NaN",
-        ),
-        (LambConfig { beta2: 1.5, ..base }, Field::Beta2, "1.5"),
-        (
-            LambConfig {
-                beta2: f64::NAN,
-                ..base
-            },
-            Field::Beta2,
-            "NaN",
-        ),
-        (LambConfig { eps: 0.0, ..base }, Field::Eps, "= 0.0:"),
-        (LambConfig { eps: -1e-8, ..base }, Field::Eps, "-1e-8"),
-        (
-            LambConfig {
-                eps: f64::NAN,
-                ..base
-            },
-            Field::Eps,
-            "NaN",
-        ),
-        (LambConfig { eps: 1e-50, ..base }, Field::Eps, "1e-50"),
-        (
-            LambConfig {
-                weight_decay: f64::NAN,
-                ..base
-            },
-            Field::WeightDecay,
-            "NaN",
-        ),
-        (
-            LambConfig {
-                weight_decay: -0.01,
-                ..base
-            },
-            Field::WeightDecay,
-            "-0.01",
-        ),
-        (
-            LambConfig {
-                param_norm_min: f64::NAN,
-                ..base
-            },
-            Field::ParamNormMin,
-            "NaN",
-        ),
-        (
-            LambConfig {
-                param_norm_max: f64::NAN,
-                ..base
-            },
-            Field::ParamNormMax,
-            "NaN",
-        ),
-        (
-            LambConfig {
-                ratio_min: -1.0,
-                ..base
-            },
-            Field::RatioMin,
-            "-1.0",
-        ),
-        (
-            LambConfig {
-                ratio_max: f64::NAN,
-                ..base
-            },
-            Field::RatioMax,
-            "NaN",
-        ),
+    let cases = [
+        (Field::Lr, -1e-3, "-0.001"),
+        (Field::Lr, f64::NAN, "NaN"),
+        (Field::Lr, f64::INFINITY, "inf"),
+        (Field::Lr, 1e300, "1e300"),
+        (Field::Beta1, 1.0, "= 1.0:"),
+        (Field::Beta1, -0.1, "-0.1"),
+        (Field::Beta1, f64::NAN, "NaN"),
+        (Field::Beta2, 1.5, "1.5"),
+        (Field::Beta2, f64::NAN, "NaN"),
+        (Field::Eps, 0.0, "= 0.0:"),
+        (Field::Eps, -1e-8, "-1e-8"),
+        (Field::Eps, f64::NAN, "NaN"),
+        (Field::Eps, 1e-50, "1e-50"),
+        (Field::WeightDecay, f64::NAN, "NaN"),
+        (Field::WeightDecay, -0.01, "-0.01"),
+        (Field::ParamNormMin, f64::NAN, "NaN"),
+        (Field::ParamNormMax, f64::NAN, "NaN"),
+        (Field::RatioMin, -1.0, "-1.0"),
+        (Field::RatioMax, f64::NAN, "NaN"),
     ];
-    for (cfg, field, shown) in cases {
+    for (field, value, shown) in cases {
+        let cfg = paper_with(field, value);
         let mut l = Layer::new(33);
         let before = l.clone();
         let e = l.step(&cfg, 1).unwrap_err();
@@ -423,10 +358,12 @@ fn bad_grad_scale_is_refused_untouched() {
                 &LambConfig::paper(),
                 1,
                 scale,
-                &mut l.p,
-                &l.g,
-                &mut l.m,
-                &mut l.v,
+                &mut F32Layer {
+                    param: &mut l.p,
+                    grad: &l.g,
+                    m: &mut l.m,
+                    v: &mut l.v,
+                },
             )
             .unwrap_err();
         assert!(

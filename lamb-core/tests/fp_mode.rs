@@ -10,7 +10,7 @@
 mod on_this_target {
     use half::{bf16, f16};
     use lamb_core::fpenv::DefaultFpMode;
-    use lamb_core::precision::{Grads, HalfMut, MixedLayer, Moments, Params, Rounding};
+    use lamb_core::layer::{CompactLayer, F32Layer, Grads, HalfMut, Moments, Params, Rounding};
     use lamb_core::{Backend, EpsMode, LambConfig, LayerNorms, LayerReport, Schedule, StepScalars};
     use std::hint::black_box;
 
@@ -189,12 +189,22 @@ mod on_this_target {
         for step in 1..=3u64 {
             let (g, gh) = (&inputs.g[step as usize - 1], &inputs.gh[step as usize - 1]);
             let reports = [
-                b.step_layer(cfg, step, 0.5, &mut p, g, &mut m, &mut v),
-                b.step_layer_mixed(
+                b.step_layer(
+                    cfg,
+                    step,
+                    0.5,
+                    &mut F32Layer {
+                        param: &mut p,
+                        grad: g,
+                        m: &mut m,
+                        v: &mut v,
+                    },
+                ),
+                b.step_layer_compact(
                     cfg,
                     step,
                     1.0,
-                    &mut MixedLayer {
+                    &mut CompactLayer {
                         params: Params::Bf16 {
                             data: &mut pb,
                             rounding: Rounding::Stochastic { seed: step },
@@ -207,11 +217,11 @@ mod on_this_target {
                         },
                     },
                 ),
-                b.step_layer_mixed(
+                b.step_layer_compact(
                     cfg,
                     step,
                     1.0,
-                    &mut MixedLayer {
+                    &mut CompactLayer {
                         params: Params::Master {
                             master: &mut master,
                             model: HalfMut::F16(&mut ph),
@@ -327,7 +337,17 @@ mod on_this_target {
                 let (mut m, mut v) = (vec![0.0f32; n], vec![0.0f32; n]);
                 let r = {
                     let trapping = Mode::set(mode::TRAPPING);
-                    let r = b.step_layer(&LambConfig::paper(), 1, 1.0, &mut p, &g, &mut m, &mut v);
+                    let r = b.step_layer(
+                        &LambConfig::paper(),
+                        1,
+                        1.0,
+                        &mut F32Layer {
+                            param: &mut p,
+                            grad: &g,
+                            m: &mut m,
+                            v: &mut v,
+                        },
+                    );
                     assert_eq!(mode::get() & mode::CONTROL, trapping.now);
                     r
                 };

@@ -1,4 +1,4 @@
-//! Regression tests from fuzzing (`fuzz/`, issue #6): each reproduces a finding with its
+//! Regression tests from fuzzing (`fuzz/`): each reproduces a finding with its
 //! minimal input. See fuzz/README.md for the targets and how to turn a crash artifact into
 //! a test here.
 
@@ -9,8 +9,8 @@ use lamb_core::{BiasCorrection, LambConfig, step_layer};
 /// step). `validate()` accepts any lr and ratio bounds that are finite in f32, and phase 1
 /// checks that ‖p‖, ‖u‖ and the step size `lr·r` are finite, but not that `p − lr·r·u` is:
 /// here `p = 1 − 3e38·2 = −inf`, and the step reports `applied` with the parameter
-/// destroyed. DESIGN.md: "Failure, never corruption"; the step must either be refused
-/// (skipped / `NonFinite`) or leave finite values.
+/// destroyed. Failure, never corruption (the all-or-nothing step of lamb-core's crate docs):
+/// the step must either be refused (skipped / `NonFinite`) or leave finite values.
 #[test]
 fn an_applied_step_never_writes_a_non_finite_parameter() {
     let huge_lr = LambConfig {

@@ -4,7 +4,7 @@
 //! backend computes bit for bit alike.
 
 use half::{bf16, f16};
-use lamb_core::precision::{Grads, HalfMut, MixedLayer, Moments, ParamFormat, Params, Rounding};
+use lamb_core::layer::{CompactLayer, Grads, HalfMut, Moments, ParamFormat, Params, Rounding};
 use lamb_core::{Backend, LambConfig, LambError, LayerNorms, LayerReport, NonFinite, StepScalars};
 
 /// One layer's owned buffers: f32 master/params, bf16 and f16 copies, f32 grads, f32 moments.
@@ -38,8 +38,8 @@ impl Owned {
         }
     }
 
-    fn layer(&mut self, p: P) -> MixedLayer<'_> {
-        MixedLayer {
+    fn layer(&mut self, p: P) -> CompactLayer<'_> {
+        CompactLayer {
             params: match p {
                 P::MasterF16 => Params::Master {
                     master: &mut self.p32,
@@ -84,7 +84,7 @@ fn assert_refused(cfg: LambConfig, p: P, owned: &Owned) {
                 ..cfg
             };
             let mut o = owned.clone();
-            let r = b.step_layer_mixed(&cfg, 1, 1.0, &mut o.layer(p));
+            let r = b.step_layer_compact(&cfg, 1, 1.0, &mut o.layer(p));
             match policy {
                 NonFinite::Skip => assert!(r.unwrap().skipped, "{b} {p:?}: applied"),
                 NonFinite::Error => assert_eq!(r, Err(LambError::NonFinite { layer: 0 })),
@@ -131,7 +131,7 @@ fn steps_past_the_storage_range_are_refused_on_every_backend() {
     let mut near = o.clone();
     assert!(
         !Backend::Scalar
-            .step_layer_mixed(&tiny, 1, 1.0, &mut near.layer(P::Bf16))
+            .step_layer_compact(&tiny, 1, 1.0, &mut near.layer(P::Bf16))
             .unwrap()
             .skipped
     );
@@ -234,7 +234,7 @@ fn no_applied_step_stores_infinity() {
         let owned = Owned::new(&params, &grads);
         let mut reference = owned.clone();
         let want = Backend::Scalar
-            .step_layer_mixed(&cfg, 1, 1.0, &mut reference.layer(p))
+            .step_layer_compact(&cfg, 1, 1.0, &mut reference.layer(p))
             .unwrap();
         if want.skipped {
             refused += 1;
@@ -245,7 +245,7 @@ fn no_applied_step_stores_infinity() {
         }
         for b in Backend::available() {
             let mut o = owned.clone();
-            let r = b.step_layer_mixed(&cfg, 1, 1.0, &mut o.layer(p)).unwrap();
+            let r = b.step_layer_compact(&cfg, 1, 1.0, &mut o.layer(p)).unwrap();
             assert_eq!(r, want, "{b} {p:?}");
             assert!(o == reference, "{b} {p:?}");
         }
@@ -273,18 +273,18 @@ fn ranges_are_bit_exact_on_every_backend() {
             let mut blocks_ref = vec![LayerNorms::default(); n.div_ceil(1024)];
             let layer = owned.layer(p);
             Backend::Scalar
-                .norms_blocks_mixed(&s, &layer, &mut blocks_ref)
+                .norms_blocks_compact(&s, &layer, &mut blocks_ref)
                 .unwrap();
-            let whole = Backend::Scalar.norms_mixed(&s, &layer).unwrap();
+            let whole = Backend::Scalar.norms_compact(&s, &layer).unwrap();
             if n >= 16 {
                 assert!(whole.param_max > 0.0 && whole.update_min < 0.0);
             }
             assert_eq!(whole.param_format, p_format(p));
             for b in Backend::available() {
                 let mut blocks = vec![LayerNorms::default(); n.div_ceil(1024)];
-                b.norms_blocks_mixed(&s, &layer, &mut blocks).unwrap();
+                b.norms_blocks_compact(&s, &layer, &mut blocks).unwrap();
                 assert_eq!(blocks, blocks_ref, "{b} {p:?} n={n}");
-                assert_eq!(b.norms_mixed(&s, &layer).unwrap(), whole, "{b} n={n}");
+                assert_eq!(b.norms_compact(&s, &layer).unwrap(), whole, "{b} n={n}");
             }
         }
     }

@@ -9,6 +9,7 @@
 #[path = "common/reference_data.rs"]
 mod reference_data;
 
+use lamb_core::layer::F32Layer;
 use lamb_core::{Adaptation, Backend, BiasCorrection, LambConfig, StepScalars};
 use reference_data::{Case, Reference, flag, load, num};
 use serde_json::Value;
@@ -117,7 +118,15 @@ fn run_case(cfg: &LambConfig, case: &Case, steps: u64) -> Vec<Errors> {
         for k in 0..n {
             let report = Backend::Scalar
                 .step_layer(
-                    cfg, step, grad_scale, &mut p[k], &grads[k], &mut m[k], &mut v[k],
+                    cfg,
+                    step,
+                    grad_scale,
+                    &mut F32Layer {
+                        param: &mut p[k],
+                        grad: &grads[k],
+                        m: &mut m[k],
+                        v: &mut v[k],
+                    },
                 )
                 .unwrap_or_else(|e| panic!("case {}: {e}", case.name));
             assert!(!report.skipped, "case {}: step {step} skipped", case.name);
@@ -211,31 +220,8 @@ fn check_reference(
                 println!("{row}");
             }
             let who = format!("{} / {} / {}", reference.implementation, case.name, t.name);
-            let mut fail = |what: &str, value: f64, tol: f64| {
-                if value.is_nan() || value > tol {
-                    failures.push(format!("{who}: {what} error {value:.3e} > {tol:.3e}"));
-                }
-            };
-            fail("params", e.param, PARAM_TOL);
-            fail("per-step params", e.per_step.unwrap_or(0.0), PARAM_TOL);
-            fail("exp_avg", e.exp_avg, MOMENT_TOL);
-            fail("exp_avg_sq", e.exp_avg_sq, MOMENT_TOL);
-            // Where the reference does not move the tensor at all, neither may lamb-core
-            // (`delta` is then the absolute change, and the floor infinite).
-            let delta_tol = if e.delta_floor.is_finite() {
-                DELTA_FLOOR_FACTOR * e.delta_floor
-            } else {
-                0.0
-            };
-            fail("change", e.delta, delta_tol);
-            max.param = max.param.max(e.param);
-            max.per_step = max.per_step.max(e.per_step.unwrap_or(0.0));
-            max.exp_avg = max.exp_avg.max(e.exp_avg);
-            max.exp_avg_sq = max.exp_avg_sq.max(e.exp_avg_sq);
-            max.delta = max.delta.max(e.delta);
-            if e.delta_floor.is_finite() {
-                max.delta_in_floors = max.delta_in_floors.max(in_floors);
-            }
+            check_errors(&who, e, failures);
+            max.add(e);
         }
     }
     println!(
@@ -250,6 +236,41 @@ fn check_reference(
         "",
         max.delta_in_floors
     );
+}
+
+/// Adds each tolerance that `e`, the errors of tensor `who`, violates to `failures`.
+fn check_errors(who: &str, e: &Errors, failures: &mut Vec<String>) {
+    let mut fail = |what: &str, value: f64, tol: f64| {
+        if value.is_nan() || value > tol {
+            failures.push(format!("{who}: {what} error {value:.3e} > {tol:.3e}"));
+        }
+    };
+    fail("params", e.param, PARAM_TOL);
+    fail("per-step params", e.per_step.unwrap_or(0.0), PARAM_TOL);
+    fail("exp_avg", e.exp_avg, MOMENT_TOL);
+    fail("exp_avg_sq", e.exp_avg_sq, MOMENT_TOL);
+    // Where the reference does not move the tensor at all, neither may lamb-core
+    // (`delta` is then the absolute change, and the floor infinite).
+    let delta_tol = if e.delta_floor.is_finite() {
+        DELTA_FLOOR_FACTOR * e.delta_floor
+    } else {
+        0.0
+    };
+    fail("change", e.delta, delta_tol);
+}
+
+impl Max {
+    /// Takes the errors of one more tensor into the maxima.
+    fn add(&mut self, e: &Errors) {
+        self.param = self.param.max(e.param);
+        self.per_step = self.per_step.max(e.per_step.unwrap_or(0.0));
+        self.exp_avg = self.exp_avg.max(e.exp_avg);
+        self.exp_avg_sq = self.exp_avg_sq.max(e.exp_avg_sq);
+        self.delta = self.delta.max(e.delta);
+        if e.delta_floor.is_finite() {
+            self.delta_in_floors = self.delta_in_floors.max(e.delta / e.delta_floor);
+        }
+    }
 }
 
 fn assert_no_failures(failures: Vec<String>) {
@@ -341,7 +362,7 @@ fn nvlamb_config(case: &Case) -> LambConfig {
     }
 }
 
-/// The seed text's formula (`lr`, `beta1`, `beta2`, `eps`).
+/// [`LambConfig::seed`]'s formula (`lr`, `beta1`, `beta2`, `eps`).
 fn seed_config(case: &Case) -> LambConfig {
     let h = hp(case);
     LambConfig {

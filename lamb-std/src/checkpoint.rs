@@ -58,7 +58,7 @@
 //! come back bit for bit: bf16 moments as `BF16 [len]`; 8-bit moments as `U8 [len]` codes
 //! plus `state.{i}.exp_avg.absmax` / `state.{i}.exp_avg_sq.absmax`, `F32 [⌈len / 256⌉]`,
 //! the per-block scales (lamb-core's codes: m sign + E4M3, v E5M3, see
-//! [`lamb_core::precision`]). Each layer's metadata names its moments' dtype (`"f32"`,
+//! [`lamb_core::codec`]). Each layer's metadata names its moments' dtype (`"f32"`,
 //! `"bf16"`, `"q8_e4m3"` / `"q8_e5m3"` with `"block": 256`); a reader refuses a dtype it
 //! does not know, naming it, so a new storage format needs no version change.
 //!
@@ -186,8 +186,9 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use lamb_core::codec::{QBLOCK, q8_m_encode, q8_v_encode};
 use lamb_core::half::bf16;
-use lamb_core::precision::{Moments as CoreMoments, QBLOCK, q8_m_encode, q8_v_encode};
+use lamb_core::layer::Moments as CoreMoments;
 use lamb_core::{Buffer, LambConfig, LambError, Schedule};
 use safetensors::{Dtype, SafeTensors, View};
 

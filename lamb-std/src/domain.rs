@@ -22,7 +22,7 @@
 //!   factor outside f32's normal range, and at `5e-324` every gradient of norm above about
 //!   1e-278 gets a factor that rounds to 0, which skips the step.
 //! - **Moments**: for every element, the next step `t` with a **zero gradient**, in the
-//!   kernels' own `f32` arithmetic (`lamb_core::kernels::scalar`), gives a finite
+//!   kernels' own `f32` arithmetic (the scalar reference, `Backend::Scalar`), gives a finite
 //!   bias-corrected first moment `m̂ = (β1·m)·c1` and a finite denominator `√v̂ + ε` (or
 //!   `√(v̂ + ε)` with ε inside) of `v̂ = (β2·v)·c2`, where `c1`, `c2` are step `t`'s bias
 //!   corrections `1 / (1 − β^t)`. The rule is exact: a state it refuses can take no step at
@@ -48,7 +48,7 @@
 //! [`Lamb::load`]: crate::Lamb::load
 //! [`LambConfig::validate`]: lamb_core::LambConfig::validate
 
-use lamb_core::precision::{QBLOCK, q8_m_decode, q8_v_decode};
+use lamb_core::codec::{QBLOCK, q8_m_decode, q8_v_decode};
 use lamb_core::{LambConfig, StepScalars};
 
 use crate::error::Error;
@@ -117,7 +117,7 @@ pub(crate) fn validate_max_grad_norm(max_norm: Option<f64>) -> Result<(), Error>
 }
 
 /// The zero-gradient arithmetic of step `t` for one configuration: what the moment rule
-/// evaluates, in the order of operations of `lamb_core::kernels::scalar::update`.
+/// evaluates, in lamb-core's order of operations (`LambConfig`'s docs).
 pub(crate) struct NextStep {
     s: StepScalars,
     t: u64,
@@ -365,7 +365,17 @@ mod tests {
                         let step = |m: f32, v: f32, g: f32| {
                             let (mut p, mut mm, mut vv) = ([0.5f32], [m], [v]);
                             lamb_core::Backend::Scalar
-                                .step_layer(&config, t, 1.0, &mut p, &[g], &mut mm, &mut vv)
+                                .step_layer(
+                                    &config,
+                                    t,
+                                    1.0,
+                                    &mut lamb_core::layer::F32Layer {
+                                        param: &mut p,
+                                        grad: &[g],
+                                        m: &mut mm,
+                                        v: &mut vv,
+                                    },
+                                )
                                 .unwrap()
                         };
                         let v_max = NextStep::limit(|x| rule.v_ok(x));

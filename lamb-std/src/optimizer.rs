@@ -15,10 +15,9 @@ use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
 
+use lamb_core::codec::QBLOCK;
 use lamb_core::half::{bf16, f16};
-use lamb_core::precision::{
-    Grads, HalfMut, MixedLayer, Moments as CoreMoments, Params, QBLOCK, Rounding,
-};
+use lamb_core::layer::{CompactLayer, Grads, HalfMut, Moments as CoreMoments, Params, Rounding};
 use lamb_core::{
     BLOCK, Backend, Field, LambConfig, LambError, LayerNorms, LayerReport, NonFinite, Schedule,
     StepScalars,
@@ -58,18 +57,18 @@ pub enum StateFormat {
     F32,
     /// bf16 m and v, 4 bytes per parameter, stochastically rounded: with round to
     /// nearest, `v·0.999` rounds back to `v` in bf16 and v would never decay (see
-    /// [`lamb_core::precision::Moments::Bf16`]). The draws are seeded by the step and the
+    /// [`lamb_core::layer::Moments::Bf16`]). The draws are seeded by the step and the
     /// layer index, so the bits are the same on every backend and thread count, and a run
     /// resumed from a checkpoint continues with the same draws.
     Bf16,
-    /// 8-bit blockwise m and v ([`lamb_core::precision`]): 2 bytes + 8/256 per parameter.
+    /// 8-bit blockwise m and v ([`lamb_core::codec`]): 2 bytes + 8/256 per parameter.
     Q8,
 }
 
 /// A group's precision settings.
 ///
 /// ```
-/// use lamb_std::{Lamb, ParamsIn, Precision, StateFormat, lamb_core::{LambConfig, half::bf16, precision::Grads}};
+/// use lamb_std::{Lamb, ParamsIn, Precision, StateFormat, lamb_core::{LambConfig, half::bf16, layer::Grads}};
 /// let mut opt = Lamb::new(LambConfig::paper());
 /// opt.set_precision(lamb_std::GroupId(0), Precision { moments: StateFormat::Q8, ..Precision::default() })?;
 /// opt.add_layer("w", 8192)?;
@@ -146,7 +145,7 @@ impl ParamsIn<'_> {
 /// a later half-precision step would continue from it instead of from the model.
 ///
 /// ```
-/// use lamb_std::{Error, Lamb, LayerId, ParamStorage, ParamsIn, lamb_core::{LambConfig, half::bf16, precision::Grads}};
+/// use lamb_std::{Error, Lamb, LayerId, ParamStorage, ParamsIn, lamb_core::{LambConfig, half::bf16, layer::Grads}};
 /// let mut opt = Lamb::new(LambConfig::paper());
 /// opt.add_layer("w", 4)?;
 /// assert_eq!(opt.layer(LayerId(0)).storage, None); // free until the first step
@@ -469,7 +468,7 @@ struct Work<'a> {
     layer: usize,
     group: usize,
     /// The piece's buffers.
-    data: MixedLayer<'a>,
+    data: CompactLayer<'a>,
     /// Index in the layer of the piece's element 0 (for stochastic rounding).
     index0: usize,
     norms: &'a mut [LayerNorms],
@@ -479,12 +478,12 @@ struct Work<'a> {
 impl Work<'_> {
     /// Phase 1 of this piece (lamb-core serves all-f32 pieces with the f32 kernels).
     fn norms(&mut self, b: Backend, s: &StepScalars) -> Result<(), LambError> {
-        b.norms_blocks_mixed(s, &self.data, self.norms)
+        b.norms_blocks_compact(s, &self.data, self.norms)
     }
 
     /// Phase 2 of this piece.
     fn apply(&mut self, b: Backend, s: &StepScalars, step_size: f32) -> Result<(), LambError> {
-        b.apply_mixed(s, step_size, &mut self.data, self.index0)
+        b.apply_compact(s, step_size, &mut self.data, self.index0)
     }
 
     /// Σg² of each block of this piece.
@@ -1373,7 +1372,7 @@ fn split_work<'a>(
             // `check_inputs` refused f16 without a master, and `make_masters` made one.
             (ParamsIn::F16(_), None) => return Err((LambError::NonFinite { layer: i }, i)),
         };
-        let mut rest = MixedLayer {
+        let mut rest = CompactLayer {
             params,
             grads: *g,
             moments: Moments::core(

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use lamb_std::lamb_core::half::bf16;
-use lamb_std::lamb_core::precision::{Grads, Rounding};
+use lamb_std::lamb_core::layer::{Grads, Rounding};
 use lamb_std::lamb_core::{LambConfig, Schedule};
 use lamb_std::{Error, GroupId, Lamb, LayerId, ParamsIn, Precision, StateFormat, StateView};
 

@@ -9,7 +9,7 @@
 mod on_this_target {
     use lamb_std::lamb_core::fpenv::DefaultFpMode;
     use lamb_std::lamb_core::half::bf16;
-    use lamb_std::lamb_core::precision::Grads;
+    use lamb_std::lamb_core::layer::Grads;
     use lamb_std::lamb_core::{LambConfig, Schedule};
     use lamb_std::{Lamb, LayerId, ParamsIn, StateView};
     use std::hint::black_box;

@@ -4,7 +4,7 @@
 
 use lamb_std::lamb_core::LambConfig;
 use lamb_std::lamb_core::half::bf16;
-use lamb_std::lamb_core::precision::Grads;
+use lamb_std::lamb_core::layer::Grads;
 use lamb_std::{Lamb, LayerId, ParamsIn};
 
 fn bf(xs: &[f32]) -> Vec<bf16> {

@@ -5,7 +5,7 @@
 //! steps.
 
 use lamb_std::lamb_core::half::{bf16, f16};
-use lamb_std::lamb_core::precision::{Grads, Rounding};
+use lamb_std::lamb_core::layer::{Grads, Rounding};
 use lamb_std::lamb_core::{LambConfig, LambError, NonFinite};
 use lamb_std::{Error, GroupId, Lamb, LayerId, ParamsIn, Precision, StateView, StepReport};
 

@@ -1,6 +1,7 @@
 //! The whole-model optimizer: determinism across thread counts, equality with the per-layer
 //! core, clipping, loss scaling, all-or-nothing skips, and every kind of bad input.
 
+use lamb_std::lamb_core::layer::F32Layer;
 use lamb_std::lamb_core::{Backend, LambConfig, NonFinite, Schedule, step_layer};
 use lamb_std::{Error, GroupId, Lamb, LayerId, shapes};
 
@@ -165,10 +166,12 @@ fn clipping_equals_the_core_with_the_global_scale() {
             &LambConfig::nvlamb(),
             1,
             scale,
-            &mut r,
-            &model.grads[0][i],
-            &mut m,
-            &mut v,
+            &mut F32Layer {
+                param: &mut r,
+                grad: &model.grads[0][i],
+                m: &mut m,
+                v: &mut v,
+            },
         )
         .unwrap();
         assert!(p == &r, "layer {i}");

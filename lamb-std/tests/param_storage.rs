@@ -5,7 +5,7 @@
 
 use lamb_std::lamb_core::LambConfig;
 use lamb_std::lamb_core::half::{bf16, f16};
-use lamb_std::lamb_core::precision::Grads;
+use lamb_std::lamb_core::layer::Grads;
 use lamb_std::{Error, Lamb, LayerId, ParamStorage, ParamsIn, Precision};
 
 fn bf(xs: &[f32]) -> Vec<bf16> {

@@ -2,7 +2,7 @@
 //! all bit-identical across thread counts, plus memory accounting.
 
 use lamb_std::lamb_core::half::{bf16, f16};
-use lamb_std::lamb_core::precision::{Grads, Rounding};
+use lamb_std::lamb_core::layer::{Grads, Rounding};
 use lamb_std::lamb_core::{Backend, LambConfig};
 use lamb_std::{Error, GroupId, Lamb, LayerId, ParamsIn, Precision, StateFormat, StateView};
 

@@ -6,8 +6,9 @@
 
 use std::collections::HashMap;
 
+use lamb_std::lamb_core::codec::q8_v_encode;
 use lamb_std::lamb_core::half::bf16;
-use lamb_std::lamb_core::precision::{Grads, q8_v_encode};
+use lamb_std::lamb_core::layer::Grads;
 use lamb_std::lamb_core::{BiasCorrection, LambConfig};
 use lamb_std::{
     Error, GroupId, Lamb, LayerId, MAX_STEP, ParamsIn, Precision, StateFormat, StepReport,

@@ -15,8 +15,9 @@ Implementations:
           apex/optimizers/fused_lamb.py) written in NumPy: the scalars exactly as the CUDA
           kernel receives them (float arguments, bias corrections from `std::pow(float,
           int)`), the element-wise math and the state in float64, outputs rounded to f32.
-  seed    the seed text's LAMB: r = ||theta|| / (||Delta|| + eps), Delta the bias-corrected
-          Adam update, no weight decay, no zero-norm rule; NumPy float64.
+  seed    LAMB as first written down for this project: r = ||theta|| / (||Delta|| + eps),
+          Delta the bias-corrected Adam update, no weight decay, no zero-norm rule; NumPy
+          float64.
 """
 
 import argparse
@@ -513,7 +514,7 @@ def gen_nvlamb(blob):
 
 
 # --------------------------------------------------------------------------------------
-# The seed text's formula, float64.
+# LambConfig::seed's formula (LAMB as first written down for this project), float64.
 
 
 def gen_seed(blob):
@@ -562,8 +563,9 @@ def gen_seed(blob):
         )
     return {
         "implementation": "seed",
-        "description": "The seed text's LAMB in NumPy float64: m = b1 m + (1-b1) g, "
-        "v = b2 v + (1-b2) g^2, Delta = (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps), "
+        "description": "LAMB as first written down for this project (LambConfig::seed) in "
+        "NumPy float64: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2, "
+        "Delta = (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps), "
         "r = ||p|| / (||Delta|| + eps), p -= lr r Delta; no weight decay, no zero-norm "
         "rule (a zero tensor never moves). Inputs f32, state f64, outputs rounded to f32.",
         "versions": versions(["numpy"]),

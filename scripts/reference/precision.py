@@ -2,7 +2,7 @@
 """Writes the compact-storage reference of lamb-core/tests/data/precision/.
 
 A float64 NumPy LAMB step over every combination of parameter, gradient and moment
-storage that lamb-core offers (lamb_core::precision), with the quantisation schemes
+storage that lamb-core offers (lamb_core::layer, lamb_core::codec), with the quantisation schemes
 written here from their documented definitions, independently of the Rust code:
 
   bf16, f16      round to nearest, ties to even (a generic "round to p significant bits

@@ -5,13 +5,13 @@
 //! IEEE `sqrt` and `/` (never the approximate reciprocals). Sums of squares are exact
 //! products in f64 (an f32 × f32 product fits in f64), added into 16 lanes (element `i` of
 //! a block goes to lane `i % 16`), the lanes folded by [`fold_lanes`], and blocks of
-//! [`BLOCK`] elements added in index order by the caller. f64 lanes (DESIGN.md says f32)
+//! [`BLOCK`] elements added in index order by the caller. f64 lanes (rather than f32 ones)
 //! cost nothing measurable in these memory-bound loops and make the norms overflow-free:
 //! any finite f32 tensor has a finite f64 sum of squares.
 
 pub(crate) mod arch;
-pub(crate) mod mixed;
-pub mod scalar;
+pub(crate) mod compact;
+pub(crate) mod scalar;
 pub(crate) mod simd;
 
 /// Elements per reduction block. Threads split layers on multiples of this.
@@ -22,7 +22,7 @@ pub const LANES: usize = 16;
 
 /// Folds 16 lane partials in the fixed tree `l[j] += l[j + w]` for `w = 8, 4, 2, 1`.
 #[inline(always)]
-pub fn fold_lanes(mut l: [f64; LANES]) -> f64 {
+pub(crate) fn fold_lanes(mut l: [f64; LANES]) -> f64 {
     let mut w = LANES / 2;
     while w > 0 {
         for j in 0..w {

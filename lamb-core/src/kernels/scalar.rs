@@ -1,17 +1,18 @@
 //! The scalar reference: one element at a time, written to be obviously right. Every other
 //! backend is tested bit for bit against it.
 
-use super::mixed::{
+use super::compact::{
     Chunk, decode_grads, decode_moments, decode_params, encode_moments, encode_params,
 };
 use super::simd::Soft;
 use super::{LANES, fold_lanes};
-use crate::precision::{Grads, Moments, ParamFormat, Params, QBLOCK};
-use crate::step::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
+use crate::codec::QBLOCK;
+use crate::layer::{Grads, Moments, ParamFormat, Params};
+use crate::scalars::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
 
 /// New m, v and the update u of one element, in the canonical order of operations.
 #[inline(always)]
-pub fn update(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+pub(crate) fn update(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
     let (m, v, u, _) = update_and_denom(s, p, g, m, v);
     (m, v, u)
 }
@@ -38,13 +39,19 @@ fn update_and_denom(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> (f32, f3
 /// would make `u` a harmless-looking 0 forever) poisons the sum and the step is refused.
 #[inline(always)]
 #[allow(clippy::eq_op)] // `denom - denom` is the point: 0, or NaN for an infinite denom
-pub fn checked_update(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> f32 {
+pub(crate) fn checked_update(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> f32 {
     let (_, _, u, denom) = update_and_denom(s, p, g, m, v);
     u + (denom - denom)
 }
 
 /// Phase 1 of one block (`p.len() <= BLOCK`; all slices of equal length).
-pub fn block_norms(s: &StepScalars, p: &[f32], g: &[f32], m: &[f32], v: &[f32]) -> LayerNorms {
+pub(crate) fn block_norms(
+    s: &StepScalars,
+    p: &[f32],
+    g: &[f32],
+    m: &[f32],
+    v: &[f32],
+) -> LayerNorms {
     let mut lp = [0.0f64; LANES];
     let mut lu = [0.0f64; LANES];
     for i in 0..p.len() {
@@ -60,7 +67,14 @@ pub fn block_norms(s: &StepScalars, p: &[f32], g: &[f32], m: &[f32], v: &[f32]) 
 }
 
 /// Phase 2 over a slice (all slices of equal length).
-pub fn apply(s: &StepScalars, step: f32, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+pub(crate) fn apply(
+    s: &StepScalars,
+    step: f32,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
     for i in 0..p.len() {
         let (mi, vi, u) = update(s, p[i], g[i], m[i], v[i]);
         m[i] = mi;
@@ -70,7 +84,7 @@ pub fn apply(s: &StepScalars, step: f32, p: &mut [f32], g: &[f32], m: &mut [f32]
 }
 
 /// Σx² of one block.
-pub fn block_sum_squares(x: &[f32]) -> f64 {
+pub(crate) fn block_sum_squares(x: &[f32]) -> f64 {
     let mut l = [0.0f64; LANES];
     for (i, &xi) in x.iter().enumerate() {
         l[i % LANES] += xi as f64 * xi as f64;
@@ -80,7 +94,7 @@ pub fn block_sum_squares(x: &[f32]) -> f64 {
 
 /// Phase 1 in compact storage: decode (the shared codecs), then this module's per-element
 /// math. The range `[at, at + n)` is one block (`at` a multiple of `BLOCK`).
-pub fn mixed_block_norms(
+pub(crate) fn compact_block_norms(
     s: &StepScalars,
     p: &Params,
     g: &Grads,
@@ -129,7 +143,7 @@ pub fn mixed_block_norms(
 }
 
 /// Phase 2 in compact storage, chunk by chunk (8-bit moments need a chunk's absmax).
-pub fn mixed_apply(
+pub(crate) fn compact_apply(
     s: &StepScalars,
     step: f32,
     p: &mut Params,
@@ -162,7 +176,7 @@ pub fn mixed_apply(
 }
 
 /// Σg² of one block of gradients in any storage.
-pub fn mixed_block_sum_squares(g: &Grads, at: usize, n: usize) -> f64 {
+pub(crate) fn compact_block_sum_squares(g: &Grads, at: usize, n: usize) -> f64 {
     let mut l = [0.0f64; LANES];
     let mut buf = [0.0f32; QBLOCK];
     let mut off = 0;

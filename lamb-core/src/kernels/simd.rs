@@ -12,7 +12,7 @@
 //! the sums are bit-identical to the scalar reference, which never visits them.
 
 use super::{LANES, fold_lanes};
-use crate::step::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
+use crate::scalars::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
 
 /// A bundle of 16 f32 lanes and its f64 accumulator.
 ///
@@ -90,7 +90,7 @@ pub(crate) trait HalfConv {
     #[inline(always)]
     unsafe fn f16_to_f32(src: &[half::f16], out: &mut [f32]) {
         for (o, h) in out.iter_mut().zip(src) {
-            *o = crate::precision::f16_to_f32(h.to_bits());
+            *o = crate::codec::f16_to_f32(h.to_bits());
         }
     }
 
@@ -101,7 +101,7 @@ pub(crate) trait HalfConv {
     #[inline(always)]
     unsafe fn f32_to_f16(src: &[f32], out: &mut [half::f16]) {
         for (o, &x) in out.iter_mut().zip(src) {
-            *o = half::f16::from_bits(crate::precision::f32_to_f16(x));
+            *o = half::f16::from_bits(crate::codec::f32_to_f16(x));
         }
     }
 }
@@ -373,105 +373,3 @@ pub(crate) unsafe fn block_sum_squares<S: Simd>(x: &[f32]) -> f64 {
     // SAFETY: forwarded from this function's contract.
     unsafe { fold_lanes(S::acc_lanes(add_squares::<S>(S::acc_zero(), x))) }
 }
-
-/// Declares a backend module's three `#[target_feature]` entry points over the generic
-/// algorithm, so that each ISA module is only its [`Simd`] impl.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-macro_rules! entry_points {
-    ($simd:ty, $($feature:literal),+) => {
-        use crate::step::{LayerNorms, StepScalars};
-
-        /// Phase 1 of one block.
-        ///
-        /// # Safety
-        /// The CPU must support the enabled features; the slices must have equal lengths.
-        #[target_feature($(enable = $feature),+)]
-        pub(crate) unsafe fn block_norms(
-            s: &StepScalars,
-            p: &[f32],
-            g: &[f32],
-            m: &[f32],
-            v: &[f32],
-        ) -> LayerNorms {
-            // SAFETY: forwarded from this function's contract.
-            unsafe { crate::kernels::simd::block_norms::<$simd>(s, p, g, m, v) }
-        }
-
-        /// Phase 2.
-        ///
-        /// # Safety
-        /// The CPU must support the enabled features; the slices must have equal lengths.
-        #[target_feature($(enable = $feature),+)]
-        pub(crate) unsafe fn apply(
-            s: &StepScalars,
-            step: f32,
-            p: &mut [f32],
-            g: &[f32],
-            m: &mut [f32],
-            v: &mut [f32],
-        ) {
-            // SAFETY: forwarded from this function's contract.
-            unsafe { crate::kernels::simd::apply::<$simd>(s, step, p, g, m, v) }
-        }
-
-        /// Σx² of one block.
-        ///
-        /// # Safety
-        /// The CPU must support the enabled features.
-        #[target_feature($(enable = $feature),+)]
-        pub(crate) unsafe fn block_sum_squares(x: &[f32]) -> f64 {
-            // SAFETY: forwarded from this function's contract.
-            unsafe { crate::kernels::simd::block_sum_squares::<$simd>(x) }
-        }
-
-        /// Phase 1 of one block in compact storage.
-        ///
-        /// # Safety
-        /// The CPU must support the enabled features; the range must be in bounds.
-        #[target_feature($(enable = $feature),+)]
-        pub(crate) unsafe fn mixed_block_norms(
-            s: &StepScalars,
-            p: &crate::precision::Params,
-            g: &crate::precision::Grads,
-            mo: &crate::precision::Moments,
-            at: usize,
-            n: usize,
-        ) -> LayerNorms {
-            // SAFETY: forwarded from this function's contract.
-            unsafe { crate::kernels::mixed::block_norms::<$simd>(s, p, g, mo, at, n) }
-        }
-
-        /// Phase 2 in compact storage.
-        ///
-        /// # Safety
-        /// The CPU must support the enabled features; the buffers must match in length.
-        #[target_feature($(enable = $feature),+)]
-        pub(crate) unsafe fn mixed_apply(
-            s: &StepScalars,
-            step: f32,
-            p: &mut crate::precision::Params,
-            g: &crate::precision::Grads,
-            mo: &mut crate::precision::Moments,
-            index0: usize,
-        ) {
-            // SAFETY: forwarded from this function's contract.
-            unsafe { crate::kernels::mixed::apply::<$simd>(s, step, p, g, mo, index0) }
-        }
-
-        /// Σg² of one block of gradients in any storage.
-        ///
-        /// # Safety
-        /// The CPU must support the enabled features; the range must be in bounds.
-        #[target_feature($(enable = $feature),+)]
-        pub(crate) unsafe fn mixed_block_sum_squares(
-            g: &crate::precision::Grads,
-            at: usize,
-            n: usize,
-        ) -> f64 {
-            // SAFETY: forwarded from this function's contract.
-            unsafe { crate::kernels::mixed::block_sum_squares::<$simd>(g, at, n) }
-        }
-    };
-}
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-pub(crate) use entry_points;

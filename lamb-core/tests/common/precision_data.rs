@@ -306,81 +306,13 @@ pub fn load() -> Manifest {
         .as_array()
         .expect("`tensors`")
         .iter()
-        .map(|t| {
-            let name = str_of(t, "name").to_string();
-            let len = u64_of(t, "len") as usize;
-            let init = checked_recipe(&t["init"], len, &format!("{name} init"));
-            let grads: Vec<Recipe> = t["grads"]
-                .as_array()
-                .expect("`grads`")
-                .iter()
-                .enumerate()
-                .map(|(s, r)| checked_recipe(r, len, &format!("{name} grads of step {}", s + 1)))
-                .collect();
-            let sr_seeds: Vec<u64> = t["sr_seeds"]
-                .as_array()
-                .expect("`sr_seeds`")
-                .iter()
-                .map(|s| s.as_u64().expect("seed"))
-                .collect();
-            assert_eq!(grads.len() as u64, steps);
-            assert_eq!(sr_seeds.len() as u64, steps);
-            TensorSpec {
-                name,
-                len,
-                init,
-                grads,
-                sr_seeds,
-            }
-        })
+        .map(|t| parse_tensor(t, steps))
         .collect();
     let combos = j["combos"]
         .as_array()
         .expect("`combos`")
         .iter()
-        .map(|c| {
-            let params = match str_of(c, "params") {
-                "f32" => PFmt::F32,
-                "bf16" => PFmt::Bf16,
-                "bf16_sr" => PFmt::Bf16Sr,
-                "master_bf16" => PFmt::MasterBf16,
-                "master_f16" => PFmt::MasterF16,
-                o => panic!("unknown params format {o}"),
-            };
-            let grads = match str_of(c, "grads") {
-                "f32" => GFmt::F32,
-                "bf16" => GFmt::Bf16,
-                "f16" => GFmt::F16,
-                o => panic!("unknown grads format {o}"),
-            };
-            let moments = match str_of(c, "moments") {
-                "f32" => MFmt::F32,
-                "bf16" => MFmt::Bf16,
-                "bf16_sr" => MFmt::Bf16Sr,
-                "q8" => MFmt::Q8,
-                o => panic!("unknown moments format {o}"),
-            };
-            let per_tensor = c["tensors"].as_array().expect("combo `tensors`");
-            assert_eq!(per_tensor.len(), tensors.len());
-            let states = per_tensor
-                .iter()
-                .zip(&tensors)
-                .map(|(steps_json, spec)| {
-                    let list = steps_json.as_array().expect("per-step records");
-                    assert_eq!(list.len() as u64, steps);
-                    list.iter()
-                        .map(|rec| parse_state(rec, &blob, params, moments, spec.len, qblock))
-                        .collect()
-                })
-                .collect();
-            Combo {
-                name: str_of(c, "name").to_string(),
-                params,
-                grads,
-                moments,
-                states,
-            }
-        })
+        .map(|c| parse_combo(c, &tensors, &blob, steps, qblock))
         .collect();
     let stochastic_bits = j["stochastic_bits"]
         .as_array()
@@ -408,5 +340,81 @@ pub fn load() -> Manifest {
         stochastic_bits,
         tensors,
         combos,
+    }
+}
+
+/// One tensor of the manifest: its recipes (checked against the reference's checksums)
+/// and stochastic-rounding seeds, one per step.
+fn parse_tensor(t: &Value, steps: u64) -> TensorSpec {
+    let name = str_of(t, "name").to_string();
+    let len = u64_of(t, "len") as usize;
+    let init = checked_recipe(&t["init"], len, &format!("{name} init"));
+    let grads: Vec<Recipe> = t["grads"]
+        .as_array()
+        .expect("`grads`")
+        .iter()
+        .enumerate()
+        .map(|(s, r)| checked_recipe(r, len, &format!("{name} grads of step {}", s + 1)))
+        .collect();
+    let sr_seeds: Vec<u64> = t["sr_seeds"]
+        .as_array()
+        .expect("`sr_seeds`")
+        .iter()
+        .map(|s| s.as_u64().expect("seed"))
+        .collect();
+    assert_eq!(grads.len() as u64, steps);
+    assert_eq!(sr_seeds.len() as u64, steps);
+    TensorSpec {
+        name,
+        len,
+        init,
+        grads,
+        sr_seeds,
+    }
+}
+
+/// One storage combination of the manifest: its formats and the reference's state after
+/// each step of each tensor.
+fn parse_combo(c: &Value, tensors: &[TensorSpec], blob: &Blob, steps: u64, qblock: usize) -> Combo {
+    let params = match str_of(c, "params") {
+        "f32" => PFmt::F32,
+        "bf16" => PFmt::Bf16,
+        "bf16_sr" => PFmt::Bf16Sr,
+        "master_bf16" => PFmt::MasterBf16,
+        "master_f16" => PFmt::MasterF16,
+        o => panic!("unknown params format {o}"),
+    };
+    let grads = match str_of(c, "grads") {
+        "f32" => GFmt::F32,
+        "bf16" => GFmt::Bf16,
+        "f16" => GFmt::F16,
+        o => panic!("unknown grads format {o}"),
+    };
+    let moments = match str_of(c, "moments") {
+        "f32" => MFmt::F32,
+        "bf16" => MFmt::Bf16,
+        "bf16_sr" => MFmt::Bf16Sr,
+        "q8" => MFmt::Q8,
+        o => panic!("unknown moments format {o}"),
+    };
+    let per_tensor = c["tensors"].as_array().expect("combo `tensors`");
+    assert_eq!(per_tensor.len(), tensors.len());
+    let states = per_tensor
+        .iter()
+        .zip(tensors)
+        .map(|(steps_json, spec)| {
+            let list = steps_json.as_array().expect("per-step records");
+            assert_eq!(list.len() as u64, steps);
+            list.iter()
+                .map(|rec| parse_state(rec, blob, params, moments, spec.len, qblock))
+                .collect()
+        })
+        .collect();
+    Combo {
+        name: str_of(c, "name").to_string(),
+        params,
+        grads,
+        moments,
+        states,
     }
 }

@@ -6,7 +6,7 @@
 //! serde_json's `float_roundtrip`, so every f64 comes back bit for bit); infinities and NaN,
 //! which JSON lacks, are the strings `"inf"`, `"-inf"` and `"nan"`.
 
-use lamb_core::precision::Rounding;
+use lamb_core::layer::Rounding;
 use lamb_core::{Adaptation, BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule, Schedule};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use lamb_core::precision::Moments as CoreMoments;
+use lamb_core::layer::Moments as CoreMoments;
 use lamb_core::{Adaptation, BiasCorrection, LambConfig};
 use safetensors::Dtype;
 use serde_json::{Map, Value};

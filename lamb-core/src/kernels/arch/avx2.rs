@@ -3,8 +3,10 @@
 
 use core::arch::x86_64::*;
 
+use super::entry_points;
+use super::x86::HalfVector;
 use crate::kernels::LANES;
-use crate::kernels::simd::{HalfConv, Simd, entry_points};
+use crate::kernels::simd::Simd;
 
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2;
@@ -98,41 +100,24 @@ unsafe impl Simd for Avx2 {
     }
 }
 
-// SAFETY: F16C is enabled with AVX2 (detection requires both); each loop step converts 8
-// elements inside both slices and the scalar tail the rest.
-impl HalfConv for Avx2 {
+// SAFETY: F16C is enabled with AVX2 (detection requires both).
+unsafe impl HalfVector for Avx2 {
+    const WIDTH: usize = 8;
+
     #[inline(always)]
-    unsafe fn f16_to_f32(src: &[half::f16], out: &mut [f32]) {
-        let n = src.len().min(out.len());
-        let mut i = 0;
-        // SAFETY: i + 8 <= n for both slices; loadu/storeu need no alignment.
-        unsafe {
-            while i + 8 <= n {
-                let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
-                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-                i += 8;
-            }
-        }
-        for k in i..n {
-            out[k] = crate::precision::f16_to_f32(src[k].to_bits());
-        }
+    unsafe fn widen(src: *const half::f16, out: *mut f32) {
+        // SAFETY: the caller guarantees 8 readable f16 at `src` and 8 writable f32 at `out`;
+        // loadu/storeu need no alignment.
+        unsafe { _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(src.cast()))) }
     }
 
     #[inline(always)]
-    unsafe fn f32_to_f16(src: &[f32], out: &mut [half::f16]) {
-        let n = src.len().min(out.len());
-        let mut i = 0;
-        // SAFETY: i + 8 <= n for both slices; loadu/storeu need no alignment.
+    unsafe fn narrow(src: *const f32, out: *mut half::f16) {
+        // SAFETY: the caller guarantees 8 readable f32 at `src` and 8 writable f16 at `out`;
+        // loadu/storeu need no alignment.
         unsafe {
-            while i + 8 <= n {
-                let x = _mm256_loadu_ps(src.as_ptr().add(i));
-                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
-                _mm_storeu_si128(out.as_mut_ptr().add(i).cast(), h);
-                i += 8;
-            }
-        }
-        for k in i..n {
-            out[k] = half::f16::from_bits(crate::precision::f32_to_f16(src[k]));
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src));
+            _mm_storeu_si128(out.cast(), h);
         }
     }
 }

@@ -4,8 +4,9 @@
 
 use core::arch::aarch64::*;
 
+use super::entry_points;
 use crate::kernels::LANES;
-use crate::kernels::simd::{HalfConv, Simd, entry_points};
+use crate::kernels::simd::{HalfConv, Simd};
 
 #[derive(Clone, Copy)]
 pub(crate) struct Neon;

@@ -5,7 +5,6 @@ use wide::{f32x4, f64x2};
 
 use crate::kernels::LANES;
 use crate::kernels::simd::{HalfConv, Simd};
-use crate::step::{LayerNorms, StepScalars};
 
 #[derive(Clone, Copy)]
 pub(crate) struct Portable;
@@ -109,65 +108,5 @@ unsafe impl Simd for Portable {
 
 impl HalfConv for Portable {}
 
-/// Phase 1 of one block (equal-length slices).
-pub(crate) fn block_norms(
-    s: &StepScalars,
-    p: &[f32],
-    g: &[f32],
-    m: &[f32],
-    v: &[f32],
-) -> LayerNorms {
-    // SAFETY: Portable needs no runtime feature; the caller passes equal lengths.
-    unsafe { crate::kernels::simd::block_norms::<Portable>(s, p, g, m, v) }
-}
-
-/// Phase 2 (equal-length slices).
-pub(crate) fn apply(
-    s: &StepScalars,
-    step: f32,
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-) {
-    // SAFETY: Portable needs no runtime feature; the caller passes equal lengths.
-    unsafe { crate::kernels::simd::apply::<Portable>(s, step, p, g, m, v) }
-}
-
-/// Σx² of one block.
-pub(crate) fn block_sum_squares(x: &[f32]) -> f64 {
-    // SAFETY: Portable needs no runtime feature.
-    unsafe { crate::kernels::simd::block_sum_squares::<Portable>(x) }
-}
-
-/// Phase 1 of one block in compact storage.
-pub(crate) fn mixed_block_norms(
-    s: &StepScalars,
-    p: &crate::precision::Params,
-    g: &crate::precision::Grads,
-    mo: &crate::precision::Moments,
-    at: usize,
-    n: usize,
-) -> LayerNorms {
-    // SAFETY: Portable needs no runtime feature; the caller checked the range.
-    unsafe { crate::kernels::mixed::block_norms::<Portable>(s, p, g, mo, at, n) }
-}
-
-/// Phase 2 in compact storage.
-pub(crate) fn mixed_apply(
-    s: &StepScalars,
-    step: f32,
-    p: &mut crate::precision::Params,
-    g: &crate::precision::Grads,
-    mo: &mut crate::precision::Moments,
-    index0: usize,
-) {
-    // SAFETY: Portable needs no runtime feature; the caller checked the lengths.
-    unsafe { crate::kernels::mixed::apply::<Portable>(s, step, p, g, mo, index0) }
-}
-
-/// Σg² of one block of gradients in any storage.
-pub(crate) fn mixed_block_sum_squares(g: &crate::precision::Grads, at: usize, n: usize) -> f64 {
-    // SAFETY: Portable needs no runtime feature; the caller checked the range.
-    unsafe { crate::kernels::mixed::block_sum_squares::<Portable>(g, at, n) }
-}
+// No runtime features: the entry points are `unsafe` only for the dispatch table's sake.
+super::entry_points!(Portable);

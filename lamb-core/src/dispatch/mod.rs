@@ -1,45 +1,31 @@
-//! Backends, runtime detection (no std needed) and the choice among them.
+//! Dispatch: which backend runs, and [`Backend`]'s whole API.
 //!
-//! Modelled on BLAKE3's `platform.rs`: detection runs once and is cached in an atomic;
+//! - `backend.rs`: the [`Backend`] enum and its names (a leaf, so errors can name one).
+//! - this file: detection and the [`Kernels`] table of a supported backend.
+//! - `phases.rs`: the two phases of a layer (and sums of squares), for f32 buffers and for
+//!   layers in compact storage, block by block over the kernels.
+//! - `step.rs`: a whole step of one layer (phase 1, [`LayerReport::plan`], phase 2).
+//!
+//! Detection is modelled on BLAKE3's `platform.rs`: it runs once and is cached in an atomic;
 //! every backend can be asked for explicitly, and an unsupported one is refused with an
 //! error rather than run. x86-64 detection checks the CPUID feature bits *and* XCR0 (via
 //! `xgetbv`) so that a CPU whose OS did not enable YMM/ZMM state is not sent AVX code.
+//!
+//! [`LayerReport::plan`]: crate::LayerReport::plan
+
+mod backend;
+mod phases;
+mod step;
+
+pub use backend::Backend;
+pub use step::step_layer;
 
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::error::LambError;
 use crate::kernels::{arch, scalar};
-use crate::precision::{Grads, Moments, Params};
-use crate::step::{LayerNorms, StepScalars};
-
-/// A kernel implementation. All backends give identical bits.
-///
-/// ```
-/// use lamb_core::Backend;
-/// let fastest = Backend::detect();
-/// assert!(Backend::available().any(|b| b == fastest));
-/// assert_eq!(Backend::Scalar.checked(), Some(Backend::Scalar));
-/// // Asking for a backend this CPU lacks is an error, never undefined behaviour.
-/// for b in Backend::ALL {
-///     if b.checked().is_none() {
-///         assert!(b.sum_squares(&[1.0]).is_err());
-///     }
-/// }
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Backend {
-    /// The one-element-at-a-time reference.
-    Scalar = 0,
-    /// `wide` compile-time SIMD: SSE2 on x86-64, simd128 on wasm, NEON on aarch64.
-    Portable = 1,
-    /// x86-64 AVX2 + F16C (`core::arch` intrinsics; no FMA by the bit-exact rule).
-    Avx2 = 2,
-    /// x86-64 AVX-512F (+ DQ), masked tails.
-    Avx512 = 3,
-    /// aarch64 NEON.
-    Neon = 4,
-}
+use crate::layer::{Grads, Moments, Params};
+use crate::scalars::{LayerNorms, StepScalars};
 
 /// The entry points of one supported backend. Only [`Backend::kernels`] makes one, after
 /// checking support, which is what makes calling these `unsafe fn`s sound.
@@ -48,15 +34,16 @@ pub(crate) struct Kernels {
     pub(crate) block_norms: BlockNormsFn,
     pub(crate) apply: ApplyFn,
     pub(crate) block_sum_squares: unsafe fn(&[f32]) -> f64,
-    pub(crate) mixed_block_norms: MixedNormsFn,
-    pub(crate) mixed_apply: MixedApplyFn,
-    pub(crate) mixed_block_sum_squares: unsafe fn(&Grads, usize, usize) -> f64,
+    pub(crate) compact_block_norms: CompactNormsFn,
+    pub(crate) compact_apply: CompactApplyFn,
+    pub(crate) compact_block_sum_squares: unsafe fn(&Grads, usize, usize) -> f64,
 }
 
 /// Phase 1 of one block in compact storage: `(scalars, p, g, moments, at, n) -> sums`.
-type MixedNormsFn = unsafe fn(&StepScalars, &Params, &Grads, &Moments, usize, usize) -> LayerNorms;
+type CompactNormsFn =
+    unsafe fn(&StepScalars, &Params, &Grads, &Moments, usize, usize) -> LayerNorms;
 /// Phase 2 in compact storage: `(scalars, step_size, p, g, moments, index0)`.
-type MixedApplyFn = unsafe fn(&StepScalars, f32, &mut Params, &Grads, &mut Moments, usize);
+type CompactApplyFn = unsafe fn(&StepScalars, f32, &mut Params, &Grads, &mut Moments, usize);
 
 /// The [`Kernels`] of a backend module.
 macro_rules! kernels_of {
@@ -65,9 +52,9 @@ macro_rules! kernels_of {
             block_norms: $($m)::+::block_norms,
             apply: $($m)::+::apply,
             block_sum_squares: $($m)::+::block_sum_squares,
-            mixed_block_norms: $($m)::+::mixed_block_norms,
-            mixed_apply: $($m)::+::mixed_apply,
-            mixed_block_sum_squares: $($m)::+::mixed_block_sum_squares,
+            compact_block_norms: $($m)::+::compact_block_norms,
+            compact_apply: $($m)::+::compact_apply,
+            compact_block_sum_squares: $($m)::+::compact_block_sum_squares,
         }
     };
 }
@@ -85,15 +72,6 @@ static SUPPORTED: AtomicU8 = AtomicU8::new(UNKNOWN);
 static DEFAULT: AtomicU8 = AtomicU8::new(NONE);
 
 impl Backend {
-    /// Every backend this crate knows, slowest first.
-    pub const ALL: [Backend; 5] = [
-        Backend::Scalar,
-        Backend::Portable,
-        Backend::Avx2,
-        Backend::Avx512,
-        Backend::Neon,
-    ];
-
     /// The backend to use: the one set with [`Backend::set_default`], else the fastest this
     /// CPU supports. Detection runs once; later calls are an atomic load.
     pub fn detect() -> Backend {
@@ -138,26 +116,6 @@ impl Backend {
         Backend::ALL.into_iter().filter(|b| b.checked().is_some())
     }
 
-    /// Lower-case name: `scalar`, `portable`, `avx2`, `avx512`, `neon`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Backend::Scalar => "scalar",
-            Backend::Portable => "portable",
-            Backend::Avx2 => "avx2",
-            Backend::Avx512 => "avx512",
-            Backend::Neon => "neon",
-        }
-    }
-
-    /// Parses a [`Backend::name`].
-    ///
-    /// ```
-    /// assert_eq!(lamb_core::Backend::from_name("avx2"), Some(lamb_core::Backend::Avx2));
-    /// ```
-    pub fn from_name(name: &str) -> Option<Backend> {
-        Backend::ALL.into_iter().find(|b| b.name() == name)
-    }
-
     /// The entry points, if this CPU supports the backend.
     pub(crate) fn kernels(self) -> Result<Kernels, LambError> {
         if self.checked().is_none() {
@@ -175,12 +133,6 @@ impl Backend {
             // bit is never set, so it was refused above).
             _ => kernels_of!(arch::portable),
         })
-    }
-}
-
-impl core::fmt::Display for Backend {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(self.name())
     }
 }
 

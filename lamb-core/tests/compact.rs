@@ -3,7 +3,8 @@
 //! kernels.
 
 use half::{bf16, f16};
-use lamb_core::precision::{Grads, HalfMut, MixedLayer, Moments, Params, QBLOCK, Rounding};
+use lamb_core::codec::QBLOCK;
+use lamb_core::layer::{CompactLayer, F32Layer, Grads, HalfMut, Moments, Params, Rounding};
 use lamb_core::{Backend, LambConfig, LayerReport};
 
 struct Rng(u64);
@@ -94,8 +95,8 @@ impl Owned {
         }
     }
 
-    fn layer(&mut self, p: P, g: G, m: M) -> MixedLayer<'_> {
-        MixedLayer {
+    fn layer(&mut self, p: P, g: G, m: M) -> CompactLayer<'_> {
+        CompactLayer {
             params: match p {
                 P::F32 => Params::F32(&mut self.p32),
                 P::Bf16 => Params::Bf16 {
@@ -194,7 +195,7 @@ fn run(
     for step in 1..=2 {
         let mut layer = o.layer(p, g, m);
         let r = backend
-            .step_layer_mixed(cfg, step, 1.0, &mut layer)
+            .step_layer_compact(cfg, step, 1.0, &mut layer)
             .unwrap();
         reports.push(report_bits(&r));
     }
@@ -256,8 +257,18 @@ fn compact_path_with_f32_state_equals_the_f32_kernels() {
             let g: Vec<f32> = owned.gb.iter().map(|x| x.to_f32()).collect();
             let (mut p, mut m, mut v) = (owned.p32.clone(), owned.m32.clone(), owned.v32.clone());
             for step in 1..=2 {
-                b.step_layer(&cfg, step, 1.0, &mut p, &g, &mut m, &mut v)
-                    .unwrap();
+                b.step_layer(
+                    &cfg,
+                    step,
+                    1.0,
+                    &mut F32Layer {
+                        param: &mut p,
+                        grad: &g,
+                        m: &mut m,
+                        v: &mut v,
+                    },
+                )
+                .unwrap();
             }
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert!(
@@ -291,25 +302,25 @@ fn split_pieces_equal_the_whole_layer() {
         let mut whole = owned.clone();
         {
             let mut layer = whole.layer(p, G::F32, m);
-            b.step_layer_mixed(&cfg, 1, 1.0, &mut layer).unwrap();
+            b.step_layer_compact(&cfg, 1, 1.0, &mut layer).unwrap();
         }
         let mut parts = owned.clone();
         {
             let layer = parts.layer(p, G::F32, m);
             let s = lamb_core::StepScalars::new(&cfg, 1, 1.0).unwrap();
-            let whole_norms = b.norms_mixed(&s, &layer).unwrap();
+            let whole_norms = b.norms_compact(&s, &layer).unwrap();
             let report = lamb_core::LayerReport::plan(&cfg, whole_norms);
             assert!(!report.skipped, "{p:?} {m:?}");
             let (mut a, mut c) = layer.split_at(2048).unwrap();
             let mut blocks = [lamb_core::LayerNorms::default(); 5];
-            b.norms_blocks_mixed(&s, &a, &mut blocks[..2]).unwrap();
-            b.norms_blocks_mixed(&s, &c, &mut blocks[2..]).unwrap();
+            b.norms_blocks_compact(&s, &a, &mut blocks[..2]).unwrap();
+            b.norms_blocks_compact(&s, &c, &mut blocks[2..]).unwrap();
             let sum = blocks
                 .iter()
                 .fold(lamb_core::LayerNorms::default(), |x, &y| x + y);
             assert_eq!(sum, whole_norms);
-            b.apply_mixed(&s, report.step_size, &mut a, 0).unwrap();
-            b.apply_mixed(&s, report.step_size, &mut c, 2048).unwrap();
+            b.apply_compact(&s, report.step_size, &mut a, 0).unwrap();
+            b.apply_compact(&s, report.step_size, &mut c, 2048).unwrap();
         }
         assert!(whole.bits() == parts.bits(), "{p:?} {m:?}");
     }
@@ -336,7 +347,7 @@ fn non_finite_gradients_skip_in_every_format() {
                     let mut o = owned.clone();
                     let before = o.bits();
                     let r = b
-                        .step_layer_mixed(&cfg, 1, 1.0, &mut o.layer(p, g, m))
+                        .step_layer_compact(&cfg, 1, 1.0, &mut o.layer(p, g, m))
                         .unwrap();
                     assert!(r.skipped, "{b} {p:?} {g:?} {m:?}");
                     assert!(o.bits() == before);
@@ -353,7 +364,7 @@ fn length_mismatches_are_refused_untouched() {
     o.ms.pop();
     let before = o.bits();
     let e = Backend::Scalar
-        .step_layer_mixed(
+        .step_layer_compact(
             &LambConfig::paper(),
             1,
             1.0,
@@ -367,7 +378,7 @@ fn length_mismatches_are_refused_untouched() {
     let mut o2 = Owned::new(&mut rng, 300);
     o2.ph.pop();
     let e = Backend::Scalar
-        .step_layer_mixed(
+        .step_layer_compact(
             &LambConfig::paper(),
             1,
             1.0,
@@ -394,7 +405,7 @@ fn bf16_second_moment_decays_only_with_stochastic_rounding() {
         o.vb.fill(bf16::from_f32(v0));
         for step in 1..=1000 {
             o.seed = step; // a fresh draw per step, as the docs ask
-            b.step_layer_mixed(&cfg, step, 1.0, &mut o.layer(P::F32, G::F32, m))
+            b.step_layer_compact(&cfg, step, 1.0, &mut o.layer(P::F32, G::F32, m))
                 .unwrap();
         }
         o.vb.iter().map(|x| x.to_f64()).sum::<f64>() / n as f64

@@ -1,20 +1,20 @@
-//! Phases 1 and 2 over compact storage ([`crate::precision`]), generic over the backend.
+//! Phases 1 and 2 over compact storage ([`crate::layer`]), generic over the backend.
 //!
 //! Work goes in chunks of [`QBLOCK`] elements: decode the chunk of p, g, m and v into f32
 //! stack buffers (f32 buffers are used in place, see the views below), run the very same
 //! f32 row code as the all-f32 kernels over them ([`NormAcc::add`], [`simd::apply`]), then
-//! encode the results back. Which codec runs is a
+//! encode the results back with the codecs of [`crate::codec`]. Which codec runs is a
 //! `match` per chunk, not per element, so one instantiation per backend serves every
 //! combination of storage types. The codecs are exact integer/bit operations (or exactly
 //! rounded conversions), so the bits do not depend on the backend.
 
 use super::simd::{self, HalfConv, NormAcc, Simd};
-use crate::precision::{
-    Grads, HalfMut, M_STREAM, Moments, ParamFormat, Params, QBLOCK, Rounding, V_STREAM,
-    bf16_to_f32, f32_to_bf16, f32_to_bf16_stochastic, q8_m_decode, q8_m_encode_block, q8_v_decode,
-    q8_v_encode_block, stochastic_bits,
+use crate::codec::{
+    M_STREAM, QBLOCK, V_STREAM, bf16_to_f32, f32_to_bf16, f32_to_bf16_stochastic, q8_m_decode,
+    q8_m_encode_block, q8_v_decode, q8_v_encode_block, stochastic_bits,
 };
-use crate::step::{LayerNorms, StepScalars};
+use crate::layer::{Grads, HalfMut, Moments, ParamFormat, Params, Rounding};
+use crate::scalars::{LayerNorms, StepScalars};
 use half::bf16;
 
 /// One chunk of a layer, decoded to f32.

@@ -1,0 +1,151 @@
+//! A whole LAMB step of one layer: [`StepScalars::new`], phase 1, [`LayerReport::plan`],
+//! phase 2 (see `phases.rs`). On any `Err`, and on a skipped step, nothing is written.
+
+use super::Backend;
+use crate::config::{LambConfig, NonFinite};
+use crate::error::LambError;
+use crate::fpenv::DefaultFpMode;
+use crate::layer::{CompactLayer, F32Layer};
+use crate::plan::LayerReport;
+use crate::scalars::{LayerNorms, StepScalars};
+
+/// One LAMB step of one layer on the fastest backend of this CPU.
+///
+/// On any `Err`, and on a skipped step, `param`, `m` and `v` are untouched.
+///
+/// ```
+/// use lamb_core::{step_layer, LambConfig};
+/// let cfg = LambConfig::paper();
+/// let mut p = [1.0f32, -2.0, 3.0];
+/// let g = [0.1f32, 0.2, -0.3];
+/// let (mut m, mut v) = ([0.0f32; 3], [0.0f32; 3]);
+/// let report = step_layer(&cfg, 1, &mut p, &g, &mut m, &mut v).unwrap();
+/// assert!(!report.skipped);
+/// assert!(p[0] < 1.0 && p[2] > 3.0 - 1e-2);
+///
+/// // A NaN gradient skips the step and writes nothing.
+/// let before = p;
+/// let report = step_layer(&cfg, 2, &mut p, &[f32::NAN, 0.0, 0.0], &mut m, &mut v).unwrap();
+/// assert!(report.skipped);
+/// assert_eq!(p, before);
+/// ```
+pub fn step_layer(
+    config: &LambConfig,
+    step: u64,
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> Result<LayerReport, LambError> {
+    let mut layer = F32Layer { param, grad, m, v };
+    Backend::detect().step_layer(config, step, 1.0, &mut layer)
+}
+
+impl Backend {
+    /// One LAMB step of one layer of f32 buffers on this backend, with gradients scaled by
+    /// `grad_scale` (1 for none). See [`step_layer`].
+    ///
+    /// ```
+    /// use lamb_core::{Backend, LambConfig, layer::F32Layer};
+    /// let (mut p, g, mut m, mut v) = ([1.0f32; 4], [0.5f32; 4], [0.0f32; 4], [0.0f32; 4]);
+    /// let mut layer = F32Layer { param: &mut p, grad: &g, m: &mut m, v: &mut v };
+    /// for step in 1..=3 {
+    ///     let report = Backend::Scalar.step_layer(&LambConfig::paper(), step, 1.0, &mut layer)?;
+    ///     assert!(!report.skipped);
+    /// }
+    /// assert!(p[0] < 1.0);
+    /// # Ok::<(), lamb_core::LambError>(())
+    /// ```
+    pub fn step_layer(
+        self,
+        config: &LambConfig,
+        step: u64,
+        grad_scale: f32,
+        layer: &mut F32Layer<'_>,
+    ) -> Result<LayerReport, LambError> {
+        self.step(config, step, grad_scale, layer)
+    }
+
+    /// One LAMB step of a layer in compact storage; see [`Backend::step_layer`]. The trust
+    /// ratio is exact LAMB on the decoded values; on any `Err` or skip nothing is written.
+    ///
+    /// ```
+    /// use half::bf16;
+    /// use lamb_core::{Backend, LambConfig};
+    /// use lamb_core::codec::QBLOCK;
+    /// use lamb_core::layer::{CompactLayer, Grads, Moments, Params, Rounding};
+    ///
+    /// let n = 1000;
+    /// let mut p = vec![bf16::from_f32(0.5); n];
+    /// let g = vec![bf16::from_f32(0.01); n];
+    /// let (mut m, mut v) = (vec![0u8; n], vec![0u8; n]);
+    /// let (mut ms, mut vs) = (vec![0.0f32; n.div_ceil(QBLOCK)], vec![0.0f32; n.div_ceil(QBLOCK)]);
+    /// let mut layer = CompactLayer {
+    ///     params: Params::Bf16 { data: &mut p, rounding: Rounding::Stochastic { seed: 42 } },
+    ///     grads: Grads::Bf16(&g),
+    ///     moments: Moments::Q8 { m: &mut m, v: &mut v, m_absmax: &mut ms, v_absmax: &mut vs },
+    /// };
+    /// let cfg = LambConfig { lr: 0.01, ..LambConfig::paper() };
+    /// let r = Backend::detect().step_layer_compact(&cfg, 1, 1.0, &mut layer)?;
+    /// assert!(!r.skipped);
+    /// assert!(p.iter().all(|x| x.to_f32() < 0.5));
+    /// # Ok::<(), lamb_core::LambError>(())
+    /// ```
+    pub fn step_layer_compact(
+        self,
+        config: &LambConfig,
+        step: u64,
+        grad_scale: f32,
+        layer: &mut CompactLayer<'_>,
+    ) -> Result<LayerReport, LambError> {
+        self.step(config, step, grad_scale, layer)
+    }
+
+    /// Phase 1, the plan, phase 2 (unless the plan refuses the step).
+    fn step(
+        self,
+        config: &LambConfig,
+        step: u64,
+        grad_scale: f32,
+        layer: &mut impl Phases,
+    ) -> Result<LayerReport, LambError> {
+        let _mode = DefaultFpMode::enter();
+        let scalars = StepScalars::new(config, step, grad_scale)?;
+        let report = LayerReport::plan(config, layer.norms(self, &scalars)?);
+        if report.skipped {
+            return match config.non_finite {
+                NonFinite::Skip => Ok(report),
+                NonFinite::Error => Err(LambError::NonFinite { layer: 0 }),
+            };
+        }
+        layer.apply(self, &scalars, report.step_size)?;
+        Ok(report)
+    }
+}
+
+/// A view of a whole layer, as the two phases take it.
+trait Phases {
+    /// Phase 1 of the whole layer.
+    fn norms(&self, backend: Backend, s: &StepScalars) -> Result<LayerNorms, LambError>;
+    /// Phase 2 of the whole layer.
+    fn apply(&mut self, backend: Backend, s: &StepScalars, step_size: f32)
+    -> Result<(), LambError>;
+}
+
+impl Phases for F32Layer<'_> {
+    fn norms(&self, backend: Backend, s: &StepScalars) -> Result<LayerNorms, LambError> {
+        backend.norms(s, self.param, self.grad, self.m, self.v)
+    }
+    fn apply(&mut self, backend: Backend, s: &StepScalars, size: f32) -> Result<(), LambError> {
+        backend.apply(s, size, self.param, self.grad, self.m, self.v)
+    }
+}
+
+impl Phases for CompactLayer<'_> {
+    fn norms(&self, backend: Backend, s: &StepScalars) -> Result<LayerNorms, LambError> {
+        backend.norms_compact(s, self)
+    }
+    fn apply(&mut self, backend: Backend, s: &StepScalars, size: f32) -> Result<(), LambError> {
+        backend.apply_compact(s, size, self, 0)
+    }
+}
