@@ -933,6 +933,51 @@ impl Lamb {
         grads: &[Grads<'_>],
         inv_loss_scale: f32,
     ) -> Result<StepReport, Error> {
+        self.step_present(params, grads, inv_loss_scale, None)
+    }
+
+    /// [`Lamb::step_mixed_scaled`] over the layers whose gradient is `Some` (a frozen
+    /// layer, or one unused this step). A layer with `None` is not stepped: its parameters
+    /// are not read (any length, even empty, is accepted), and its moments, master copy and
+    /// [`LayerView::last`] stay as they were; it adds nothing to the global gradient norm.
+    /// The step counter is the optimizer's, so it advances for every layer, and a layer's
+    /// next applied step uses the new count in its bias correction (like candle's AdamW,
+    /// which keeps one counter too).
+    ///
+    /// ```
+    /// use lamb_std::{Lamb, ParamsIn, lamb_core::{LambConfig, layer::Grads}};
+    /// let mut opt = Lamb::new(LambConfig::paper());
+    /// opt.add_layer("trained", 4)?;
+    /// opt.add_layer("frozen", 2)?;
+    /// let (mut w, mut f) = (vec![0.5f32; 4], vec![0.5f32; 2]);
+    /// let g = [0.1f32; 4];
+    /// let report = opt.step_mixed_scaled_some(
+    ///     &mut [ParamsIn::F32(&mut w), ParamsIn::F32(&mut f)],
+    ///     &[Some(Grads::F32(&g)), None],
+    ///     1.0,
+    /// )?;
+    /// assert!(report.applied && w[0] < 0.5 && f == [0.5; 2]);
+    /// # Ok::<(), lamb_std::Error>(())
+    /// ```
+    pub fn step_mixed_scaled_some(
+        &mut self,
+        params: &mut [ParamsIn<'_>],
+        grads: &[Option<Grads<'_>>],
+        inv_loss_scale: f32,
+    ) -> Result<StepReport, Error> {
+        let present: Vec<bool> = grads.iter().map(Option::is_some).collect();
+        let grads: Vec<Grads<'_>> = grads.iter().map(|g| g.unwrap_or(Grads::F32(&[]))).collect();
+        self.step_present(params, &grads, inv_loss_scale, Some(&present))
+    }
+
+    /// A step of the layers `present` marks (`None`: all of them).
+    fn step_present(
+        &mut self,
+        params: &mut [ParamsIn<'_>],
+        grads: &[Grads<'_>],
+        inv_loss_scale: f32,
+        present: Option<&[bool]>,
+    ) -> Result<StepReport, Error> {
         // The whole step in the default floating-point mode, whatever the caller's thread
         // is in (the kernels set it in the workers too): see `lamb_core::fpenv`.
         let _mode = lamb_core::fpenv::DefaultFpMode::enter();
@@ -940,7 +985,7 @@ impl Lamb {
             return Err(Error::Poisoned);
         }
         let backend = self.backend.clone()?;
-        self.check_inputs(params, grads)?;
+        self.check_inputs(params, grads, present)?;
         if !(inv_loss_scale.is_finite() && inv_loss_scale > 0.0) {
             return Err(Error::Config {
                 group: None,
@@ -955,10 +1000,11 @@ impl Lamb {
         let lr_factor = self.schedule.factor(t);
         let configs = self.step_configs(lr_factor)?;
         self.ensure_plan();
-        let made = self.make_masters(params)?;
+        let made = self.make_masters(params, present)?;
         let result = self.step_with_masters(
             params,
             grads,
+            present,
             inv_loss_scale,
             backend,
             t,
@@ -982,6 +1028,7 @@ impl Lamb {
         &mut self,
         params: &mut [ParamsIn<'_>],
         grads: &[Grads<'_>],
+        present: Option<&[bool]>,
         inv_loss_scale: f32,
         backend: Backend,
         t: u64,
@@ -1007,6 +1054,7 @@ impl Lamb {
             t,
             params,
             grads,
+            present,
             layers,
             groups,
             moments,
@@ -1081,7 +1129,7 @@ impl Lamb {
         let mut reports = Vec::with_capacity(layers.len());
         for (i, (l, n)) in layers.iter().zip(norms).enumerate() {
             let report = LayerReport::plan(&configs[l.group], n);
-            if report.skipped {
+            if report.skipped && is_present(present, i) {
                 return skip(layers, i, t, grad_norm, grad_scale, lr_factor, &configs);
             }
             reports.push(report);
@@ -1098,9 +1146,17 @@ impl Lamb {
             self.poisoned = true;
             return Err(e.into_error("apply", &self.layers));
         }
-        for ((l, r), p) in self.layers.iter_mut().zip(reports).zip(params.iter()) {
-            l.last = Some(r);
-            l.storage = Some(p.storage());
+        for (i, ((l, r), p)) in self
+            .layers
+            .iter_mut()
+            .zip(reports)
+            .zip(params.iter())
+            .enumerate()
+        {
+            if is_present(present, i) {
+                l.last = Some(r);
+                l.storage = Some(p.storage());
+            }
         }
         self.step = t;
         Ok(StepReport {
@@ -1114,15 +1170,23 @@ impl Lamb {
     }
 
     /// Makes the f32 master copy of every half-precision layer whose group keeps one and
-    /// that has none yet, from the model's current values (exact: bf16/f16 → f32), and
+    /// that has none yet and is stepped (`present`), from the model's current values (exact: bf16/f16 → f32), and
     /// returns the layers it made one for. The master then equals the model, so making it
     /// changes nothing even if the step is later refused. If the allocator has no memory for
     /// one, the copies made so far are dropped and the step fails with nothing changed.
-    fn make_masters(&mut self, params: &[ParamsIn<'_>]) -> Result<Vec<usize>, Error> {
+    fn make_masters(
+        &mut self,
+        params: &[ParamsIn<'_>],
+        present: Option<&[bool]>,
+    ) -> Result<Vec<usize>, Error> {
         let mut made: Vec<usize> = Vec::new();
         for (i, p) in params.iter().enumerate() {
             let keeps = self.groups[self.layers[i].group].precision.master;
-            if !keeps || self.moments[i].master.is_some() || p.storage() == ParamStorage::F32 {
+            if !keeps
+                || self.moments[i].master.is_some()
+                || p.storage() == ParamStorage::F32
+                || !is_present(present, i)
+            {
                 continue;
             }
             let allocated = AlignedBuf::try_zeroed(p.len());
@@ -1160,7 +1224,12 @@ impl Lamb {
     }
 
     /// Every check that needs no kernel: counts, lengths, formats, aliasing, empty groups.
-    fn check_inputs(&self, params: &[ParamsIn<'_>], grads: &[Grads<'_>]) -> Result<(), Error> {
+    fn check_inputs(
+        &self,
+        params: &[ParamsIn<'_>],
+        grads: &[Grads<'_>],
+        present: Option<&[bool]>,
+    ) -> Result<(), Error> {
         if params.len() != self.layers.len() || grads.len() != self.layers.len() {
             return Err(Error::LayerCount {
                 layers: self.layers.len(),
@@ -1169,6 +1238,10 @@ impl Lamb {
             });
         }
         for (i, l) in self.layers.iter().enumerate() {
+            // A layer that is not stepped is not read: any placeholder will do.
+            if !is_present(present, i) {
+                continue;
+            }
             let layer_err = |source| Error::Layer {
                 index: i,
                 name: l.name.clone(),
@@ -1262,6 +1335,11 @@ impl Lamb {
     }
 }
 
+/// Whether layer `i` is stepped (see [`Lamb::step_mixed_scaled_some`]).
+fn is_present(present: Option<&[bool]>, i: usize) -> bool {
+    present.is_none_or(|p| p[i])
+}
+
 fn validate_group(g: &Group) -> Result<(), Error> {
     crate::domain::validate_group(&g.name, &g.config, g.lr_scale)
 }
@@ -1324,6 +1402,7 @@ fn split_work<'a>(
     step: u64,
     params: &'a mut [ParamsIn<'_>],
     grads: &'a [Grads<'_>],
+    present: Option<&[bool]>,
     layers: &[Layer],
     groups: &[Group],
     moments: &'a mut [Moments],
@@ -1341,6 +1420,13 @@ fn split_work<'a>(
         let (mut norms, nr) = std::mem::take(&mut norms_rest).split_at_mut(blocks);
         let (mut gsq, gr) = std::mem::take(&mut gsq_rest).split_at_mut(blocks);
         (norms_rest, gsq_rest) = (nr, gr);
+        if !is_present(present, i) {
+            // Not stepped: no pieces, so its state and block sums are left alone.
+            while plan.get(cursor).is_some_and(|piece| piece.layer == i) {
+                cursor += 1;
+            }
+            continue;
+        }
         let precision = &groups[layer.group].precision;
         let Moments {
             m,
