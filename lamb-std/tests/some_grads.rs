@@ -210,3 +210,38 @@ fn an_absent_half_layer_gets_its_master_copy_at_its_first_step() {
         &master[..4]
     );
 }
+
+/// A layer that is not stepped is not read: its placeholder may be of any storage and
+/// length, and it neither trips nor fixes the layer's storage.
+#[test]
+fn an_absent_layer_placeholder_is_not_checked_against_its_storage() {
+    let mut opt = Lamb::new(LambConfig::paper());
+    opt.add_layer("half", 64).unwrap();
+    opt.add_layer("plain", 64).unwrap();
+    let mut h = vec![bf16::from_f32(0.5); 64];
+    let mut p = vec![0.5f32; 64];
+    let g = vec![0.01f32; 64];
+    let gh = vec![bf16::from_f32(0.01); 64];
+    // The first step fixes "half" as bf16.
+    opt.step_mixed(
+        &mut [ParamsIn::Bf16(&mut h), ParamsIn::F32(&mut p)],
+        &[Grads::Bf16(&gh), Grads::F32(&g)],
+    )
+    .unwrap();
+    // "half" absent, with an empty f32 placeholder: accepted, and "half" stays bf16.
+    let report = opt
+        .step_mixed_scaled_some(
+            &mut [ParamsIn::F32(&mut []), ParamsIn::F32(&mut p)],
+            &[None, Some(Grads::F32(&g))],
+            1.0,
+        )
+        .unwrap();
+    assert!(report.applied);
+    let e = opt
+        .step_mixed(
+            &mut [ParamsIn::F32(&mut vec![0.5; 64]), ParamsIn::F32(&mut p)],
+            &[Grads::F32(&g), Grads::F32(&g)],
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::StorageChanged { index: 0, .. }), "{e}");
+}
