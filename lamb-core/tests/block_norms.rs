@@ -193,3 +193,32 @@ fn sum_squares_grads_is_exact_on_integers_in_every_format() {
         }
     }
 }
+
+/// On values whose sums round, the order of the additions shows: the sum of squares of
+/// half-precision gradients is, bit for bit, the f32 kernel's sum over the decoded values
+/// (element `i` to lane `i % 16`, the fixed tree, blocks in order), on every backend.
+#[test]
+fn sum_squares_grads_keeps_the_lane_order_of_the_f32_sum() {
+    for b in Backend::available() {
+        for n in LENGTHS {
+            let x: Vec<f32> = (0..n)
+                .map(|k| ((k * 7919) % 1000) as f32 * 1.37e-3 - 0.6)
+                .collect();
+            let h: Vec<f16> = x.iter().map(|&a| f16::from_f32(a)).collect();
+            let bh: Vec<bf16> = x.iter().map(|&a| bf16::from_f32(a)).collect();
+            let hx: Vec<f32> = h.iter().map(|a| a.to_f32()).collect();
+            let bx: Vec<f32> = bh.iter().map(|a| a.to_f32()).collect();
+            let bits = |r: Result<f64, LambError>| r.unwrap().to_bits();
+            assert_eq!(
+                bits(b.sum_squares_grads(&Grads::F16(&h))),
+                bits(Backend::Scalar.sum_squares(&hx)),
+                "{b:?} f16 n = {n}"
+            );
+            assert_eq!(
+                bits(b.sum_squares_grads(&Grads::Bf16(&bh))),
+                bits(Backend::Scalar.sum_squares(&bx)),
+                "{b:?} bf16 n = {n}"
+            );
+        }
+    }
+}
