@@ -1122,3 +1122,131 @@ fn random_mutations_never_panic() {
         3 * rounds
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// The header as bytes: a writer other than lamb's may format it otherwise.
+
+/// Rewrites a checkpoint's JSON header text with `edit` (padding it again to 8 bytes) and
+/// signs the result with the library's own checksum definition.
+fn with_header(bytes: &[u8], edit: impl Fn(&str) -> String) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap().trim_end();
+    let mut header = edit(header).into_bytes();
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&bytes[8 + n..]);
+    // Zero the recorded digits, then learn the sum from the library's refusal.
+    let key = b"\"lamb.checksum\"";
+    let at = out.windows(key.len()).position(|w| w == key).unwrap();
+    let at = at + out[at..].windows(6).position(|w| w == b"xxh64:").unwrap() + 6;
+    out[at..at + 16].copy_from_slice(b"0000000000000000");
+    let mut probe = Lamb::new(LambConfig::paper());
+    let msg = probe.load_checkpoint_bytes(&out).unwrap_err().to_string();
+    if let Some(sum) = msg.split("its contents hash to xxh64:").nth(1) {
+        out[at..at + 16].copy_from_slice(&sum.as_bytes()[..16]);
+    }
+    out
+}
+
+#[test]
+fn the_header_is_read_as_json_not_as_lamb_happens_to_write_it() {
+    let mut saved = Lamb::new(LambConfig::paper());
+    saved.add_layer("w", 5).unwrap();
+    stepped(&mut saved);
+    let bytes = saved.to_checkpoint_bytes().unwrap();
+    let mut opt = Lamb::new(LambConfig::paper());
+    opt.add_layer("w", 5).unwrap();
+    // Re-signing an unchanged header is faithful.
+    opt.load_checkpoint_bytes(&with_header(&bytes, str::to_string))
+        .unwrap();
+    opt.reset();
+    // Whitespace around the checksum's colon is JSON too.
+    let spaced = with_header(&bytes, |h| {
+        h.replace("\"lamb.checksum\":", "\"lamb.checksum\" \t: ")
+    });
+    opt.load_checkpoint_bytes(&spaced).unwrap();
+    assert_eq!(opt.steps(), saved.steps());
+    opt.reset();
+    // Another format name or version, behind a valid checksum.
+    for (from, to, want) in [
+        (
+            "\"lamb.format\":\"lamb-checkpoint\"",
+            "\"lamb.format\":\"lamb-checkpoint-2\"",
+            "not a lamb checkpoint: 'lamb.format' is \"lamb-checkpoint-2\"",
+        ),
+        (
+            "\"lamb.version\":\"1\"",
+            "\"lamb.version\":\"2\"",
+            "format version \"2\"; this lamb reads version 1",
+        ),
+        // A second checksum entry, its key written with an escape (so the byte search
+        // finds one entry and the JSON reader keeps the other): the checksum the
+        // metadata holds is not the one that was verified.
+        (
+            "CHECKSUM_ENTRY",
+            "CHECKSUM_ENTRY,\"lamb.\\u0063hecksum\":\"xxh64:0123456789abcdef\"",
+            "is not written as lamb writes it",
+        ),
+    ] {
+        let edited = with_header(&bytes, |h| {
+            // The checksum entry as lamb writes it: key, colon, quoted 22 characters.
+            let at = h.find("\"lamb.checksum\":\"").unwrap();
+            let entry = &h[at..at + "\"lamb.checksum\":\"".len() + 23];
+            let h = h.replace(entry, "CHECKSUM_ENTRY");
+            assert!(h.contains(from), "{from} not in the header");
+            h.replace(from, to).replace("CHECKSUM_ENTRY", entry)
+        });
+        let e = opt.load_checkpoint_bytes(&edited).unwrap_err().to_string();
+        assert!(e.contains(want), "{to}: {e}");
+        assert_eq!(opt.steps(), 0);
+    }
+}
+
+/// 8-bit moments behind a valid checksum: a negative scale, or a code the encoder never
+/// makes, is refused by name.
+#[test]
+fn bad_8_bit_moments_behind_a_valid_checksum_are_refused() {
+    let q8 = Precision {
+        moments: StateFormat::Q8,
+        compact_min_len: 0,
+        ..Precision::default()
+    };
+    let make = || {
+        let mut opt = Lamb::new(LambConfig::paper());
+        opt.set_precision(GroupId(0), q8).unwrap();
+        opt.add_layer("w", 300).unwrap();
+        opt
+    };
+    let mut saved = make();
+    stepped(&mut saved);
+    let bytes = saved.to_checkpoint_bytes().unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let offset =
+        |name: &str| st.tensor(name).unwrap().data().as_ptr() as usize - bytes.as_ptr() as usize;
+    let mut opt = make();
+    for (name, patch, want) in [
+        (
+            "state.0.exp_avg.absmax",
+            (-1.0f32).to_le_bytes().to_vec(),
+            "exp_avg.absmax[0] = NaN: must be finite and >= 0",
+        ),
+        (
+            "state.0.exp_avg",
+            vec![0x7f],
+            "has the 8-bit code 0x7f, beyond the largest",
+        ),
+        (
+            "state.0.exp_avg_sq",
+            vec![0xff],
+            "has the 8-bit code 0xff, beyond the largest",
+        ),
+    ] {
+        let mut edited = bytes.clone();
+        let at = offset(name);
+        edited[at..at + patch.len()].copy_from_slice(&patch);
+        refused(&mut opt, &resign(&edited, |_| {}), want);
+    }
+}
