@@ -784,11 +784,56 @@ impl Lamb {
         grads: &[Grads<'_>],
         inv_loss_scale: f32,
     ) -> Result<StepReport, Error> {
+        self.step_present(params, grads, inv_loss_scale, None)
+    }
+
+    /// [`Lamb::step_mixed_scaled`] over the layers whose gradient is `Some` (a frozen
+    /// layer, or one unused this step). A layer with `None` is not stepped: its parameters
+    /// are not read (any length, even empty, is accepted), and its moments, master copy and
+    /// [`LayerView::last`] stay as they were; it adds nothing to the global gradient norm.
+    /// The step counter is the optimizer's, so it advances for every layer, and a layer's
+    /// next applied step uses the new count in its bias correction (like candle's AdamW,
+    /// which keeps one counter too).
+    ///
+    /// ```
+    /// use lamb_std::{Lamb, ParamsIn, lamb_core::{LambConfig, precision::Grads}};
+    /// let mut opt = Lamb::new(LambConfig::paper());
+    /// opt.add_layer("trained", 4)?;
+    /// opt.add_layer("frozen", 2)?;
+    /// let (mut w, mut f) = (vec![0.5f32; 4], vec![0.5f32; 2]);
+    /// let g = [0.1f32; 4];
+    /// let report = opt.step_mixed_scaled_some(
+    ///     &mut [ParamsIn::F32(&mut w), ParamsIn::F32(&mut f)],
+    ///     &[Some(Grads::F32(&g)), None],
+    ///     1.0,
+    /// )?;
+    /// assert!(report.applied && w[0] < 0.5 && f == [0.5; 2]);
+    /// # Ok::<(), lamb_std::Error>(())
+    /// ```
+    pub fn step_mixed_scaled_some(
+        &mut self,
+        params: &mut [ParamsIn<'_>],
+        grads: &[Option<Grads<'_>>],
+        inv_loss_scale: f32,
+    ) -> Result<StepReport, Error> {
+        let present: Vec<bool> = grads.iter().map(Option::is_some).collect();
+        let grads: Vec<Grads<'_>> = grads.iter().map(|g| g.unwrap_or(Grads::F32(&[]))).collect();
+        self.step_present(params, &grads, inv_loss_scale, Some(&present))
+    }
+
+    /// A step of the layers `present` marks (`None`: all of them).
+    fn step_present(
+        &mut self,
+        params: &mut [ParamsIn<'_>],
+        grads: &[Grads<'_>],
+        inv_loss_scale: f32,
+        present: Option<&[bool]>,
+    ) -> Result<StepReport, Error> {
         if self.poisoned {
             return Err(Error::Poisoned);
         }
         let backend = self.backend.clone()?;
-        self.check_inputs(params, grads)?;
+        self.check_inputs(params, grads, present)?;
         if !(inv_loss_scale.is_finite() && inv_loss_scale > 0.0) {
             return Err(Error::Config {
                 group: None,
@@ -802,10 +847,11 @@ impl Lamb {
         let t = self.step + 1;
         let lr_factor = self.schedule.factor(t);
         let configs = self.step_configs(lr_factor)?;
-        let made = self.make_masters(params);
+        let made = self.make_masters(params, present);
         let result = self.step_with_masters(
             params,
             grads,
+            present,
             inv_loss_scale,
             backend,
             t,
@@ -829,6 +875,7 @@ impl Lamb {
         &mut self,
         params: &mut [ParamsIn<'_>],
         grads: &[Grads<'_>],
+        present: Option<&[bool]>,
         inv_loss_scale: f32,
         backend: Backend,
         t: u64,
@@ -854,6 +901,7 @@ impl Lamb {
             t,
             params,
             grads,
+            present,
             layers,
             groups,
             moments,
@@ -928,7 +976,7 @@ impl Lamb {
         let mut reports = Vec::with_capacity(layers.len());
         for (i, (l, n)) in layers.iter().zip(norms).enumerate() {
             let report = LayerReport::plan(&configs[l.group], n);
-            if report.skipped {
+            if report.skipped && is_present(present, i) {
                 return skip(layers, i, t, grad_norm, grad_scale, lr_factor, &configs);
             }
             reports.push(report);
@@ -945,8 +993,10 @@ impl Lamb {
             self.poisoned = true;
             return Err(e.into_error("apply", &self.layers));
         }
-        for (l, r) in self.layers.iter_mut().zip(reports) {
-            l.last = Some(r);
+        for (i, (l, r)) in self.layers.iter_mut().zip(reports).enumerate() {
+            if is_present(present, i) {
+                l.last = Some(r);
+            }
         }
         self.step = t;
         Ok(StepReport {
@@ -963,12 +1013,12 @@ impl Lamb {
     /// that has none yet, from the model's current values (exact: bf16/f16 → f32). The
     /// master then equals the model, so making it changes nothing even if the step is
     /// later refused.
-    fn make_masters(&mut self, params: &[ParamsIn<'_>]) -> Vec<usize> {
+    fn make_masters(&mut self, params: &[ParamsIn<'_>], present: Option<&[bool]>) -> Vec<usize> {
         let mut made = Vec::new();
         for (i, p) in params.iter().enumerate() {
             let group = &self.groups[self.layers[i].group];
             let state = &mut self.moments[i];
-            if !group.precision.master || state.master.is_some() {
+            if !group.precision.master || state.master.is_some() || !is_present(present, i) {
                 continue;
             }
             let master = match p {
@@ -995,7 +1045,12 @@ impl Lamb {
     }
 
     /// Every check that needs no kernel: counts, lengths, formats, aliasing, empty groups.
-    fn check_inputs(&self, params: &[ParamsIn<'_>], grads: &[Grads<'_>]) -> Result<(), Error> {
+    fn check_inputs(
+        &self,
+        params: &[ParamsIn<'_>],
+        grads: &[Grads<'_>],
+        present: Option<&[bool]>,
+    ) -> Result<(), Error> {
         if params.len() != self.layers.len() || grads.len() != self.layers.len() {
             return Err(Error::LayerCount {
                 layers: self.layers.len(),
@@ -1013,7 +1068,7 @@ impl Lamb {
                 (lamb_core::Buffer::Param, params[i].len()),
                 (lamb_core::Buffer::Grad, grads[i].len()),
             ] {
-                if len != l.len {
+                if len != l.len && is_present(present, i) {
                     return Err(layer_err(LambError::LengthMismatch {
                         layer: i,
                         buffer,
@@ -1075,6 +1130,11 @@ impl Lamb {
             })
             .collect()
     }
+}
+
+/// Whether layer `i` is stepped (see [`Lamb::step_mixed_scaled_some`]).
+fn is_present(present: Option<&[bool]>, i: usize) -> bool {
+    present.is_none_or(|p| p[i])
 }
 
 fn validate_group(g: &Group) -> Result<(), Error> {
@@ -1139,6 +1199,7 @@ fn split_work<'a>(
     step: u64,
     params: &'a mut [ParamsIn<'_>],
     grads: &'a [Grads<'_>],
+    present: Option<&[bool]>,
     layers: &[Layer],
     groups: &[Group],
     moments: &'a mut [Moments],
@@ -1154,6 +1215,13 @@ fn split_work<'a>(
         let (mut norms, nr) = std::mem::take(&mut norms_rest).split_at_mut(blocks);
         let (mut gsq, gr) = std::mem::take(&mut gsq_rest).split_at_mut(blocks);
         (norms_rest, gsq_rest) = (nr, gr);
+        if !is_present(present, i) {
+            // Not stepped: no pieces, so its state and block sums are left alone.
+            while plan.get(cursor).is_some_and(|piece| piece.layer == i) {
+                cursor += 1;
+            }
+            continue;
+        }
         let precision = &groups[layer.group].precision;
         let Moments {
             m,
