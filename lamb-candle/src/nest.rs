@@ -55,24 +55,30 @@ pub(crate) fn with_params_mut(
     )
 }
 
-/// One level: adds `slots[0]`'s slice to `params` and goes on with the rest.
+/// One level: adds the slices of `slots[0]` (and of the Vars without a gradient after it,
+/// which take no level) to `params` and goes on with the rest.
 fn nest<'p>(
-    slots: &[Slot],
-    present: &[bool],
+    mut slots: &[Slot],
+    mut present: &[bool],
     mut params: Vec<ParamsIn<'p>>,
     last: &mut Last<'_>,
     levels_left: usize,
 ) -> Result<(), Error> {
-    let (Some((slot, rest)), Some((&here, present_rest))) =
-        (slots.split_first(), present.split_first())
-    else {
-        last(&mut params);
-        return Ok(());
-    };
-    if !here {
+    // Vars that are not stepped are not locked: a loop, not a level, so that a model with
+    // many frozen Vars costs no stack.
+    let slot = loop {
+        let (Some((slot, rest)), Some((&here, present_rest))) =
+            (slots.split_first(), present.split_first())
+        else {
+            last(&mut params);
+            return Ok(());
+        };
+        if here {
+            break slot;
+        }
         params.push(empty(slot.dtype));
-        return nest(rest, present_rest, params, last, levels_left);
-    }
+        (slots, present) = (rest, present_rest);
+    };
     if levels_left == 0 {
         // A fresh stack for the next levels; the slices move to it (they are `Send`).
         return std::thread::scope(|s| {
@@ -88,8 +94,8 @@ fn nest<'p>(
     let op = Level {
         slot,
         state: Cell::new(Some((params, last))),
-        rest,
-        present_rest,
+        rest: &slots[1..],
+        present_rest: &present[1..],
         levels_left,
         result: Cell::new(None),
     };

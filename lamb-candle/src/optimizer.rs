@@ -39,6 +39,21 @@ pub struct Lamb {
     last: Option<StepReport>,
 }
 
+impl std::fmt::Debug for Lamb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lamb")
+            .field(
+                "vars",
+                &self.slots.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            )
+            .field("steps", &self.opt.steps())
+            .field("learning_rate", &self.learning_rate())
+            .field("loss_scale", &self.loss_scale)
+            .field("last", &self.last)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Optimizer for Lamb {
     type Config = Config;
 

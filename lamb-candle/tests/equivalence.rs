@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::DType;
+use candle_core::{DType, Device, Var};
 use common::*;
 use lamb_candle::{Config, Lamb};
 use lamb_std::lamb_core::precision::Rounding;
@@ -195,4 +195,32 @@ fn many_vars_nest_on_helper_threads_and_still_match() {
         2,
         frozen,
     );
+}
+
+#[test]
+fn vars_without_gradients_cost_no_stack() {
+    // Thousands of frozen Vars (a fine-tuned head on a frozen body): they are skipped in a
+    // loop, not nested, whatever their number.
+    let mut vars = Vec::new();
+    for i in 0..8000 {
+        let var = Var::ones(2, DType::F32, &Device::Cpu).unwrap();
+        vars.push((format!("frozen{i:05}"), var));
+    }
+    let config = Config {
+        decay_split: false,
+        ..Config::default()
+    };
+    let mut opt = Lamb::from_named_vars(vars.clone(), config).unwrap();
+    let stepped = [17, 4000, 7999];
+    let report = opt
+        .step_report(&grads(&vars, 0, |i| stepped.contains(&i)))
+        .unwrap();
+    assert!(report.applied);
+    for (i, bits) in var_bits(&vars).iter().enumerate() {
+        assert_eq!(
+            *bits == [1f32.to_bits(); 2],
+            !stepped.contains(&i),
+            "Var {i}"
+        );
+    }
 }
