@@ -13,9 +13,9 @@
 //! live. Before a step the peak is reset to the live count; after it, the peak minus that
 //! count is the step's *peak extra memory*, printed as `[memory]` lines (and saved with
 //! the notes as `target/criterion/lamb-meta-candle.txt`). It counts every heap allocation
-//! of the process during the step, rayon's workers' included; the stacks of lamb-candle's
-//! helper threads (past 64 Vars, see lamb-candle's docs) are mapped by the OS, not
-//! allocated, and are not in it.
+//! of the process during the step, rayon's workers' included; the stack of lamb-candle's
+//! helper thread (past 64 Vars, see lamb-candle's docs) is mapped once when the optimizer
+//! is built, not allocated per step, and is not in it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -11,11 +11,14 @@
 //! in a `Vec` passed down by value, whose element lifetime shortens at each level
 //! (`ParamsIn<'a>` is covariant in `'a`).
 //!
-//! Each level costs a few stack frames (about 1.2 KiB in a release build, 5 KiB in a
-//! debug build). So that a model with many Vars cannot overflow the caller's stack, the
-//! first [`CALLER_LEVELS`] levels run on the caller's thread and the rest continue on
-//! scoped helper threads with stacks of their own, [`HELPER_LEVELS`] levels each: one
-//! thread start per step for BERT-base's 199 Vars, none for a model of 64 Vars or fewer.
+//! Each level costs a few stack frames (about 1 KiB in a release build, 5 KiB in a debug
+//! build). So that a model with many Vars cannot overflow the caller's stack, the first
+//! [`CALLER_LEVELS`] levels run on the caller's thread and the rest continue on helper
+//! threads, [`HELPER_LEVELS`] levels each, with stacks of their own ([`Helpers`]): one
+//! helper for BERT-base's 199 Vars or 1000 Vars, none for 64 Vars or fewer. The helpers
+//! are one-thread rayon pools the optimizer keeps, so a step starts no thread and touches
+//! no fresh stack page (`ThreadPool::install` runs a borrowing closure on the pool's thread
+//! and waits for it, which is what a level needs).
 
 use std::cell::Cell;
 
@@ -35,6 +38,27 @@ pub(crate) const HELPER_LEVELS: usize = 1024;
 /// The stack of a helper thread.
 const HELPER_STACK: usize = 8 << 20;
 
+/// The helper threads of one optimizer: enough for all its Vars (see the module docs).
+pub(crate) struct Helpers(Vec<rayon::ThreadPool>);
+
+impl Helpers {
+    /// Helpers for `vars` Vars.
+    pub(crate) fn for_vars(vars: usize) -> Result<Helpers, Error> {
+        let count = vars.saturating_sub(CALLER_LEVELS).div_ceil(HELPER_LEVELS);
+        let pools = (0..count)
+            .map(|i| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .stack_size(HELPER_STACK)
+                    .thread_name(move |_| format!("lamb-candle-nest-{i}"))
+                    .build()
+                    .map_err(|e| Error::Candle(format!("could not start a helper thread: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Helpers(pools))
+    }
+}
+
 /// What the innermost level runs on all the slices.
 pub(crate) type Last<'f> = dyn FnMut(&mut [ParamsIn<'_>]) + Send + 'f;
 
@@ -44,15 +68,11 @@ pub(crate) type Last<'f> = dyn FnMut(&mut [ParamsIn<'_>]) + Send + 'f;
 pub(crate) fn with_params_mut(
     slots: &[Slot],
     present: &[bool],
+    helpers: &Helpers,
     last: &mut Last<'_>,
 ) -> Result<(), Error> {
-    nest(
-        slots,
-        present,
-        Vec::with_capacity(slots.len()),
-        last,
-        CALLER_LEVELS,
-    )
+    let params = Vec::with_capacity(slots.len());
+    nest(slots, present, params, last, CALLER_LEVELS, &helpers.0)
 }
 
 /// One level: adds the slices of `slots[0]` (and of the Vars without a gradient after it,
@@ -63,6 +83,7 @@ fn nest<'p>(
     mut params: Vec<ParamsIn<'p>>,
     last: &mut Last<'_>,
     levels_left: usize,
+    helpers: &[rayon::ThreadPool],
 ) -> Result<(), Error> {
     // Vars that are not stepped are not locked: a loop, not a level, so that a model with
     // many frozen Vars costs no stack.
@@ -80,16 +101,7 @@ fn nest<'p>(
         (slots, present) = (rest, present_rest);
     };
     if levels_left == 0 {
-        // A fresh stack for the next levels; the slices move to it (they are `Send`).
-        return std::thread::scope(|s| {
-            std::thread::Builder::new()
-                .name("lamb-candle-nest".into())
-                .stack_size(HELPER_STACK)
-                .spawn_scoped(s, move || nest(slots, present, params, last, HELPER_LEVELS))
-                .map_err(|e| Error::Candle(format!("could not start a helper thread: {e}")))?
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        });
+        return hop(slots, present, params, last, helpers);
     }
     let op = Level {
         slot,
@@ -97,17 +109,46 @@ fn nest<'p>(
         rest: &slots[1..],
         present_rest: &present[1..],
         levels_left,
+        helpers,
         result: Cell::new(None),
     };
-    slot.var
-        .inplace_op1(&op)
-        .map_err(|e| Error::Candle(e.to_string()))?;
-    op.result.take().unwrap_or_else(|| {
-        Err(Error::Candle(format!(
-            "the in-place op on Var '{}' did not run on the CPU",
-            slot.name
-        )))
-    })
+    match slot.var.inplace_op1(&op) {
+        Ok(()) => op.result.take().unwrap_or_else(|| Err(not_run(slot))),
+        Err(e) => Err(candle_refused(e)),
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn candle_refused(e: candle_core::Error) -> Error {
+    Error::Candle(e.to_string())
+}
+
+#[cold]
+#[inline(never)]
+fn not_run(slot: &Slot) -> Error {
+    Error::Candle(format!(
+        "the in-place op on Var '{}' did not run on the CPU",
+        slot.name
+    ))
+}
+
+/// Goes on with the next levels on the next helper thread; the slices move to it (they
+/// are `Send`). Out of line, so that its frame is not part of every level's.
+#[cold]
+#[inline(never)]
+fn hop(
+    slots: &[Slot],
+    present: &[bool],
+    params: Vec<ParamsIn<'_>>,
+    last: &mut Last<'_>,
+    helpers: &[rayon::ThreadPool],
+) -> Result<(), Error> {
+    let Some((pool, rest)) = helpers.split_first() else {
+        // `Helpers::for_vars` made enough for every Var.
+        return Err(Error::Candle("more Vars than helper threads".into()));
+    };
+    pool.install(move || nest(slots, present, params, last, HELPER_LEVELS, rest))
 }
 
 /// The in-place op of one level: holds what the next level needs until candle calls it.
@@ -117,6 +158,7 @@ struct Level<'s, 'p, 'l, 'f> {
     rest: &'s [Slot],
     present_rest: &'s [bool],
     levels_left: usize,
+    helpers: &'s [rayon::ThreadPool],
     result: Cell<Option<Result<(), Error>>>,
 }
 
@@ -151,6 +193,7 @@ fn descend<'c>(
         params,
         last,
         level.levels_left - 1,
+        level.helpers,
     )
 }
 
@@ -170,39 +213,48 @@ fn params_of<'c>(
     storage: &'c mut CpuStorage,
     layout: &Layout,
 ) -> Result<ParamsIn<'c>, Error> {
-    let (start, end) = layout
+    let Some((start, end)) = layout
         .contiguous_offsets()
         .filter(|&(s, e)| e - s == slot.len && layout.dims() == slot.shape.as_slice())
-        .ok_or_else(|| {
-            Error::var(
-                &slot.name,
-                format!(
-                    "its layout changed since the optimizer was built: shape {:?} (was {:?}), contiguous: {}",
-                    layout.dims(),
-                    slot.shape,
-                    layout.is_contiguous()
-                ),
-            )
-        })?;
-    let (held, len) = (storage_dtype(storage), storage_len(storage));
-    let changed = || {
-        Error::var(
-            &slot.name,
-            format!(
-                "its storage changed since the optimizer was built: it holds {len} {} elements, the Var needs {} {} from offset {start}",
-                held.as_str(),
-                slot.len,
-                slot.dtype.as_str(),
-            ),
-        )
+    else {
+        return Err(layout_changed(slot, layout));
     };
+    let (held, len) = (storage_dtype(storage), storage_len(storage));
     let p = match (storage, slot.dtype) {
         (CpuStorage::F32(v), DType::F32) => v.get_mut(start..end).map(ParamsIn::F32),
         (CpuStorage::BF16(v), DType::BF16) => v.get_mut(start..end).map(ParamsIn::Bf16),
         (CpuStorage::F16(v), DType::F16) => v.get_mut(start..end).map(ParamsIn::F16),
         _ => None,
     };
-    p.ok_or_else(changed)
+    p.ok_or_else(|| storage_changed(slot, held, len, start))
+}
+
+#[cold]
+#[inline(never)]
+fn layout_changed(slot: &Slot, layout: &Layout) -> Error {
+    Error::var(
+        &slot.name,
+        format!(
+            "its layout changed since the optimizer was built: shape {:?} (was {:?}), contiguous: {}",
+            layout.dims(),
+            slot.shape,
+            layout.is_contiguous()
+        ),
+    )
+}
+
+#[cold]
+#[inline(never)]
+fn storage_changed(slot: &Slot, held: DType, len: usize, start: usize) -> Error {
+    Error::var(
+        &slot.name,
+        format!(
+            "its storage changed since the optimizer was built: it holds {len} {} elements, the Var needs {} {} from offset {start}",
+            held.as_str(),
+            slot.len,
+            slot.dtype.as_str(),
+        ),
+    )
 }
 
 fn storage_dtype(s: &CpuStorage) -> DType {

@@ -34,6 +34,8 @@ pub struct Lamb {
     /// `(storage key, slot index)`, sorted: finds the Var whose storage a gradient shares.
     keys: Vec<(usize, usize)>,
     loss_scale: f32,
+    /// Threads that carry the in-place nesting past the caller's share of levels.
+    helpers: nest::Helpers,
     /// A learning rate `set_learning_rate` could not apply (see [`Error::LearningRate`]).
     bad_lr: Option<f64>,
     last: Option<StepReport>,
@@ -149,6 +151,7 @@ impl Lamb {
         }
         Ok(Lamb {
             opt: build(&slots, &config)?,
+            helpers: nest::Helpers::for_vars(slots.len())?,
             slots,
             keys,
             loss_scale: config.loss_scale,
@@ -217,7 +220,7 @@ impl Lamb {
         let mut last = |params: &mut [ParamsIn<'_>]| {
             result = Some(opt.step_mixed_scaled_some(params, &grad_slices, inv_loss_scale));
         };
-        nest::with_params_mut(&self.slots, &present, &mut last)?;
+        nest::with_params_mut(&self.slots, &present, &self.helpers, &mut last)?;
         drop(guards);
         let report = result.ok_or_else(|| Error::Candle("the step did not run".into()))??;
         self.last = Some(report.clone());
