@@ -197,8 +197,9 @@ impl Lamb {
             let (storage, layout) = g.storage_and_layout();
             let key = storage_key(&storage);
             if let Ok(k) = self.keys.binary_search_by_key(&key, |&(k, _)| k) {
-                let var = &self.slots[self.keys[k].1].name;
-                let what = if *var == self.slots[i].name {
+                let owner = self.keys[k].1;
+                let var = &self.slots[owner].name;
+                let what = if owner == i {
                     "it is the Var's own storage (a gradient must be a tensor of its own)"
                         .to_string()
                 } else {
