@@ -7,7 +7,8 @@
 //! where they are over many repetitions without changing the work done: LAMB's two passes
 //! (norms, then the update with the trust ratio, one group, no clipping) and AdamW's tensor
 //! expressions run in full. lamb-candle runs on 1 thread and on all cores; candle's AdamW
-//! is built from candle's CPU tensor ops, whatever threads those use.
+//! is built from candle's CPU tensor ops, whatever threads those use. `lamb-std-t1` is
+//! lamb-std's own step on plain `Vec`s of the same sizes: the cost of going through candle.
 //!
 //! Memory: a counting global allocator ([`Counting`]) tracks the bytes allocated and
 //! live. Before a step the peak is reset to the live count; after it, the peak minus that
@@ -173,6 +174,29 @@ fn candle(c: &mut Criterion) {
                 b.iter(|| opt.step(&grads).expect("step"))
             });
         }
+
+        // lamb-std's own step on the same sizes, for the cost of going through candle.
+        let mut std_opt = lamb_std::Lamb::new(LambConfig {
+            lr: 0.0,
+            ..LambConfig::paper()
+        });
+        let mut p: Vec<Vec<f32>> = Vec::new();
+        let mut g: Vec<Vec<f32>> = Vec::new();
+        for (i, (name, len)) in shapes.iter().enumerate() {
+            std_opt.add_layer(name.clone(), *len).expect("add_layer");
+            p.push(vec![0.0; *len]);
+            fill(&mut p[i], 2 * i as u64 + 1, 0.05, 0.0);
+            g.push(vec![0.0; *len]);
+            fill(&mut g[i], 2 * i as u64 + 2, 0.01, 0.0);
+        }
+        {
+            let mut p: Vec<&mut [f32]> = p.iter_mut().map(|b| &mut b[..]).collect();
+            let g: Vec<&[f32]> = g.iter().map(|b| &b[..]).collect();
+            group.bench_function("lamb-std-t1", |b| {
+                b.iter(|| std_opt.step(&mut p, &g).expect("step").applied)
+            });
+        }
+        drop((std_opt, p, g));
 
         let params = ParamsAdamW {
             lr: 0.0,
