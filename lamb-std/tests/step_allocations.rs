@@ -99,6 +99,8 @@ fn a_plain_f32_step_allocates_nothing_on_one_thread() {
 fn with_a_pool_only_the_pool_hand_off_allocates() {
     let small = second_step_allocations(5, 3);
     let large = second_step_allocations(40, 3);
-    eprintln!("allocations on the calling thread, 3 threads: {small} (5 layers), {large} (40 layers)");
+    eprintln!(
+        "allocations on the calling thread, 3 threads: {small} (5 layers), {large} (40 layers)"
+    );
     assert_eq!(small, large, "a step's allocations grew with the model");
 }

@@ -10,6 +10,8 @@ mod group;
 mod scratch;
 mod state;
 mod step;
+#[cfg(test)]
+mod tests;
 mod views;
 
 use std::collections::HashMap;
