@@ -6,7 +6,9 @@
 //! reuses), and [`step`] (the step itself, from the checks to phase 2). Imports point that
 //! way: nothing here imports `step`.
 
+mod cut;
 mod group;
+mod phases;
 mod scratch;
 mod state;
 mod step;
@@ -20,8 +22,7 @@ use lamb_core::{BLOCK, Backend, LambConfig, LambError, LayerReport, Schedule};
 
 pub use group::{Group, GroupId, LayerId, Precision, StateFormat};
 pub(crate) use state::StateBytes;
-pub use step::{SkippedLayer, StepReport};
-pub use views::{LayerView, ParamStorage, ParamsIn, StateView};
+pub use views::{LayerView, ParamStorage, ParamsIn, SkippedLayer, StateView, StepReport};
 
 use crate::buffer::AlignedBuf;
 use crate::error::Error;
@@ -36,6 +37,17 @@ struct Layer {
     len: usize,
     /// Norms and ratio of the last applied step.
     last: Option<LayerReport>,
+}
+
+impl Layer {
+    /// A kernel's refusal of this layer, layer `i`, with its index and name.
+    fn error(&self, i: usize, source: LambError) -> Error {
+        Error::Layer {
+            index: i,
+            name: self.name.clone(),
+            source,
+        }
+    }
 }
 
 /// The LAMB optimizer over a model's layers.

@@ -1,9 +1,11 @@
 //! Borrowed views: [`ParamsIn`] (the model's parameters, as a step takes them) and
 //! [`LayerView`] / [`StateView`] (a layer's state, as [`Lamb::layer`](crate::Lamb::layer)
-//! shows it). Views hold no state of their own.
+//! shows it), [`StepReport`] (what a step did), and the slots through which one generic
+//! step reads the tensors of every entry point. Views hold no state of their own.
 
 use lamb_core::LayerReport;
 use lamb_core::half::{bf16, f16};
+use lamb_core::layer::Grads;
 
 use super::group::{GroupId, StateFormat};
 
@@ -145,4 +147,92 @@ pub struct LayerView<'a> {
     pub storage: Option<ParamStorage>,
     /// Norms and ratio of the last applied step (`None` before the first).
     pub last: Option<LayerReport>,
+}
+
+/// The layer that made a step skip.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedLayer {
+    /// Its index.
+    pub index: usize,
+    /// Its name.
+    pub name: String,
+}
+
+/// What a call to [`Lamb::step`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    /// The step number (1-based) this call took, or would have taken if skipped.
+    pub step: u64,
+    /// `false` if the step was skipped for a non-finite value; nothing was written then.
+    pub applied: bool,
+    /// The first layer with a non-finite value, if any.
+    pub skipped: Option<SkippedLayer>,
+    /// Global L2 norm of the (unscaled) gradients, computed when clipping is on.
+    pub grad_norm: Option<f64>,
+    /// The factor applied to every gradient element (clipping × inverse loss scale).
+    pub grad_scale: f32,
+    /// The schedule's learning-rate factor at this step.
+    pub lr_factor: f64,
+}
+
+/// A layer's parameters as an entry point takes them.
+pub(crate) trait ParamSlot {
+    /// The parameters, reborrowed.
+    fn params_in(&mut self) -> ParamsIn<'_>;
+    /// Their storage.
+    fn storage(&self) -> ParamStorage;
+    /// Their element count.
+    fn count(&self) -> usize;
+}
+
+impl ParamSlot for &mut [f32] {
+    fn params_in(&mut self) -> ParamsIn<'_> {
+        ParamsIn::F32(self)
+    }
+    fn storage(&self) -> ParamStorage {
+        ParamStorage::F32
+    }
+    fn count(&self) -> usize {
+        self.len()
+    }
+}
+
+impl ParamSlot for ParamsIn<'_> {
+    fn params_in(&mut self) -> ParamsIn<'_> {
+        match self {
+            ParamsIn::F32(x) => ParamsIn::F32(x),
+            ParamsIn::Bf16(x) => ParamsIn::Bf16(x),
+            ParamsIn::F16(x) => ParamsIn::F16(x),
+        }
+    }
+    fn storage(&self) -> ParamStorage {
+        ParamsIn::storage(self)
+    }
+    fn count(&self) -> usize {
+        self.len()
+    }
+}
+
+/// A layer's gradient as an entry point takes it; `None`: the layer is not stepped.
+pub(crate) trait GradSlot {
+    /// The gradient, if the layer is stepped.
+    fn grads(&self) -> Option<Grads<'_>>;
+}
+
+impl GradSlot for &[f32] {
+    fn grads(&self) -> Option<Grads<'_>> {
+        Some(Grads::F32(self))
+    }
+}
+
+impl GradSlot for Grads<'_> {
+    fn grads(&self) -> Option<Grads<'_>> {
+        Some(*self)
+    }
+}
+
+impl GradSlot for Option<Grads<'_>> {
+    fn grads(&self) -> Option<Grads<'_>> {
+        *self
+    }
 }
