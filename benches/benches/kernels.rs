@@ -4,7 +4,7 @@
 //!
 //! Throughput is `Bytes(model × n)` with the model of what each loop moves: 44 B/element
 //! for lamb-core's step (phase 1 reads p, g, m, v; phase 2 reads them and writes m, v, p),
-//! the pulp baseline and the same-traffic roofline; 40 for DESIGN.md's two passes; 28 for a
+//! the pulp baseline and the same-traffic roofline; 40 for the 40 B two-pass plan (ARCHITECTURE.md, Design notes); 28 for a
 //! single-pass read-4/write-3 (Adam's traffic); 8 for memcpy.
 //!
 //! The step runs with `lr = 0`: the arithmetic and the traffic are those of any step (the

@@ -32,7 +32,7 @@ KERNEL_DESC = {
     "pulp-v4": "pulp generic, x86-64-v4 (44 B)",
     "pulp-v3": "pulp generic, x86-64-v3 (44 B)",
     "roof-same44": "roofline: same traffic (R4 reduce; R4 W3) 44 B",
-    "roof-design40": "roofline: DESIGN.md plan (R4 W2; R3 W1) 40 B",
+    "roof-design40": "roofline: 40 B plan (R4 W2; R3 W1)",
     "roof-rw43": "roofline: single pass R4 W3 (Adam) 28 B",
     "roof-copy": "memcpy 8 B",
 }
@@ -135,7 +135,7 @@ def main():
                 for l in LAYERS]
         parts = [f"{l}: {r['median_ns'] / d['median_ns']:.2f}×" for l, r, d in vs40 if r and d]
         if parts:
-            md.append(f"Dispatched kernel's time ÷ DESIGN.md's 40 B loop's time: {', '.join(parts)} "
+            md.append(f"Dispatched kernel's time ÷ the 40 B loop's time: {', '.join(parts)} "
                       "(the 40 B plan writes the moments in pass 1; lamb-core writes nothing "
                       "in phase 1 so that a non-finite step is refused before any write).")
             md.append("")

@@ -9,7 +9,7 @@
 //! | [`copy`]        | `dst.copy_from_slice(src)` (memcpy)             | 8             |
 //!
 //! `same44` is the roofline of lamb-core's step (phase 1 `norms` writes nothing, phase 2
-//! `apply` writes m, v, p). `design40` is DESIGN.md's plan (moments written in pass 1).
+//! `apply` writes m, v, p). `design40` is the 40 B plan of ARCHITECTURE.md's design notes (moments written in pass 1).
 //! No `black_box` inside the loops: the functions are `#[inline(never)]` and take slices,
 //! so the compiler can neither skip a pass nor merge two calls.
 //!
@@ -215,7 +215,7 @@ pub mod bytes {
     pub const LAMB: u64 = 44;
     /// The same-traffic roofline loop.
     pub const SAME44: u64 = 44;
-    /// DESIGN.md's two passes.
+    /// The 40 B two passes (ARCHITECTURE.md, Design notes).
     pub const DESIGN40: u64 = 40;
     /// Single-pass read-4/write-3.
     pub const RW43: u64 = 28;

@@ -22,7 +22,7 @@
 //! their last bit: how far that run ends from the f32 one is what any perturbation costs, the
 //! floor under which a precision effect cannot be seen.
 //!
-//! The check (issue #7): the mean final training loss with bf16 and with 8-bit state is
+//! The check: the mean final training loss with bf16 and with 8-bit state is
 //! within 2% of the f32-state one. Prints the tables and writes `docs/compact_state.png` and
 //! `docs/compact_state.md`.
 //!
@@ -323,7 +323,7 @@ fn main() {
          - Final loss: cross-entropy over the whole training set after the last step. \
          |dev|: the mean over seeds of |final loss / the same seed's f32 final loss - 1|. \
          Bytes / param: `Lamb::bytes_per_param()` (moments and 8-bit scales).\n\
-         - The acceptance (issue #7): the mean final loss of bf16 and of 8-bit state within \
+         - The acceptance: the mean final loss of bf16 and of 8-bit state within \
          {:.0}% of f32's.\n",
         train.len(),
         test.len(),

@@ -35,15 +35,35 @@ mod sealed {
 /// An element type of [`Aligned`]: plain data whose all-zero bytes are the value zero
 /// (`f32`, `bf16`, `f16`, `u8`). Sealed: `Aligned` zeroes memory bytewise, which is sound
 /// only for such types.
-pub trait Element: sealed::Sealed + Copy + PartialEq + Send + Sync + 'static {}
-
-macro_rules! elements {
-    ($($t:ty),*) => {$(
-        impl sealed::Sealed for $t {}
-        impl Element for $t {}
-    )*};
+pub trait Element: sealed::Sealed + Copy + PartialEq + Send + Sync + 'static {
+    /// The value of its `size_of::<Self>()` little-endian bytes (how checkpoints store it).
+    fn from_le(bytes: &[u8]) -> Self;
 }
-elements!(f32, bf16, f16, u8);
+
+impl sealed::Sealed for f32 {}
+impl Element for f32 {
+    fn from_le(b: &[u8]) -> f32 {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+impl sealed::Sealed for bf16 {}
+impl Element for bf16 {
+    fn from_le(b: &[u8]) -> bf16 {
+        bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))
+    }
+}
+impl sealed::Sealed for f16 {}
+impl Element for f16 {
+    fn from_le(b: &[u8]) -> f16 {
+        f16::from_bits(u16::from_le_bytes([b[0], b[1]]))
+    }
+}
+impl sealed::Sealed for u8 {}
+impl Element for u8 {
+    fn from_le(b: &[u8]) -> u8 {
+        b[0]
+    }
+}
 
 /// A zero-initialised, heap-allocated `[f32]` with the placement described in the module docs.
 ///
@@ -79,6 +99,14 @@ unsafe impl<T: Element> Send for Aligned<T> {}
 unsafe impl<T: Element> Sync for Aligned<T> {}
 
 impl<T: Element> Aligned<T> {
+    /// Overwrites the elements with those of `src`, little-endian bytes (as many as fit:
+    /// the caller checked that `src` holds exactly `self.len()` elements).
+    pub fn copy_from_le_bytes(&mut self, src: &[u8]) {
+        for (d, s) in self.iter_mut().zip(src.chunks_exact(size_of::<T>())) {
+            *d = T::from_le(s);
+        }
+    }
+
     /// `len` zeros.
     ///
     /// # Panics

@@ -52,7 +52,7 @@ use lamb_core::codec::{QBLOCK, q8_m_decode, q8_v_decode};
 use lamb_core::{LambConfig, StepScalars};
 
 use crate::error::Error;
-use crate::optimizer::{GroupId, Lamb, LayerId, StateView};
+use crate::optimizer::StateView;
 
 /// The largest step counter an optimizer holds: 2^53. A checkpoint with a larger step is
 /// refused at load, and a step on an optimizer at `MAX_STEP` is an [`Error::StepLimit`]
@@ -292,12 +292,12 @@ impl NextStep {
 }
 
 /// For [`Lamb::set_group`]: whether `new` changes what the moment rule reads, and if so,
-/// that every layer of group `group` can still step under it.
-pub(crate) fn check_group_state(
-    lamb: &Lamb,
-    group: GroupId,
+/// that every layer of the group (`states`: name and moments) can still step under it.
+pub(crate) fn check_group_state<'a>(
+    step: u64,
     old: &LambConfig,
     new: &LambConfig,
+    states: impl Iterator<Item = (&'a str, StateView<'a>)>,
 ) -> Result<(), Error> {
     let key = |c: &LambConfig| {
         (
@@ -311,21 +311,18 @@ pub(crate) fn check_group_state(
     if key(old) == key(new) {
         return Ok(());
     }
-    let Ok(t) = next_step(lamb.steps()) else {
+    let Ok(t) = next_step(step) else {
         return Ok(()); // no next step to check
     };
     let Some(rule) = NextStep::new(new, t) else {
         return Ok(()); // `new` was validated first; unreachable
     };
-    for i in 0..lamb.layer_count() {
-        let layer = lamb.layer(LayerId(i));
-        if layer.group == group {
-            rule.check_state(&layer.state)
-                .map_err(|e| Error::StateCannotStep {
-                    layer: layer.name.to_string(),
-                    what: e.to_string(),
-                })?;
-        }
+    for (name, state) in states {
+        rule.check_state(&state)
+            .map_err(|e| Error::StateCannotStep {
+                layer: name.to_string(),
+                what: e.to_string(),
+            })?;
     }
     Ok(())
 }

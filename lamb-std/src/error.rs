@@ -149,7 +149,7 @@ pub enum Error {
     },
     /// A worker panicked in an earlier apply phase; the state is inconsistent.
     Poisoned,
-    /// (Checkpoints, issue #8.) A checkpoint was refused: not one, corrupted, truncated, of
+    /// (Checkpoints.) A checkpoint was refused: not one, corrupted, truncated, of
     /// another version, or of another model. The optimizer is unchanged.
     Checkpoint {
         /// The file, when loading from one.
@@ -157,7 +157,7 @@ pub enum Error {
         /// What is wrong, naming the layer, tensor or field and both values.
         what: String,
     },
-    /// (Checkpoints, issue #8.) A file operation failed; an existing checkpoint at the
+    /// (Checkpoints.) A file operation failed; an existing checkpoint at the
     /// target path is untouched.
     Io {
         /// The path operated on.

@@ -28,11 +28,11 @@
 pub use lamb_core;
 
 pub mod buffer;
-pub mod checkpoint; // issue #8: save/load (impl Lamb lives there)
+pub mod checkpoint;
 pub mod domain;
 mod error;
 mod optimizer;
-mod partition;
+mod parallel;
 pub mod shapes;
 
 pub use domain::MAX_STEP;

@@ -1,4 +1,4 @@
-//! Checkpoints (issue #8): exact resume for every state precision, refusal of every
+//! Checkpoints: exact resume for every state precision, refusal of every
 //! mismatch and of every corruption, with the optimizer left untouched, and the PyTorch
 //! loader's mapping on hand-made state files. The crash test is `checkpoint_crash.rs`, the
 //! interop test with a real timm file `checkpoint_torch.rs`.

@@ -1,4 +1,4 @@
-//! Never losing a checkpoint (issue #8): a child process trains and saves in a loop, resuming
+//! Never losing a checkpoint: a child process trains and saves in a loop, resuming
 //! from the checkpoint on disk each time it starts, and is killed with SIGKILL after a random
 //! delay, hundreds of times. After every kill the checkpoint on disk must load, equal the
 //! state of an uninterrupted run at its step (so it is one of the saved states, complete),

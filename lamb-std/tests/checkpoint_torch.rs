@@ -1,4 +1,4 @@
-//! PyTorch interop of checkpoints (issue #8), with files made by the Python `safetensors` and
+//! PyTorch interop of checkpoints, with files made by the Python `safetensors` and
 //! `torch` packages from a real timm `Lamb` (`scripts/checkpoint/generate.py`, data in
 //! `tests/data/checkpoint/`):
 //!

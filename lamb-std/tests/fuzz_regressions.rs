@@ -1,4 +1,4 @@
-//! Regression tests from fuzzing (`fuzz/`, issue #6): each reproduces a finding with its
+//! Regression tests from fuzzing (`fuzz/`): each reproduces a finding with its
 //! minimal input. See fuzz/README.md for the targets and how to turn a crash artifact into
 //! a test here.
 

@@ -177,7 +177,7 @@ fn main() {
     targets.push(json!({"name": "64K avx2 / portable", "value": t2, "target": 1.7}));
     if let Some(x) = ratio(&rs, "layer_16M", "roof-design40", &dispatched) {
         println!(
-            "  (honesty) 16M {dispatched} vs DESIGN.md's 40 B two-pass loop: {:.0}% of its speed",
+            "  (honesty) 16M {dispatched} vs the 40 B two-pass loop: {:.0}% of its speed",
             100.0 * x
         );
     }

@@ -5,7 +5,7 @@ use std::fs::{File, FileType};
 use std::io::{ErrorKind, Read};
 use std::path::Path;
 
-use super::{MAX_HEADER, refused};
+use super::container::{MAX_HEADER, refused};
 use crate::error::Error;
 use crate::optimizer::{Lamb, LayerId};
 

@@ -10,7 +10,100 @@ use lamb_core::layer::Rounding;
 use lamb_core::{Adaptation, BiasCorrection, EpsMode, LambConfig, NonFinite, RatioRule, Schedule};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use lamb_core::codec::QBLOCK;
+
+use super::container::{Refusal, split_header};
+use super::xxh64::Xxh64;
 use crate::optimizer::{Precision, StateFormat};
+
+/// The value of the `lamb.format` metadata key.
+pub const FORMAT: &str = "lamb-checkpoint";
+/// The format version this library writes and reads (`lamb.version`).
+pub const VERSION: u32 = 1;
+
+pub(crate) const KEY_FORMAT: &str = "lamb.format";
+pub(crate) const KEY_VERSION: &str = "lamb.version";
+pub(crate) const KEY_META: &str = "lamb.meta";
+pub(crate) const KEY_CHECKSUM: &str = "lamb.checksum";
+pub(crate) const CHECKSUM_PREFIX: &str = "xxh64:";
+pub(crate) const CHECKSUM_PLACEHOLDER: &[u8; 16] = b"0000000000000000";
+/// Moment dtypes (`layers[i].exp_avg.dtype` in `lamb.meta`).
+pub(crate) const DTYPE_F32: &str = "f32";
+pub(crate) const DTYPE_BF16: &str = "bf16";
+/// lamb-core's 8-bit first-moment code (sign + E4M3 of `|m| / absmax`, bias 15).
+pub(crate) const DTYPE_Q8_M: &str = "q8_e4m3";
+/// lamb-core's 8-bit second-moment code (E5M3 of `v / absmax`, bias 31).
+pub(crate) const DTYPE_Q8_V: &str = "q8_e5m3";
+
+/// The dtype names of moments stored in `format` (m, v) and their 8-bit block size.
+pub(crate) fn dtypes(format: StateFormat) -> (&'static str, &'static str, Option<u64>) {
+    match format {
+        StateFormat::F32 => (DTYPE_F32, DTYPE_F32, None),
+        StateFormat::Bf16 => (DTYPE_BF16, DTYPE_BF16, None),
+        StateFormat::Q8 => (DTYPE_Q8_M, DTYPE_Q8_V, Some(QBLOCK as u64)),
+    }
+}
+
+/// Where, in the header, the 16 hex digits of the checksum are: after the only
+/// `"lamb.checksum"`, optional JSON whitespace, `:`, whitespace, `"xxh64:`.
+pub(crate) fn checksum_digits_at(header: &[u8]) -> Result<usize, Refusal> {
+    // (std's substring search: fast even in unoptimised test builds.)
+    let text = std::str::from_utf8(header).map_err(|e| format!("the header is not UTF-8: {e}"))?;
+    let key = format!("\"{KEY_CHECKSUM}\"");
+    let mut hits = text.match_indices(&key).map(|(i, _)| i);
+    let (Some(at), None) = (hits.next(), hits.next()) else {
+        return Err(format!(
+            "the header must hold \"{KEY_CHECKSUM}\" exactly once"
+        ));
+    };
+    let key = key.as_bytes();
+    let ws = |mut i: usize| {
+        while header.get(i).is_some_and(|b| b" \t\r\n".contains(b)) {
+            i += 1;
+        }
+        i
+    };
+    let mut i = ws(at + key.len());
+    let malformed = || format!("the {KEY_CHECKSUM} entry is malformed");
+    if header.get(i) != Some(&b':') {
+        return Err(malformed());
+    }
+    i = ws(i + 1);
+    let quoted = format!("\"{CHECKSUM_PREFIX}");
+    if header.get(i..i + quoted.len()) != Some(quoted.as_bytes()) {
+        return Err(malformed());
+    }
+    i += quoted.len();
+    if header.get(i + 16) != Some(&b'"') {
+        return Err(malformed());
+    }
+    Ok(i)
+}
+
+/// Checks the checksum where the raw header has one (before anything parses the header):
+/// `Ok(Some(digits))` if it matches, `Ok(None)` if the header has no well-formed
+/// `lamb.checksum` entry (then the metadata checks say what the file is).
+pub(crate) fn verify_checksum(bytes: &[u8]) -> Result<Option<String>, Refusal> {
+    let (header, _) = split_header(bytes)?;
+    let Ok(at) = checksum_digits_at(header) else {
+        return Ok(None);
+    };
+    let at = 8 + at;
+    let digits = &bytes[at..at + 16];
+    let mut h = Xxh64::new();
+    h.update(&bytes[..at]);
+    h.update(CHECKSUM_PLACEHOLDER);
+    h.update(&bytes[at + 16..]);
+    let computed = format!("{:016x}", h.digest());
+    if digits != computed.as_bytes() {
+        return Err(format!(
+            "checksum mismatch: the file records {CHECKSUM_PREFIX}{}, its contents hash to \
+             {CHECKSUM_PREFIX}{computed}; the file is corrupted",
+            String::from_utf8_lossy(digits)
+        ));
+    }
+    Ok(Some(computed))
+}
 
 /// The whole `lamb.meta` object.
 #[derive(Debug, Serialize, Deserialize)]

@@ -4,16 +4,15 @@
 
 use std::collections::HashMap;
 
-use lamb_core::layer::Moments as CoreMoments;
 use lamb_core::{Adaptation, BiasCorrection, LambConfig};
 use safetensors::Dtype;
 use serde_json::{Map, Value};
 
-use super::{
-    KEY_FORMAT, Refusal, Tensor, check_group, check_max_grad_norm, check_moment, f32s, parse,
-};
+use super::container::{Refusal, Tensor, f32s, parse};
+use super::decode::{check_group, check_max_grad_norm, check_moment};
+use super::meta::KEY_FORMAT;
 use crate::domain::NextStep;
-use crate::optimizer::{GroupId, Lamb, LayerId, StateView};
+use crate::optimizer::{GroupId, Lamb, LayerId, Snapshot, StateBytes, StateFormat};
 
 /// The metadata key holding the JSON of `state_dict()["param_groups"]`.
 const KEY_PARAM_GROUPS: &str = "param_groups";
@@ -30,31 +29,27 @@ struct Decoded<'a> {
 
 pub(super) fn load(lamb: &mut Lamb, bytes: &[u8]) -> Result<(), Refusal> {
     let d = decode(lamb, bytes)?;
-    // Everything is checked: from here nothing can fail.
-    for (i, mv) in d.moments.iter().enumerate() {
-        let (moments, master) = lamb.state_mut(i);
-        // A torch state has no master copy: the next step makes one from the model.
-        *master = None;
-        // `decode` refused layers whose moments are not f32.
-        if let CoreMoments::F32 { m, v } = moments {
-            match mv {
-                Some((sm, sv)) => {
-                    for (d, s) in m.iter_mut().zip(f32s(sm)) {
-                        *d = s;
-                    }
-                    for (d, s) in v.iter_mut().zip(f32s(sv)) {
-                        *d = s;
-                    }
-                }
-                None => {
-                    m.fill(0.0);
-                    v.fill(0.0);
-                }
-            }
-        }
-    }
+    // Everything is checked: from here nothing can fail. A torch state has no master
+    // copy: the next step makes one from the model. `decode` refused layers whose moments
+    // are not f32.
+    let none: &[u8] = &[];
+    let layers = d.moments.into_iter().map(|mv| {
+        let moments = mv.map(|(m, v)| StateBytes {
+            m,
+            v,
+            m_absmax: none,
+            v_absmax: none,
+        });
+        (moments, None)
+    });
     let schedule = lamb.schedule();
-    lamb.restore_scalars(d.step, &d.groups, d.max_grad_norm, schedule);
+    lamb.restore(Snapshot {
+        step: d.step,
+        groups: d.groups,
+        max_grad_norm: d.max_grad_norm,
+        schedule,
+        layers: layers.collect(),
+    });
     Ok(())
 }
 
@@ -84,7 +79,7 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
     let nl = lamb.layer_count();
     for i in 0..nl {
         let l = lamb.layer(LayerId(i));
-        if !matches!(l.state, StateView::F32 { .. }) {
+        if l.state.format() != StateFormat::F32 {
             return Err(format!(
                 "layer '{}' stores its moments compactly (its group's precision); a PyTorch \
                  state loads into f32 moments only",

@@ -1,0 +1,197 @@
+//! The phases of one step over its piece lists: clipping (Σg²), phase 1 (norms, nothing
+//! written), the plan of each layer, phase 2 (apply, each thread backwards). See the
+//! [step's module docs](super::step) for why a step is all or nothing.
+
+use lamb_core::{Backend, LambConfig, LambError, LayerNorms, LayerReport, NonFinite, StepScalars};
+
+use super::Layer;
+use super::group::Group;
+use super::views::{GradSlot, SkippedLayer, StepReport};
+use crate::error::Error;
+use crate::parallel::run::{Lists, RunError, Work, run};
+
+/// The scalars of one step.
+#[derive(Clone, Copy)]
+pub(super) struct StepArgs {
+    pub(super) backend: Backend,
+    /// The step number.
+    pub(super) t: u64,
+    pub(super) lr_factor: f64,
+    pub(super) inv_loss_scale: f32,
+}
+
+/// The phases of one step over its piece lists, with what they read.
+pub(super) struct Phases<'s, G> {
+    pub(super) step: StepArgs,
+    pub(super) layers: &'s [Layer],
+    pub(super) groups: &'s [Group],
+    pub(super) grads: &'s [G],
+    pub(super) pool: Option<&'s rayon::ThreadPool>,
+    pub(super) max_grad_norm: Option<f64>,
+    pub(super) configs: &'s [LambConfig],
+    /// Test builds: panic in this phase of this layer.
+    pub(super) panic_in: Option<(&'static str, usize)>,
+}
+
+impl<G: GradSlot> Phases<'_, G> {
+    /// Clipping, phase 1, the plan per layer and phase 2. On a panic in phase 2 the
+    /// optimizer is marked `poisoned`.
+    pub(super) fn run(
+        &self,
+        lists: &Lists<'_, '_>,
+        scalars: &mut Vec<StepScalars>,
+        norms: &mut Vec<LayerNorms>,
+        reports: &mut Vec<LayerReport>,
+        grad_sq: &mut Vec<f64>,
+        poisoned: &mut bool,
+    ) -> Result<StepReport, Error> {
+        let s = self.step;
+        let (grad_norm, grad_scale) = match self.clip(lists, grad_sq)? {
+            Clip::Scale(norm, scale) => (norm, scale),
+            Clip::Skipped(report) => return report,
+        };
+        scalars.clear();
+        for (c, g) in self.configs.iter().zip(self.groups) {
+            let sc = StepScalars::new(c, s.t, grad_scale).map_err(|source| Error::Config {
+                group: Some(g.name.clone()),
+                source,
+            })?;
+            scalars.push(sc);
+        }
+        // Phase 1: norms, nothing written.
+        self.phase(lists, "norms", "norms", false, |w| {
+            w.norms(s.backend, &scalars[w.group])
+        })?;
+        // Per layer in block order (the lists are in plan order, which is block order).
+        norms.clear();
+        norms.resize(self.layers.len(), LayerNorms::default());
+        for_each_piece(lists, |w| {
+            norms[w.layer] = w.norms.iter().fold(norms[w.layer], |a, &b| a + b);
+        });
+        reports.clear();
+        for (i, (l, &n)) in self.layers.iter().zip(norms.iter()).enumerate() {
+            let report = LayerReport::plan(&self.configs[l.group], n);
+            if report.skipped && self.grads[i].grads().is_some() {
+                return self.skip(i, grad_norm, grad_scale);
+            }
+            reports.push(report);
+        }
+        // Phase 2: apply, each thread walking its pieces backwards (see the module docs).
+        let applied = self.phase(lists, "apply", "apply", true, |w| {
+            w.apply(s.backend, &scalars[w.group], reports[w.layer].step_size)
+        });
+        if applied.is_err() {
+            *poisoned = true;
+        }
+        applied?;
+        Ok(StepReport {
+            step: s.t,
+            applied: true,
+            skipped: None,
+            grad_norm,
+            grad_scale,
+            lr_factor: s.lr_factor,
+        })
+    }
+
+    /// Global gradient-norm clipping: one read of g, only when clipping is on. The norm
+    /// and the gradient scale, or the report of a step skipped for a non-finite norm.
+    fn clip(&self, lists: &Lists<'_, '_>, grad_sq: &mut Vec<f64>) -> Result<Clip, Error> {
+        let s = self.step;
+        let Some(max_norm) = self.max_grad_norm else {
+            return Ok(Clip::Scale(None, s.inv_loss_scale));
+        };
+        self.phase(lists, "grad_norm", "norms", false, |w| w.grad_sq(s.backend))?;
+        // Per layer in block order, then layers in order: independent of the thread count.
+        grad_sq.clear();
+        grad_sq.resize(self.layers.len(), 0.0);
+        for_each_piece(lists, |w| {
+            grad_sq[w.layer] = w.grad_sq.iter().fold(grad_sq[w.layer], |a, b| a + b);
+        });
+        if let Some(i) = grad_sq.iter().position(|s| !s.is_finite()) {
+            return Ok(Clip::Skipped(self.skip(i, None, s.inv_loss_scale)));
+        }
+        let norm = grad_sq.iter().fold(0.0f64, |a, b| a + b).sqrt() * s.inv_loss_scale as f64;
+        let clip = 1.0 / (norm / max_norm).max(1.0);
+        let grad_scale = (s.inv_loss_scale as f64 * clip) as f32;
+        if grad_scale <= 0.0 {
+            // The norm is so large that the scale underflows f32: as good as non-finite.
+            return Ok(Clip::Skipped(self.skip(0, Some(norm), 0.0)));
+        }
+        Ok(Clip::Scale(Some(norm), grad_scale))
+    }
+
+    /// Runs `f` over every piece (see [`run`]); `fault` names the phase for fault
+    /// injection in tests, `phase` the phase an error reports.
+    fn phase<F>(
+        &self,
+        lists: &Lists<'_, '_>,
+        fault: &str,
+        phase: &'static str,
+        reverse: bool,
+        f: F,
+    ) -> Result<(), Error>
+    where
+        F: Fn(&mut Work<'_>) -> Result<(), LambError> + Sync,
+    {
+        let panic_in = self.panic_in;
+        run(self.pool, lists, reverse, |w| {
+            if panic_in == Some((fault, w.layer)) {
+                panic!("injected fault in layer {}", w.layer);
+            }
+            f(w)
+        })
+        .map_err(|e| match e {
+            RunError::Kernel(source, i) => self.layers[i].error(i, source),
+            RunError::Panic(message) => Error::WorkerPanicked { phase, message },
+        })
+    }
+
+    /// The report (or error, per the layer's group policy) of a step skipped at layer
+    /// `index`.
+    fn skip(
+        &self,
+        index: usize,
+        grad_norm: Option<f64>,
+        grad_scale: f32,
+    ) -> Result<StepReport, Error> {
+        let layers = self.layers;
+        let layer = &layers[index.min(layers.len().saturating_sub(1))];
+        match self.configs[layer.group].non_finite {
+            NonFinite::Error => Err(Error::Layer {
+                index,
+                name: layer.name.clone(),
+                source: LambError::NonFinite { layer: index },
+            }),
+            NonFinite::Skip => Ok(StepReport {
+                step: self.step.t,
+                applied: false,
+                skipped: Some(SkippedLayer {
+                    index,
+                    name: layer.name.clone(),
+                }),
+                grad_norm,
+                grad_scale,
+                lr_factor: self.step.lr_factor,
+            }),
+        }
+    }
+}
+
+/// What clipping decided.
+enum Clip {
+    /// The global gradient norm (when clipping is on) and the gradient scale.
+    Scale(Option<f64>, f32),
+    /// The step is skipped: its report or error.
+    Skipped(Result<StepReport, Error>),
+}
+
+/// Calls `f` on every piece, in plan order.
+fn for_each_piece(lists: &Lists<'_, '_>, mut f: impl FnMut(&Work<'_>)) {
+    for list in lists {
+        // Poisoned only by a panic in a phase, which returned before this is called.
+        if let Ok(list) = list.lock() {
+            list.iter().for_each(&mut f);
+        }
+    }
+}
