@@ -1,6 +1,13 @@
 //! Benchmarks for lamb: shared pieces of the criterion benches (`benches/`) and the result
 //! tools (`src/bin/`). See `benches/README.md` for what is measured and how to run it.
 
+/// The code blocks of the workspace's README, run as doctests so that they cannot rot. They
+/// live in this crate, which is never published, because the README is not part of either
+/// library's package (each of those tests its own README).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod precision;
 pub mod pulp_lamb;
 pub mod results;
