@@ -510,10 +510,48 @@ pub fn write_png(
     Ok(())
 }
 
-/// The workspace's `docs/`, where the examples write their plots and tables.
-pub fn docs_dir() -> std::path::PathBuf {
+/// The command that started this example, as a user would type it (for the "written by"
+/// line of the documents it writes).
+pub fn command_line(example: &str) -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut command = format!("cargo run --release --example {example}");
+    if !args.is_empty() {
+        command.push_str(" -- ");
+        command.push_str(&args.join(" "));
+    }
+    command
+}
+
+/// Where an example writes its plot and table: `--out DIR` if given; the workspace's `docs/`
+/// with `--write-docs` (the committed copies, regenerated only when asked); otherwise
+/// `<target dir>/<example>/`, beside the build output, so that an ordinary run leaves the
+/// repository's tracked files alone.
+pub fn out_dir(
+    example: &str,
+    out: Option<std::path::PathBuf>,
+    write_docs: bool,
+) -> std::path::PathBuf {
+    match (out, write_docs) {
+        (Some(dir), _) => dir,
+        (None, true) => workspace_dir().join("docs"),
+        (None, false) => target_dir().join(example),
+    }
+}
+
+/// The workspace's root.
+fn workspace_dir() -> std::path::PathBuf {
     let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).join("docs")
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// The target directory the running example was built in: cargo puts it at
+/// `<target>/<profile>/examples/<name>` (`<target>/<triple>/<profile>/...` when cross
+/// compiling, which gives `<target>/<triple>`, still inside it).
+fn target_dir() -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(std::path::Path::to_path_buf))
+        .unwrap_or_else(|| workspace_dir().join("target"))
 }
 
 /// CPU time of this process so far (user + system, all threads), where Linux's
