@@ -578,3 +578,26 @@ pub fn time_summary(wall: std::time::Duration) -> String {
         None => format!("{:.1} s wall time", wall.as_secs_f64()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ordinary run writes under the target directory the example was built in; only
+    /// `--write-docs` writes the tracked `docs/`, and `--out` wins over both.
+    #[test]
+    fn a_run_writes_under_target_and_only_write_docs_writes_docs() {
+        let docs = workspace_dir().join("docs");
+        let run = out_dir("train_digits", None, false);
+        assert!(!run.starts_with(&docs), "{}", run.display());
+        assert!(run.ends_with("train_digits"), "{}", run.display());
+        let target = run.parent().unwrap();
+        assert!(std::env::current_exe().unwrap().starts_with(target));
+        assert_eq!(out_dir("train_digits", None, true), docs);
+        let elsewhere = std::path::PathBuf::from("elsewhere");
+        assert_eq!(
+            out_dir("train_digits", Some(elsewhere.clone()), false),
+            elsewhere
+        );
+    }
+}
