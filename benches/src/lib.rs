@@ -1,12 +1,23 @@
 //! Benchmarks for lamb: shared pieces of the criterion benches (`benches/`) and the result
 //! tools (`src/bin/`). See `benches/README.md` for what is measured and how to run it.
 
+/// The code blocks of the workspace's README, run as doctests so that they cannot rot. They
+/// live in this crate, which is never published, because the README is not part of either
+/// library's package (each of those tests its own README).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod precision;
 pub mod pulp_lamb;
 pub mod results;
 pub mod roofline;
 
 use std::path::PathBuf;
+
+use rand::distr::OpenClosed01;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 use lamb_std::buffer::{Aligned, Element, Placement};
 
@@ -54,16 +65,14 @@ pub fn thread_counts() -> Vec<usize> {
     t
 }
 
-/// Fills `x` with deterministic values `scale · (offset + w)`, `w` uniform in `[-1, 1)`
-/// (xorshift), never exactly zero when `offset` is 0 (so no gradient element is 0 and
-/// v stays positive).
+/// Fills `x` with deterministic values `scale · (offset + w)`, `w` uniform in `[-1, 1]`
+/// (seeded by `seed`), never exactly zero when `offset` is 0 (so no gradient element is 0
+/// and v stays positive): `w` is a magnitude in `(0, 1]` with a random sign.
 pub fn fill(x: &mut [f32], seed: u64, scale: f32, offset: f32) {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = SmallRng::seed_from_u64(seed);
     for e in x.iter_mut() {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        let w = ((s >> 40) as f32 + 0.5) / (1u64 << 23) as f32 - 1.0;
+        let magnitude: f32 = rng.sample(OpenClosed01);
+        let w = if rng.random() { magnitude } else { -magnitude };
         *e = scale * (offset + w);
     }
 }

@@ -63,3 +63,8 @@ pub use kernels::{BLOCK, LANES};
 pub use plan::LayerReport;
 pub use scalars::{LayerNorms, StepScalars};
 pub use schedule::Schedule;
+
+/// The code blocks of the crate's README, run as doctests so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -6,22 +6,23 @@ use half::{bf16, f16};
 use lamb_core::codec::QBLOCK;
 use lamb_core::layer::{CompactLayer, F32Layer, Grads, HalfMut, Moments, Params, Rounding};
 use lamb_core::{Backend, LambConfig, LayerReport};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+/// Seeded random inputs.
+struct Inputs(SmallRng);
+impl Inputs {
+    fn new(seed: u64) -> Inputs {
+        Inputs(SmallRng::seed_from_u64(seed))
     }
+    /// Mostly ordinary values, with zeros, denormals and values outside f16's range mixed in.
     fn value(&mut self, scale: f32) -> f32 {
-        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-        match self.next() % 50 {
+        let u: f32 = self.0.random_range(-1.0..1.0);
+        match self.0.random_range(0..50) {
             0 => 0.0,
             1 => -0.0,
-            2 => f32::from_bits(1 + (self.next() % 0x7f_ffff) as u32), // f32 denormal
-            3 => u * 6e-8,                                             // f16 denormal range
+            2 => f32::from_bits(self.0.random_range(1..0x80_0000)), // f32 denormal
+            3 => u * 6e-8,                                          // f16 denormal range
             4 => u * 7e4, // beyond f16's range: rounds to infinity in f16
             _ => u * scale,
         }
@@ -72,7 +73,7 @@ struct Owned {
 }
 
 impl Owned {
-    fn new(rng: &mut Rng, n: usize) -> Owned {
+    fn new(rng: &mut Inputs, n: usize) -> Owned {
         let p32: Vec<f32> = (0..n).map(|_| rng.value(1.0)).collect();
         let g32: Vec<f32> = (0..n).map(|_| rng.value(0.1)).collect();
         let q = n.div_ceil(QBLOCK);
@@ -208,7 +209,7 @@ const MS: [M; 4] = [M::F32, M::Bf16, M::Bf16Sr, M::Q8];
 
 #[test]
 fn every_format_combination_is_bit_exact_on_every_backend() {
-    let mut rng = Rng(0xabcdef);
+    let mut rng = Inputs::new(0xabcdef);
     let cfg = LambConfig {
         lr: 0.01,
         ..LambConfig::paper()
@@ -248,7 +249,7 @@ fn every_format_combination_is_bit_exact_on_every_backend() {
 /// are bf16: that keeps the step on the chunked path.)
 #[test]
 fn compact_path_with_f32_state_equals_the_f32_kernels() {
-    let mut rng = Rng(5);
+    let mut rng = Inputs::new(5);
     let cfg = LambConfig::paper();
     for b in Backend::available() {
         for n in [0, 5, 300, 2049] {
@@ -283,7 +284,7 @@ fn compact_path_with_f32_state_equals_the_f32_kernels() {
 fn split_pieces_equal_the_whole_layer() {
     // lamb-std cuts layers into block-aligned pieces for threads: the pieces must compute
     // what the whole layer computes, stochastic rounding included.
-    let mut rng = Rng(11);
+    let mut rng = Inputs::new(11);
     let cfg = LambConfig::paper();
     let b = Backend::detect();
     let n = 5000;
@@ -334,7 +335,7 @@ fn split_pieces_equal_the_whole_layer() {
 
 #[test]
 fn non_finite_gradients_skip_in_every_format() {
-    let mut rng = Rng(3);
+    let mut rng = Inputs::new(3);
     let cfg = LambConfig::paper();
     let mut owned = Owned::new(&mut rng, 600);
     owned.g32[300] = f32::NAN;
@@ -359,7 +360,7 @@ fn non_finite_gradients_skip_in_every_format() {
 
 #[test]
 fn length_mismatches_are_refused_untouched() {
-    let mut rng = Rng(4);
+    let mut rng = Inputs::new(4);
     let mut o = Owned::new(&mut rng, 300);
     o.ms.pop();
     let before = o.bits();
@@ -400,7 +401,7 @@ fn bf16_second_moment_decays_only_with_stochastic_rounding() {
     let n = 4096;
     let v0 = 0.01f32;
     let mean_v = |m: M| {
-        let mut o = Owned::new(&mut Rng(9), n);
+        let mut o = Owned::new(&mut Inputs::new(9), n);
         o.g32.fill(0.0);
         o.vb.fill(bf16::from_f32(v0));
         for step in 1..=1000 {

@@ -23,11 +23,13 @@
 //! floor under which a precision effect cannot be seen.
 //!
 //! The check: the mean final training loss with bf16 and with 8-bit state is
-//! within 2% of the f32-state one. Prints the tables and writes `docs/compact_state.png` and
-//! `docs/compact_state.md`.
+//! within 2% of the f32-state one. Prints the tables and writes `compact_state.png` and
+//! `compact_state.md` in `target/compact_state/`.
 //!
 //! Options: `--batch B` (a number or `full`), `--epochs N` and `--lr-scale X` run that one
-//! setting instead; `--out DIR`.
+//! setting instead; `--out DIR` writes elsewhere; `--write-docs` regenerates the committed
+//! `docs/compact_state.{md,png}` (only from the four default settings: the docs describe
+//! them).
 
 mod common;
 
@@ -94,27 +96,44 @@ impl Variant {
 struct Args {
     settings: Vec<(usize, usize, f64)>,
     out: PathBuf,
+    /// How this run was started, for the document it writes.
+    command: String,
 }
 
 fn parse_args() -> Args {
     let usage = || -> ! {
-        eprintln!("usage: compact_state [--batch B|full] [--epochs N] [--lr-scale X] [--out DIR]");
+        eprintln!(
+            "usage: compact_state [--batch B|full] [--epochs N] [--lr-scale X] \
+             [--out DIR | --write-docs]"
+        );
         std::process::exit(2)
     };
-    let mut out = common::docs_dir();
+    let (mut out, mut write_docs) = (None, false);
     let (mut batch, mut epochs, mut lr_scale) = (None, None, None);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        match (a.as_str(), it.next()) {
-            ("--batch", Some(b)) if b == "full" => batch = Some(0),
-            ("--batch", Some(b)) => batch = Some(b.parse().unwrap_or_else(|_| usage())),
-            ("--epochs", Some(n)) => epochs = Some(n.parse().unwrap_or_else(|_| usage())),
-            ("--lr-scale", Some(x)) => lr_scale = Some(x.parse().unwrap_or_else(|_| usage())),
-            ("--out", Some(d)) => out = d.into(),
+        let mut value = || it.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--batch" => match value() {
+                b if b == "full" => batch = Some(0),
+                b => batch = Some(b.parse().unwrap_or_else(|_| usage())),
+            },
+            "--epochs" => epochs = Some(value().parse().unwrap_or_else(|_| usage())),
+            "--lr-scale" => lr_scale = Some(value().parse().unwrap_or_else(|_| usage())),
+            "--out" => out = Some(value().into()),
+            "--write-docs" => write_docs = true,
             _ => usage(),
         }
     }
-    let settings = if batch.is_none() && epochs.is_none() && lr_scale.is_none() {
+    let default_settings = batch.is_none() && epochs.is_none() && lr_scale.is_none();
+    if write_docs && (out.is_some() || !default_settings) {
+        eprintln!(
+            "--write-docs regenerates the docs from the default settings: no --out, --batch, \
+             --epochs or --lr-scale"
+        );
+        usage();
+    }
+    let settings = if default_settings {
         SETTINGS.to_vec()
     } else {
         vec![(
@@ -123,7 +142,11 @@ fn parse_args() -> Args {
             lr_scale.unwrap_or(1.0),
         )]
     };
-    Args { settings, out }
+    Args {
+        settings,
+        out: common::out_dir("compact_state", out, write_docs),
+        command: common::command_line("compact_state"),
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -301,9 +324,8 @@ fn main() {
     let md = args.out.join("compact_state.md");
     let mut doc = format!(
         "# LAMB with compact optimizer state: f32 vs bf16 vs 8-bit moments\n\n\
-         Written by `cargo run --release --example compact_state` \
-         (`lamb-std/examples/compact_state.rs`; {time}); every number below comes from that \
-         run.\n\n![loss curves](compact_state.png)\n\n\
+         Written by `{}` (`lamb-std/examples/compact_state.rs`; {time}); every number below \
+         comes from that run.\n\n![loss curves](compact_state.png)\n\n\
          ## Setup\n\n\
          - The model, data and split of [train_digits](train_digits.md): MLP 64-128-128-10 on \
          the UCI digits, {} training / {} test images.\n\
@@ -325,6 +347,7 @@ fn main() {
          Bytes / param: `Lamb::bytes_per_param()` (moments and 8-bit scales).\n\
          - The acceptance: the mean final loss of bf16 and of 8-bit state within \
          {:.0}% of f32's.\n",
+        args.command,
         train.len(),
         test.len(),
         WARMUP * 100.0,

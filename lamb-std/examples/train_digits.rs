@@ -25,10 +25,13 @@
 //!   would have given; nothing is tuned by hand.
 //!
 //! Prints the grid and a table (final training loss, test accuracy, wall time), and writes the
-//! loss curves to `docs/train_digits.png` and the tables to `docs/train_digits.md`. The runs
-//! are independent and single-threaded; as many run at once as there are cores.
+//! loss curves to `train_digits.png` and the tables to `train_digits.md` in
+//! `target/train_digits/`. The runs are independent and single-threaded; as many run at once
+//! as there are cores.
 //!
-//! Options: `--epochs N` (default 30), `--out DIR` (default: the workspace's `docs/`).
+//! Options: `--epochs N` (default 30); `--out DIR` to write elsewhere; `--write-docs` to
+//! regenerate the committed `docs/train_digits.{md,png}` (only with the default epochs:
+//! the docs describe that run).
 
 mod common;
 
@@ -95,25 +98,39 @@ impl Job {
 struct Args {
     epochs: usize,
     out: PathBuf,
+    /// How this run was started, for the document it writes.
+    command: String,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        epochs: DEFAULT_EPOCHS,
-        out: common::docs_dir(),
+    let usage = || -> ! {
+        eprintln!("usage: train_digits [--epochs N] [--out DIR | --write-docs]");
+        std::process::exit(2)
     };
+    let (mut epochs, mut out, mut write_docs) = (DEFAULT_EPOCHS, None, false);
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
-        match (a.as_str(), it.next()) {
-            ("--epochs", Some(n)) => args.epochs = n.parse().expect("--epochs N"),
-            ("--out", Some(d)) => args.out = d.into(),
-            _ => {
-                eprintln!("usage: train_digits [--epochs N] [--out DIR]");
-                std::process::exit(2);
+        match a.as_str() {
+            "--epochs" => {
+                epochs = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| usage())
             }
+            "--out" => out = Some(it.next().unwrap_or_else(|| usage()).into()),
+            "--write-docs" => write_docs = true,
+            _ => usage(),
         }
     }
-    args
+    if write_docs && (out.is_some() || epochs != DEFAULT_EPOCHS) {
+        eprintln!("--write-docs regenerates the docs from the default run: no --out or --epochs");
+        usage();
+    }
+    Args {
+        epochs,
+        out: common::out_dir("train_digits", out, write_docs),
+        command: common::command_line("train_digits"),
+    }
 }
 
 fn run_job(
@@ -640,9 +657,8 @@ fn markdown(
     writeln!(
         d,
         "# LAMB vs AdamW from small to full batch: UCI handwritten digits\n\n\
-         Written by `cargo run --release --example train_digits` \
-         (`lamb-std/examples/train_digits.rs`); every number below comes from that run \
-         ({time}; {threads} runs at a time).\n\n\
+         Written by `{}` (`lamb-std/examples/train_digits.rs`); every number below comes \
+         from that run ({time}; {threads} runs at a time).\n\n\
          ![loss curves](train_digits.png)\n\n\
          ## Setup\n\n\
          - Data: the UCI optical handwritten digits as scikit-learn ships them (1797 8x8 images, \
@@ -691,6 +707,7 @@ fn markdown(
          the peak lr; look there before reading \"stable at large batch\" into this table.\n\
          - Wall times are for {threads} runs at once on {threads} cores and include evaluating \
          the whole training set after every epoch.\n",
+        args.command,
         train.len(),
         test.len(),
         args.epochs,

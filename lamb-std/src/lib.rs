@@ -41,3 +41,8 @@ pub use optimizer::{
     Group, GroupId, Lamb, LayerId, LayerView, ParamStorage, ParamsIn, Precision, SkippedLayer,
     StateFormat, StateView, StepReport,
 };
+
+/// The code blocks of the crate's README, run as doctests so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -11,22 +11,17 @@ use lamb_std::lamb_core::half::bf16;
 use lamb_std::lamb_core::layer::{Grads, Rounding};
 use lamb_std::lamb_core::{LambConfig, Schedule};
 use lamb_std::{Error, GroupId, Lamb, LayerId, ParamsIn, Precision, StateFormat, StateView};
+use rand::distr::Uniform;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 // ---------------------------------------------------------------------------------------
 // A small model, its gradients, and a full snapshot of everything a step depends on.
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
+/// `n` values uniform in [−scale, scale).
+fn uniform(rng: &mut SmallRng, n: usize, scale: f32) -> Vec<f32> {
+    let dist = Uniform::new(-scale, scale).unwrap();
+    (0..n).map(|_| rng.sample(dist)).collect()
 }
 
 /// (name, shape): with the decay split, 2-d tensors decay, biases and 1-d tensors do not.
@@ -123,7 +118,7 @@ enum Model {
 
 impl Model {
     fn new(variant: Variant) -> Model {
-        let mut rng = Rng(7);
+        let mut rng = SmallRng::seed_from_u64(7);
         let p: Vec<Vec<f32>> = SHAPES
             .iter()
             .map(|(name, shape)| {
@@ -131,7 +126,7 @@ impl Model {
                 if name.ends_with("bias") || name.contains(".b") {
                     vec![0.0; n]
                 } else {
-                    rng.vec(n, 0.05)
+                    uniform(&mut rng, n, 0.05)
                 }
             })
             .collect();
@@ -156,10 +151,10 @@ impl Model {
 
 /// Gradients of step `t` (1-based), the same in every run.
 fn grads(t: u64) -> Vec<Vec<f32>> {
-    let mut rng = Rng(1000 + t);
+    let mut rng = SmallRng::seed_from_u64(1000 + t);
     SHAPES
         .iter()
-        .map(|(_, s)| rng.vec(s.iter().product(), 0.02))
+        .map(|(_, s)| uniform(&mut rng, s.iter().product(), 0.02))
         .collect()
 }
 
@@ -776,12 +771,10 @@ fn hostile_headers_are_refused_without_panicking() {
     v.extend_from_slice(b"{}");
     assert!(opt.load_checkpoint_bytes(&v).is_err());
     // Random bytes behind a plausible length.
-    let mut rng = Rng(99);
+    let mut rng = SmallRng::seed_from_u64(99);
     for n in 0..2000 {
         let len = n % 300;
-        let mut v: Vec<u8> = (0..len)
-            .map(|_| (rng.next() * 128.0 + 128.0) as u8)
-            .collect();
+        let mut v: Vec<u8> = (0..len).map(|_| rng.random()).collect();
         if len >= 8 {
             let h = (n % (len - 7)) as u64;
             v[..8].copy_from_slice(&h.to_le_bytes());
@@ -1074,8 +1067,8 @@ fn random_mutations_never_panic() {
     let lamb_file = saved.to_checkpoint_bytes().unwrap();
     let torch = torch_file(&torch_moments(), timm_groups(true, 3.0.into()));
     let torch_positional = torch_file(&torch_moments(), timm_groups(false, 3.0.into()));
-    let mut rng = Rng(0xBADC0DE);
-    let mut pick = |n: usize| ((rng.next() * 0.5 + 0.5) * n as f32) as usize % n.max(1);
+    let mut rng = SmallRng::seed_from_u64(0xBADC0DE);
+    let mut pick = |n: usize| rng.random_range(0..n.max(1));
     let mut accepted = 0;
     for (file, torch_api) in [
         (&lamb_file, false),

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use lamb_std::lamb_core::{LambConfig, Schedule};
 use lamb_std::{Lamb, LayerId};
+use rand::distr::Uniform;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 const CHILD_ENV: &str = "LAMB_CHECKPOINT_CRASH_CHILD";
 const FILE: &str = "ckpt.safetensors";
@@ -25,25 +28,17 @@ const KILLS: usize = 200;
 /// The random delay between the child's "ready" and the kill.
 const MAX_DELAY_US: u64 = 8_000;
 
-struct Rng(u64);
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 11
-    }
-    fn next(&mut self) -> f32 {
-        ((self.next_u64() >> 29) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+/// `n` values uniform in [−scale, scale).
+fn uniform(rng: &mut SmallRng, n: usize, scale: f32) -> Vec<f32> {
+    let dist = Uniform::new(-scale, scale).unwrap();
+    (0..n).map(|_| rng.sample(dist)).collect()
 }
 
 const LAYERS: [(&str, usize); 4] = [("w1", 1536), ("b1", 48), ("w2", 480), ("b2", 10)];
 
 fn model() -> (Lamb, Vec<Vec<f32>>) {
     let mut opt = Lamb::with_decay_split(LambConfig::timm());
-    let mut rng = Rng(3);
+    let mut rng = SmallRng::seed_from_u64(3);
     let mut params = Vec::new();
     for (name, len) in LAYERS {
         let shape: &[usize] = if name.starts_with('w') {
@@ -52,7 +47,7 @@ fn model() -> (Lamb, Vec<Vec<f32>>) {
             &[len]
         };
         opt.add_param(name, shape).unwrap();
-        params.push((0..len).map(|_| rng.next() * 0.1).collect());
+        params.push(uniform(&mut rng, len, 0.1));
     }
     opt.set_max_grad_norm(Some(1.0)).unwrap();
     opt.set_schedule(Schedule::WarmupPoly {
@@ -67,10 +62,10 @@ fn model() -> (Lamb, Vec<Vec<f32>>) {
 
 /// Step `t + 1` with its own gradients.
 fn step(opt: &mut Lamb, params: &mut [Vec<f32>]) {
-    let mut rng = Rng(opt.steps() + 1);
+    let mut rng = SmallRng::seed_from_u64(opt.steps() + 1);
     let g: Vec<Vec<f32>> = LAYERS
         .iter()
-        .map(|(_, n)| (0..*n).map(|_| rng.next() * 0.01).collect())
+        .map(|(_, n)| uniform(&mut rng, *n, 0.01))
         .collect();
     let mut pp: Vec<&mut [f32]> = params.iter_mut().map(|x| x.as_mut_slice()).collect();
     let gg: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
@@ -126,7 +121,7 @@ fn killed_while_saving_the_checkpoint_on_disk_always_loads() {
     let exe = std::env::current_exe().unwrap();
 
     let (mut reference, mut reference_params) = model();
-    let mut rng = Rng(0xC0FFEE);
+    let mut rng = SmallRng::seed_from_u64(0xC0FFEE);
     let (mut last_step, mut with_temp, mut resumed_at_same) = (0u64, 0usize, 0usize);
     let mut max_temps = 0usize;
     let start = Instant::now();
@@ -142,7 +137,7 @@ fn killed_while_saving_the_checkpoint_on_disk_always_loads() {
         // that the run progresses however slow the disk), then kill it after a random delay.
         let mut out = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
-        let mut saves = rng.next_u64() % 2;
+        let mut saves = rng.random_range(0..2);
         let ready = loop {
             line.clear();
             if out.read_line(&mut line).unwrap() == 0 {
@@ -168,7 +163,7 @@ fn killed_while_saving_the_checkpoint_on_disk_always_loads() {
                 .unwrap();
             panic!("kill #{kill}: the child did not start:\n{err}");
         }
-        std::thread::sleep(Duration::from_micros(rng.next_u64() % MAX_DELAY_US));
+        std::thread::sleep(Duration::from_micros(rng.random_range(0..MAX_DELAY_US)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
 

@@ -4,19 +4,14 @@
 use lamb_std::lamb_core::layer::F32Layer;
 use lamb_std::lamb_core::{Backend, LambConfig, NonFinite, Schedule, step_layer};
 use lamb_std::{Error, GroupId, Lamb, LayerId, shapes};
+use rand::distr::Uniform;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
+/// `n` values uniform in [−scale, scale).
+fn uniform(rng: &mut SmallRng, n: usize, scale: f32) -> Vec<f32> {
+    let dist = Uniform::new(-scale, scale).unwrap();
+    (0..n).map(|_| rng.sample(dist)).collect()
 }
 
 /// A model: its shapes, params, and a few steps of gradients.
@@ -28,19 +23,24 @@ struct Model {
 
 impl Model {
     fn new(shapes: Vec<(String, usize)>, steps: usize, seed: u64) -> Model {
-        let mut rng = Rng(seed);
+        let mut rng = SmallRng::seed_from_u64(seed);
         let params = shapes
             .iter()
             .map(|(name, n)| {
                 if name.ends_with(".bias") {
                     vec![0.0; *n] // zero-initialised, as real biases are
                 } else {
-                    rng.vec(*n, 0.05)
+                    uniform(&mut rng, *n, 0.05)
                 }
             })
             .collect();
         let grads = (0..steps)
-            .map(|_| shapes.iter().map(|(_, n)| rng.vec(*n, 0.01)).collect())
+            .map(|_| {
+                shapes
+                    .iter()
+                    .map(|(_, n)| uniform(&mut rng, *n, 0.01))
+                    .collect()
+            })
             .collect();
         Model {
             shapes,

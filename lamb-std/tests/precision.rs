@@ -5,17 +5,15 @@ use lamb_std::lamb_core::half::{bf16, f16};
 use lamb_std::lamb_core::layer::{Grads, Rounding};
 use lamb_std::lamb_core::{Backend, LambConfig};
 use lamb_std::{Error, GroupId, Lamb, LayerId, ParamsIn, Precision, StateFormat, StateView};
+use rand::distr::Uniform;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
+/// `n` values uniform in [−scale, scale), the same for the same `seed`.
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let dist = Uniform::new(-scale, scale).unwrap();
+    (0..n).map(|_| rng.sample(dist)).collect()
 }
 
 const LENS: [usize; 4] = [70_000, 3000, 5000, 100];

@@ -5,19 +5,17 @@ use lamb_std::lamb_core::half::bf16;
 use lamb_std::lamb_core::layer::Grads;
 use lamb_std::lamb_core::{LambConfig, NonFinite};
 use lamb_std::{Error, Lamb, LayerId, ParamsIn, Precision};
+use rand::distr::Uniform;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 
 const LENS: [usize; 3] = [5000, 300, 7001];
 
+/// `n` values uniform in [−scale, scale), the same for the same `seed`.
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let dist = Uniform::new(-scale, scale).unwrap();
+    (0..n).map(|_| rng.sample(dist)).collect()
 }
 
 fn optimizer(names: &[usize], threads: usize) -> Lamb {

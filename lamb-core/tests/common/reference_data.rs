@@ -73,7 +73,10 @@ pub enum Recipe {
     },
 }
 
-/// The first `n` outputs of SplitMix64 seeded with `seed`.
+/// The first `n` outputs of SplitMix64 seeded with `seed`. Written out rather than taken
+/// from `rand` like the other tests' random data: the inputs must be exactly those that
+/// `scripts/reference/generate.py` fed to the reference implementations, whose outputs are
+/// committed in `tests/data/`.
 pub fn splitmix64(seed: u64, n: usize) -> impl Iterator<Item = u64> {
     let mut state = seed;
     (0..n).map(move |_| {

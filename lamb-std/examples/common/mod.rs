@@ -1,5 +1,5 @@
 //! What the examples share: the digits data (shipped in `examples/data`, embedded at compile
-//! time), a seeded random generator, a small MLP with its forward and backward pass written
+//! time), the seeded random generator, a small MLP with its forward and backward pass written
 //! out as plain loops, and the PNG plot setup.
 //!
 //! No ML framework: the model is three dense layers, `64 → 128 → 128 → 10`, ReLU between
@@ -10,6 +10,9 @@
 //! independent accumulators.
 
 use std::io::Read;
+
+use rand::{Rng, RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
 
 /// Pixels per image (8×8).
 pub const INPUTS: usize = 64;
@@ -75,42 +78,26 @@ pub fn load_digits() -> Dataset {
 /// The fixed split: a seeded shuffle, the last 25% is the test set.
 pub fn split(all: &Dataset) -> (Dataset, Dataset) {
     let mut idx: Vec<usize> = (0..all.len()).collect();
-    Rng::new(SEED ^ 0x5EED_5917).shuffle(&mut idx);
+    shuffle(&mut rng(SEED ^ 0x5EED_5917), &mut idx);
     let test = (all.len() as f64 * TEST_FRACTION).ceil() as usize;
     let (train, test) = idx.split_at(all.len() - test);
     (all.pick(train), all.pick(test))
 }
 
-/// SplitMix64: tiny, seeded, good enough for shuffles and initial weights.
-pub struct Rng(u64);
+/// The examples' random generator, seeded: SplitMix64 from `rand_xoshiro`, whose output is
+/// fixed by its definition (unlike `StdRng`/`SmallRng`, which may change between `rand`
+/// versions), so the committed `docs/` reproduce bit for bit. Uniform draws are rand's
+/// `random::<f64>()`.
+pub fn rng(seed: u64) -> SplitMix64 {
+    SplitMix64::seed_from_u64(seed)
+}
 
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Uniform in [0, n) (n small: the modulo bias is negligible).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
+/// Fisher–Yates with `next_u64() % (i + 1)` draws (the modulo bias is negligible for these
+/// lengths). Not `SliceRandom::shuffle`, which draws differently: this is the data order the
+/// committed `docs/` were computed with.
+pub fn shuffle<T>(rng: &mut SplitMix64, v: &mut [T]) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
     }
 }
 
@@ -156,13 +143,13 @@ pub struct Mlp {
 impl Mlp {
     /// He-uniform weights (`±√(6/fan_in)`), zero biases.
     pub fn new(seed: u64) -> Mlp {
-        let mut rng = Rng::new(seed);
+        let mut rng = rng(seed);
         let mut params = Vec::new();
         for d in LAYERS {
             let bound = (6.0 / d.inputs as f64).sqrt();
             params.push(
                 (0..d.inputs * d.outputs)
-                    .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                    .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32)
                     .collect(),
             );
             params.push(vec![0.0; d.outputs]);
@@ -416,13 +403,13 @@ pub fn train(
     let mut scratch = Scratch::default();
     // The same sequence of shuffles for every run of a seed, whatever its batch size or
     // optimizer.
-    let mut rng = Rng::new(seed ^ 0xBA7C4);
+    let mut rng = rng(seed ^ 0xBA7C4);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut curve = vec![model.evaluate(train, &mut scratch).0];
     let (mut steps, mut skipped) = (0u64, 0u64);
     let mut opt_time = std::time::Duration::ZERO;
     for _ in 0..epochs {
-        rng.shuffle(&mut order);
+        shuffle(&mut rng, &mut order);
         for chunk in order.chunks(batch) {
             model.loss_and_grad(train, chunk, &mut grads, &mut scratch);
             let t = std::time::Instant::now();
@@ -510,10 +497,48 @@ pub fn write_png(
     Ok(())
 }
 
-/// The workspace's `docs/`, where the examples write their plots and tables.
-pub fn docs_dir() -> std::path::PathBuf {
+/// The command that started this example, as a user would type it (for the "written by"
+/// line of the documents it writes).
+pub fn command_line(example: &str) -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut command = format!("cargo run --release --example {example}");
+    if !args.is_empty() {
+        command.push_str(" -- ");
+        command.push_str(&args.join(" "));
+    }
+    command
+}
+
+/// Where an example writes its plot and table: `--out DIR` if given; the workspace's `docs/`
+/// with `--write-docs` (the committed copies, regenerated only when asked); otherwise
+/// `<target dir>/<example>/`, beside the build output, so that an ordinary run leaves the
+/// repository's tracked files alone.
+pub fn out_dir(
+    example: &str,
+    out: Option<std::path::PathBuf>,
+    write_docs: bool,
+) -> std::path::PathBuf {
+    match (out, write_docs) {
+        (Some(dir), _) => dir,
+        (None, true) => workspace_dir().join("docs"),
+        (None, false) => target_dir().join(example),
+    }
+}
+
+/// The workspace's root.
+fn workspace_dir() -> std::path::PathBuf {
     let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).join("docs")
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// The target directory the running example was built in: cargo puts it at
+/// `<target>/<profile>/examples/<name>` (`<target>/<triple>/<profile>/...` when cross
+/// compiling, which gives `<target>/<triple>`, still inside it).
+fn target_dir() -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(std::path::Path::to_path_buf))
+        .unwrap_or_else(|| workspace_dir().join("target"))
 }
 
 /// CPU time of this process so far (user + system, all threads), where Linux's
@@ -538,5 +563,28 @@ pub fn time_summary(wall: std::time::Duration) -> String {
             cores()
         ),
         None => format!("{:.1} s wall time", wall.as_secs_f64()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An ordinary run writes under the target directory the example was built in; only
+    /// `--write-docs` writes the tracked `docs/`, and `--out` wins over both.
+    #[test]
+    fn a_run_writes_under_target_and_only_write_docs_writes_docs() {
+        let docs = workspace_dir().join("docs");
+        let run = out_dir("train_digits", None, false);
+        assert!(!run.starts_with(&docs), "{}", run.display());
+        assert!(run.ends_with("train_digits"), "{}", run.display());
+        let target = run.parent().unwrap();
+        assert!(std::env::current_exe().unwrap().starts_with(target));
+        assert_eq!(out_dir("train_digits", None, true), docs);
+        let elsewhere = std::path::PathBuf::from("elsewhere");
+        assert_eq!(
+            out_dir("train_digits", Some(elsewhere.clone()), false),
+            elsewhere
+        );
     }
 }
