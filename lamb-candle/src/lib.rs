@@ -5,6 +5,7 @@ mod config;
 mod error;
 mod nest;
 mod optimizer;
+mod slot;
 
 pub use config::Config;
 pub use error::Error;

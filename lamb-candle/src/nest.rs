@@ -26,7 +26,7 @@ use candle_core::{CpuStorage, DType, InplaceOp1, Layout};
 use lamb_std::ParamsIn;
 
 use crate::Error;
-use crate::optimizer::Slot;
+use crate::slot::Slot;
 
 /// Levels run on the caller's thread: at most about 320 KiB of its stack (debug build).
 pub(crate) const CALLER_LEVELS: usize = 64;

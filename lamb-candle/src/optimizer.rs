@@ -9,18 +9,8 @@ use lamb_std::lamb_core::LambConfig;
 use lamb_std::lamb_core::layer::Grads;
 use lamb_std::{GroupId, ParamsIn, StepReport};
 
+use crate::slot::{Slot, storage_key};
 use crate::{Config, Error, nest};
-
-/// A Var as the optimizer registered it.
-pub(crate) struct Slot {
-    pub(crate) name: String,
-    pub(crate) var: Var,
-    pub(crate) dtype: DType,
-    pub(crate) shape: Vec<usize>,
-    pub(crate) len: usize,
-    /// Identity of the Var's storage (see [`storage_key`]).
-    pub(crate) key: usize,
-}
 
 /// The LAMB optimizer for candle Vars: a [`candle_nn::Optimizer`] that updates the Vars
 /// in place through [`lamb_std::Lamb`]. See the [crate docs](crate) for an example.
@@ -304,56 +294,6 @@ impl Lamb {
     }
 }
 
-impl Slot {
-    fn new(name: String, var: Var, config: &Config) -> Result<Slot, Error> {
-        if !var.device().is_cpu() {
-            return Err(Error::var(
-                &name,
-                format!(
-                    "it is on {:?}; lamb-candle steps Vars on the CPU",
-                    var.device().location()
-                ),
-            ));
-        }
-        let dtype = var.dtype();
-        match dtype {
-            DType::F32 | DType::BF16 => {}
-            DType::F16 if config.precision.master => {}
-            DType::F16 => {
-                return Err(Error::var(
-                    &name,
-                    "f16 Vars need an f32 master copy (Config::precision.master = true)",
-                ));
-            }
-            other => {
-                return Err(Error::var(
-                    &name,
-                    format!(
-                        "its dtype is {}; lamb-candle steps f32, bf16 and f16 Vars",
-                        other.as_str()
-                    ),
-                ));
-            }
-        }
-        let layout = var.layout();
-        if !layout.is_contiguous() {
-            return Err(Error::var(
-                &name,
-                "it is not contiguous; make it from a contiguous tensor (Var::from_tensor(&t.contiguous()?))",
-            ));
-        }
-        let key = storage_key(&var.storage_and_layout().0);
-        Ok(Slot {
-            name,
-            dtype,
-            shape: var.dims().to_vec(),
-            len: var.elem_count(),
-            key,
-            var,
-        })
-    }
-}
-
 /// The registered lamb-std optimizer for `slots`.
 fn build(slots: &[Slot], config: &Config) -> Result<lamb_std::Lamb, lamb_std::Error> {
     let configure = |opt: &mut lamb_std::Lamb| -> Result<(), lamb_std::Error> {
@@ -391,13 +331,6 @@ fn build(slots: &[Slot], config: &Config) -> Result<lamb_std::Lamb, lamb_std::Er
         }
         _ => Ok(opt),
     }
-}
-
-/// The identity of a tensor's storage: the address of the `Storage` inside its lock,
-/// which lives as long as any tensor sharing it. Equal for tensors that share a storage
-/// (views, clones of a Var), different otherwise.
-fn storage_key(storage: &Storage) -> usize {
-    std::ptr::from_ref(storage) as usize
 }
 
 /// Checks a gradient against its Var without locking either.
