@@ -130,8 +130,11 @@ fn candle(c: &mut Criterion) {
     meta.note(format!("[cpu] {}", lamb_benches::cpu_model()));
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workloads = [
-        ("bert_base", lamb_std::shapes::bert_base()),
-        ("uniform_1000x1024", lamb_std::shapes::uniform(1000, 1024)),
+        ("bert_base", lamb_benches::shapes::bert_base()),
+        (
+            "uniform_1000x1024",
+            lamb_benches::shapes::uniform(1000, 1024),
+        ),
     ];
     for (label, shapes) in workloads {
         let total: usize = shapes.iter().map(|(_, n)| n).sum();

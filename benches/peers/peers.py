@@ -34,7 +34,7 @@ H, FF = 768, 3072
 
 
 def bert_base():
-    """lamb_std::shapes::bert_base(): 199 tensor lengths, 109,482,240 params."""
+    """lamb_benches::shapes::bert_base(): 199 tensor lengths, 109,482,240 params."""
     s = [30522 * H, 512 * H, 2 * H, H, H]
     for _ in range(12):
         s += [H * H, H, H * H, H, H * H, H, H * H, H, H, H, FF * H, FF, H * FF, H, H, H]

@@ -12,6 +12,7 @@ pub mod precision;
 pub mod pulp_lamb;
 pub mod results;
 pub mod roofline;
+pub mod shapes;
 
 use std::path::PathBuf;
 
@@ -50,8 +51,8 @@ pub const LAYER_SIZES: [(&str, usize); 4] = [
 /// The whole-model workloads: (label, tensor lengths).
 pub fn model_workloads() -> Vec<(&'static str, Vec<(String, usize)>)> {
     vec![
-        ("bert_base", lamb_std::shapes::bert_base()),
-        ("uniform_1000x1024", lamb_std::shapes::uniform(1000, 1024)),
+        ("bert_base", crate::shapes::bert_base()),
+        ("uniform_1000x1024", crate::shapes::uniform(1000, 1024)),
         ("single_16M", vec![("layer".to_string(), 1 << 24)]),
     ]
 }

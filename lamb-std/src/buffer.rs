@@ -66,27 +66,10 @@ impl Element for u8 {
 }
 
 /// A zero-initialised, heap-allocated `[f32]` with the placement described in the module docs.
-///
-/// ```
-/// use lamb_std::buffer::AlignedBuf;
-/// let mut b = AlignedBuf::zeroed(1 << 20);
-/// assert_eq!(b.len(), 1 << 20);
-/// assert_eq!(b.as_ptr() as usize % lamb_std::buffer::HUGE_PAGE, 0);
-/// b[3] = 1.5;
-/// assert_eq!(b.iter().sum::<f32>(), 1.5);
-/// ```
 pub type AlignedBuf = Aligned<f32>;
 
 /// A zero-initialised, heap-allocated `[T]` with the placement described in the module docs
 /// (compact moments use it too, so that they get huge pages like f32 state).
-///
-/// ```
-/// use lamb_std::buffer::{Aligned, HUGE_PAGE};
-/// use lamb_std::lamb_core::half::bf16;
-/// let b = Aligned::<bf16>::zeroed(1 << 20); // 2 MiB
-/// assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0);
-/// assert!(b.iter().all(|x| *x == bf16::ZERO));
-/// ```
 pub struct Aligned<T: Element> {
     ptr: NonNull<T>,
     len: usize,
@@ -126,16 +109,6 @@ impl<T: Element> Aligned<T> {
     /// `len` zeros, or an [`AllocError`] if the allocator has no memory for them (or their
     /// size overflows `isize`): never an abort. Optimizer state is allocated this way, so
     /// that a model too large for the machine is an error the caller can handle.
-    ///
-    /// ```
-    /// use lamb_std::buffer::AlignedBuf;
-    /// assert_eq!(AlignedBuf::try_zeroed(1000).unwrap().len(), 1000);
-    /// // More bytes than isize::MAX: refused before asking the allocator.
-    /// let e = AlignedBuf::try_zeroed(usize::MAX / 4).unwrap_err();
-    /// assert_eq!(e.bytes(), Some(usize::MAX / 4 * 4));
-    /// // A size that overflows usize.
-    /// assert_eq!(AlignedBuf::try_zeroed(usize::MAX).unwrap_err().bytes(), None);
-    /// ```
     pub fn try_zeroed(len: usize) -> Result<Aligned<T>, AllocError> {
         let overflow = AllocError {
             bytes: len.checked_mul(size_of::<T>()),
@@ -188,7 +161,8 @@ impl<T: Element> Aligned<T> {
         b
     }
 
-    /// How this buffer was placed.
+    /// How this buffer was placed (the benches report it; the optimizer has no use for it).
+    #[cfg(any(test, feature = "bench-internals"))]
     pub fn placement(&self) -> Placement {
         self.placement
     }
@@ -306,13 +280,43 @@ impl<T: Element> PartialEq for Aligned<T> {
     }
 }
 
-#[cfg(all(test, target_os = "linux"))]
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_f32_buffer_is_zeroed_huge_aligned_and_writable() {
+        let mut b = AlignedBuf::zeroed(1 << 20);
+        assert_eq!(b.len(), 1 << 20);
+        assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0);
+        b[3] = 1.5;
+        assert_eq!(b.iter().sum::<f32>(), 1.5);
+    }
+
+    #[test]
+    fn a_2_mib_bf16_buffer_is_huge_aligned_and_zeroed() {
+        let b = Aligned::<bf16>::zeroed(1 << 20);
+        assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0);
+        assert!(b.iter().all(|x| *x == bf16::ZERO));
+    }
+
+    #[test]
+    fn try_zeroed_refuses_sizes_past_isize_and_usize() {
+        assert_eq!(AlignedBuf::try_zeroed(1000).unwrap().len(), 1000);
+        // More bytes than isize::MAX: refused before asking the allocator.
+        let e = AlignedBuf::try_zeroed(usize::MAX / 4).unwrap_err();
+        assert_eq!(e.bytes(), Some(usize::MAX / 4 * 4));
+        // A size that overflows usize.
+        assert_eq!(
+            AlignedBuf::try_zeroed(usize::MAX).unwrap_err().bytes(),
+            None
+        );
+    }
 
     /// Huge pages actually back a large buffer when the kernel offers them (THP `always` or
     /// `madvise`): the advice must come before the first touch. Reads the buffer's own
     /// mapping in /proc/self/smaps.
+    #[cfg(target_os = "linux")]
     #[test]
     fn large_buffers_get_huge_pages_where_offered() {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")

@@ -27,13 +27,18 @@
 
 pub use lamb_core;
 
+// Not public API: the state's buffers. The benches measure over the same buffers, through
+// the `bench-internals` feature (benches/README.md, "Buffers"), which nothing else enables.
+#[cfg(not(feature = "bench-internals"))]
+mod buffer;
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
 pub mod buffer;
 pub mod checkpoint;
 pub mod domain;
 mod error;
 mod optimizer;
 mod parallel;
-pub mod shapes;
 
 pub use domain::MAX_STEP;
 pub use error::Error;

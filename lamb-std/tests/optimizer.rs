@@ -3,7 +3,12 @@
 
 use lamb_std::lamb_core::layer::F32Layer;
 use lamb_std::lamb_core::{Backend, LambConfig, NonFinite, Schedule, step_layer};
-use lamb_std::{Error, GroupId, Lamb, LayerId, shapes};
+use lamb_std::{Error, GroupId, Lamb, LayerId};
+
+/// BERT-base and uniform shapes: the benches' module, one copy for both.
+#[path = "../../benches/src/shapes.rs"]
+#[allow(dead_code)]
+mod shapes;
 use rand::distr::Uniform;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};

@@ -1,7 +1,7 @@
 //! Steps a BERT-base-shaped parameter set (199 tensors, 110M f32 parameters) with LAMB and
 //! prints the time per step, for 1 thread and for every core.
 //!
-//! `cargo run --release --example bert_step`
+//! `cargo run -p benches --release --example bert_step`
 //!
 //! Buffers: params and grads are `AlignedBuf` (2 MiB-aligned, MADV_HUGEPAGE), as is the
 //! optimizer's state. Timing here is a smoke figure; the criterion benches in `benches/`
@@ -9,9 +9,10 @@
 
 use std::time::Instant;
 
+use lamb_benches::shapes;
+use lamb_std::Lamb;
 use lamb_std::buffer::AlignedBuf;
 use lamb_std::lamb_core::{Backend, LambConfig};
-use lamb_std::{Lamb, shapes};
 
 fn main() -> Result<(), lamb_std::Error> {
     let shapes = shapes::bert_base();

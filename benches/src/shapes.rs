@@ -1,10 +1,11 @@
-//! Parameter-set shapes of real models, for tests and benchmarks.
+//! Parameter-set shapes of real models, for the benches (and lamb-std's optimizer tests,
+//! which include this file with `#[path]` instead of keeping a copy).
 
 /// The 199 tensors of BERT-base (uncased, as in HuggingFace `bert-base-uncased`), in
 /// `named_parameters()` order: 109,482,240 f32 parameters.
 ///
 /// ```
-/// let shapes = lamb_std::shapes::bert_base();
+/// let shapes = lamb_benches::shapes::bert_base();
 /// assert_eq!(shapes.len(), 199);
 /// assert_eq!(shapes.iter().map(|(_, n)| n).sum::<usize>(), 109_482_240);
 /// ```
@@ -50,7 +51,7 @@ pub fn bert_base() -> Vec<(String, usize)> {
 /// tests that want BERT's structure at a fraction of its size.
 ///
 /// ```
-/// let small = lamb_std::shapes::scaled(&lamb_std::shapes::bert_base(), 1000);
+/// let small = lamb_benches::shapes::scaled(&lamb_benches::shapes::bert_base(), 1000);
 /// assert_eq!(small.len(), 199);
 /// assert!(small.iter().all(|(_, n)| *n >= 1));
 /// ```
@@ -64,7 +65,7 @@ pub fn scaled(shapes: &[(String, usize)], div: usize) -> Vec<(String, usize)> {
 /// `count` tensors of `len` elements each, named `layer.{i}`.
 ///
 /// ```
-/// assert_eq!(lamb_std::shapes::uniform(1000, 1024).len(), 1000);
+/// assert_eq!(lamb_benches::shapes::uniform(1000, 1024).len(), 1000);
 /// ```
 pub fn uniform(count: usize, len: usize) -> Vec<(String, usize)> {
     (0..count).map(|i| (format!("layer.{i}"), len)).collect()
