@@ -69,8 +69,9 @@ impl Buffer {
 
 /// Everything the core refuses. When an error is returned, no buffer has been written.
 ///
-/// `layer` is the index of the layer in the caller's model; single-layer calls report 0,
-/// and [`LambError::in_layer`] lets a multi-layer caller fill it in.
+/// The core steps one layer at a time and does not know where the layer sits in the
+/// caller's model, so no variant names a layer: a multi-layer caller names it around the
+/// error (lamb-std's `Error::Layer { index, name, source }`).
 ///
 /// ```
 /// use lamb_core::{LambConfig, LambError};
@@ -110,8 +111,6 @@ pub enum LambError {
     StepZero,
     /// Buffers of one layer differ in length.
     LengthMismatch {
-        /// The layer's index.
-        layer: usize,
         /// The buffer whose length differs from the parameter's.
         buffer: Buffer,
         /// Length of the parameter.
@@ -132,40 +131,18 @@ pub enum LambError {
     },
     /// A gradient, moment, parameter or update was NaN or infinite, or the step would take
     /// a parameter past the range of the format it is stored in (policy
-    /// [`NonFinite::Error`](crate::NonFinite::Error)).
-    NonFinite {
-        /// The layer's index.
-        layer: usize,
+    /// [`NonFinite::Error`](crate::NonFinite::Error)). No fields: the caller
+    /// knows which layer it stepped.
+    NonFinite {},
+    /// The `out` slice given to phase 1 block by block
+    /// ([`Backend::norms_blocks`](crate::Backend::norms_blocks)) has fewer slots than the
+    /// layer has blocks of [`BLOCK`](crate::BLOCK) elements.
+    OutTooShort {
+        /// The layer's blocks: the slots `out` needs.
+        blocks: usize,
+        /// The slots `out` has.
+        found: usize,
     },
-}
-
-impl LambError {
-    /// The same error, attributed to layer `layer`.
-    pub fn in_layer(self, layer: usize) -> Self {
-        match self {
-            LambError::LengthMismatch {
-                buffer,
-                expected,
-                found,
-                ..
-            } => LambError::LengthMismatch {
-                layer,
-                buffer,
-                expected,
-                found,
-            },
-            LambError::NonFinite { .. } => LambError::NonFinite { layer },
-            other => other,
-        }
-    }
-
-    /// The layer this error is about, if it is about one.
-    pub fn layer(&self) -> Option<usize> {
-        match *self {
-            LambError::LengthMismatch { layer, .. } | LambError::NonFinite { layer } => Some(layer),
-            _ => None,
-        }
-    }
 }
 
 impl fmt::Display for LambError {
@@ -201,13 +178,12 @@ impl fmt::Display for LambError {
             }
             LambError::StepZero => write!(f, "step must be >= 1 (LAMB counts steps from 1), got 0"),
             LambError::LengthMismatch {
-                layer,
                 buffer,
                 expected,
                 found,
             } => write!(
                 f,
-                "layer {layer}: {} has {found} elements, param has {expected}",
+                "{} has {found} elements, param has {expected}",
                 buffer.name()
             ),
             LambError::Unsupported { backend } => {
@@ -218,9 +194,13 @@ impl fmt::Display for LambError {
                 "cannot split a compact layer at element {at}: not a multiple of {}",
                 crate::codec::QBLOCK
             ),
-            LambError::NonFinite { layer } => write!(
+            LambError::NonFinite {} => write!(
                 f,
-                "layer {layer}: non-finite value (NaN or infinity) in the gradient, state or update, or new weights beyond their storage format's range; nothing was written"
+                "non-finite value (NaN or infinity) in the gradient, state or update, or new weights beyond their storage format's range; nothing was written"
+            ),
+            LambError::OutTooShort { blocks, found } => write!(
+                f,
+                "phase 1 by blocks: out has {found} slots, the layer has {blocks} blocks"
             ),
         }
     }

@@ -303,14 +303,12 @@ pub(crate) fn check_f32_lengths(p: usize, g: usize, m: usize, v: usize) -> Resul
     expect_len(Buffer::ExpAvgSq, p, v)
 }
 
-/// `Err(LengthMismatch)` naming `buffer` unless it has the `expected` length. The layer is
-/// 0 here: a multi-layer caller fills it in ([`LambError::in_layer`]).
+/// `Err(LengthMismatch)` naming `buffer` unless it has the `expected` length.
 fn expect_len(buffer: Buffer, expected: usize, found: usize) -> Result<(), LambError> {
     if found == expected {
         return Ok(());
     }
     Err(LambError::LengthMismatch {
-        layer: 0,
         buffer,
         expected,
         found,

@@ -90,17 +90,19 @@ fn norms_blocks_refuse_a_short_out_untouched() {
         let n = 3 * BLOCK + 5;
         let l = Layer::new(n);
         let mut out = vec![UNTOUCHED; 3];
-        // The error says how many elements `out` has room for, and how many there are.
+        // The error says how many blocks the layer has, and how many slots `out` has.
         let short = |e: LambError| match e {
-            LambError::LengthMismatch {
-                expected, found, ..
-            } => (expected, found),
+            LambError::OutTooShort { blocks, found } => (blocks, found),
             other => panic!("{b:?}: {other}"),
         };
         let e = b
             .norms_blocks(&s, &l.p, &l.g, &l.m, &l.v, &mut out)
             .unwrap_err();
-        assert_eq!(short(e), (3 * BLOCK, n), "{b:?}");
+        assert_eq!(short(e), (4, 3), "{b:?}");
+        assert_eq!(
+            e.to_string(),
+            "phase 1 by blocks: out has 3 slots, the layer has 4 blocks"
+        );
         assert_eq!(out, [UNTOUCHED; 3]);
 
         let g: Vec<bf16> = l.g.iter().map(|&x| bf16::from_f32(x)).collect();
@@ -115,7 +117,7 @@ fn norms_blocks_refuse_a_short_out_untouched() {
             },
         };
         let e = b.norms_blocks_compact(&s, &layer, &mut out).unwrap_err();
-        assert_eq!(short(e), (3 * BLOCK, n), "{b:?}");
+        assert_eq!(short(e), (4, 3), "{b:?}");
         assert_eq!(out, [UNTOUCHED; 3]);
     }
 }

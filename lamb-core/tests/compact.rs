@@ -372,10 +372,7 @@ fn length_mismatches_are_refused_untouched() {
             &mut o.layer(P::F32, G::F32, M::Q8),
         )
         .unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        "layer 0: m absmax has 1 elements, param has 2"
-    );
+    assert_eq!(e.to_string(), "m absmax has 1 elements, param has 2");
     let mut o2 = Owned::new(&mut rng, 300);
     o2.ph.pop();
     let e = Backend::Scalar

@@ -123,7 +123,7 @@ fn refused<H: Half>(config: LambConfig, precision: Precision, hot: &[f32], hot_g
                 Error::Layer {
                     index: 1,
                     name: "hot".into(),
-                    source: LambError::NonFinite { layer: 1 },
+                    source: LambError::NonFinite {},
                 }
             ),
         }

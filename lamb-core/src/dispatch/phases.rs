@@ -16,7 +16,7 @@
 use core::hint::black_box;
 
 use super::{Backend, Kernels};
-use crate::error::{Buffer, LambError};
+use crate::error::LambError;
 use crate::fpenv::DefaultFpMode;
 use crate::kernels::BLOCK;
 use crate::layer::{CompactLayer, Grads, Moments, Params, check_f32_lengths};
@@ -49,7 +49,8 @@ impl Backend {
     /// [`BLOCK`] elements written to `out` (which must hold
     /// `param.len().div_ceil(BLOCK)` entries). Adding `out` in order gives exactly
     /// [`Backend::norms`] of the whole layer, however the layer was cut into chunks,
-    /// provided every chunk but the last has a multiple of `BLOCK` elements.
+    /// provided every chunk but the last has a multiple of `BLOCK` elements. A shorter `out`
+    /// is [`LambError::OutTooShort`], with nothing written.
     pub fn norms_blocks(
         self,
         scalars: &StepScalars,
@@ -252,12 +253,11 @@ impl Backend {
         out: &mut [LayerNorms],
     ) -> Result<(), LambError> {
         let n = layer.len();
-        if out.len() < n.div_ceil(BLOCK) {
-            return Err(LambError::LengthMismatch {
-                layer: 0,
-                buffer: Buffer::Param,
-                expected: out.len() * BLOCK,
-                found: n,
+        let needed = n.div_ceil(BLOCK);
+        if out.len() < needed {
+            return Err(LambError::OutTooShort {
+                blocks: needed,
+                found: out.len(),
             });
         }
         let k = self.kernels()?;

@@ -115,7 +115,7 @@ impl Backend {
         if report.skipped {
             return match config.non_finite {
                 NonFinite::Skip => Ok(report),
-                NonFinite::Error => Err(LambError::NonFinite { layer: 0 }),
+                NonFinite::Error => Err(LambError::NonFinite {}),
             };
         }
         layer.apply(self, &scalars, report.step_size)?;

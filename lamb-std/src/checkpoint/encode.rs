@@ -222,7 +222,6 @@ pub(super) fn check_params(
                 index: i,
                 name: layer.name.to_string(),
                 source: LambError::LengthMismatch {
-                    layer: i,
                     buffer: Buffer::Param,
                     expected: layer.len,
                     found: len,

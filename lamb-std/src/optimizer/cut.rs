@@ -119,7 +119,7 @@ impl<'a> Pieces<'a> {
             cursor += 1;
             let n = piece.end - piece.start;
             let nb = n.div_ceil(BLOCK);
-            let (head, tail) = rest.split_at(n).map_err(|e| e.in_layer(layer))?;
+            let (head, tail) = rest.split_at(n)?;
             rest = tail;
             let (nh, nt) = std::mem::take(&mut norms).split_at_mut(nb);
             let (qh, qt) = std::mem::take(&mut gsq).split_at_mut(nb);

@@ -161,7 +161,7 @@ impl<G: GradSlot> Phases<'_, G> {
             NonFinite::Error => Err(Error::Layer {
                 index,
                 name: layer.name.clone(),
-                source: LambError::NonFinite { layer: index },
+                source: LambError::NonFinite {},
             }),
             NonFinite::Skip => Ok(StepReport {
                 step: self.step.t,

@@ -362,7 +362,6 @@ fn check_layer<P: ParamSlot>(
             return Err(l.error(
                 i,
                 LambError::LengthMismatch {
-                    layer: i,
                     buffer,
                     expected: l.len,
                     found: len,
