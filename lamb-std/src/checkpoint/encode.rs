@@ -18,7 +18,7 @@ use super::meta::{
 };
 use super::xxh64::Xxh64;
 use crate::error::Error;
-use crate::optimizer::{GroupId, Lamb, LayerId, StateView};
+use crate::optimizer::{GroupId, Lamb, LayerId, LayerView, StateView};
 
 /// A tensor to write, borrowing the optimizer's buffers where it can.
 struct Out<'a> {
@@ -87,6 +87,37 @@ pub(super) fn encode(lamb: &Lamb, params: Option<&[&[f32]]>) -> Result<Vec<u8>, 
     if lamb.is_poisoned() {
         return Err(Error::Poisoned);
     }
+    let mut groups = group_metas(lamb)?;
+    if let Some(p) = params {
+        check_params(lamb, p.iter().map(|p| p.len()))?;
+    }
+    let step = lamb.steps();
+    let step_bytes = (step as f32).to_le_bytes();
+    let mut layers = Vec::with_capacity(lamb.layer_count());
+    let mut tensors: Vec<(String, Out<'_>)> = Vec::with_capacity(5 * lamb.layer_count());
+    for i in 0..lamb.layer_count() {
+        let l = lamb.layer(LayerId(i));
+        groups[l.group.0].params.push(i as u64);
+        layers.push(layer_meta(&l));
+        push_layer_tensors(&mut tensors, i, &l, step_bytes);
+        if let Some(p) = params {
+            tensors.push((format!("param.{}", l.name), f32_out(p[i])));
+        }
+    }
+    let meta = Meta {
+        step,
+        max_grad_norm: lamb.max_grad_norm().map(F64),
+        schedule: ScheduleMeta::from(lamb.schedule()),
+        params: params.is_some(),
+        groups,
+        layers,
+    };
+    serialize_with_checksum(&tensors, &meta)
+}
+
+/// The groups' metadata, their parameter lists still empty; refuses a group that a load
+/// would refuse.
+fn group_metas(lamb: &Lamb) -> Result<Vec<GroupMeta>, Error> {
     let mut groups = Vec::with_capacity(lamb.group_count());
     for g in 0..lamb.group_count() {
         let group = lamb.group(GroupId(g))?;
@@ -100,78 +131,76 @@ pub(super) fn encode(lamb: &Lamb, params: Option<&[&[f32]]>) -> Result<Vec<u8>, 
             params: Vec::new(),
         });
     }
-    if let Some(p) = params {
-        check_params(lamb, p.iter().map(|p| p.len()))?;
+    Ok(groups)
+}
+
+/// A layer's metadata: name, length, group, how its moments are stored, master copy.
+fn layer_meta(l: &LayerView<'_>) -> LayerMeta {
+    let (dm, dv, block) = dtypes(l.state.format());
+    LayerMeta {
+        name: l.name.to_string(),
+        len: l.len as u64,
+        group: l.group.0 as u64,
+        exp_avg: MomentMeta {
+            dtype: dm.into(),
+            block,
+        },
+        exp_avg_sq: MomentMeta {
+            dtype: dv.into(),
+            block,
+        },
+        master: l.master.is_some(),
     }
-    let step = lamb.steps();
-    let step_bytes = (step as f32).to_le_bytes();
-    let mut layers = Vec::with_capacity(lamb.layer_count());
-    let mut tensors: Vec<(String, Out<'_>)> = Vec::with_capacity(5 * lamb.layer_count());
-    for i in 0..lamb.layer_count() {
-        let l = lamb.layer(LayerId(i));
-        groups[l.group.0].params.push(i as u64);
-        let (dm, dv, block) = dtypes(l.state.format());
-        layers.push(LayerMeta {
-            name: l.name.to_string(),
-            len: l.len as u64,
-            group: l.group.0 as u64,
-            exp_avg: MomentMeta {
-                dtype: dm.into(),
-                block,
-            },
-            exp_avg_sq: MomentMeta {
-                dtype: dv.into(),
-                block,
-            },
-            master: l.master.is_some(),
-        });
-        let name = |key: &str| format!("state.{i}.{key}");
-        match l.state {
-            StateView::F32 { m, v } => {
-                tensors.push((name("exp_avg"), f32_out(m)));
-                tensors.push((name("exp_avg_sq"), f32_out(v)));
-            }
-            StateView::Bf16 { m, v } => {
-                tensors.push((name("exp_avg"), bf16_out(m)));
-                tensors.push((name("exp_avg_sq"), bf16_out(v)));
-            }
-            StateView::Q8 {
-                m,
-                v,
-                m_absmax,
-                v_absmax,
-            } => {
-                tensors.push((name("exp_avg"), u8_out(m)));
-                tensors.push((name("exp_avg.absmax"), f32_out(m_absmax)));
-                tensors.push((name("exp_avg_sq"), u8_out(v)));
-                tensors.push((name("exp_avg_sq.absmax"), f32_out(v_absmax)));
-            }
+}
+
+/// Appends layer `i`'s state tensors (`state.{i}.*`: the moments as stored, the step, the
+/// master copy), borrowing its buffers.
+fn push_layer_tensors<'a>(
+    tensors: &mut Vec<(String, Out<'a>)>,
+    i: usize,
+    l: &LayerView<'a>,
+    step_bytes: [u8; 4],
+) {
+    let name = |key: &str| format!("state.{i}.{key}");
+    match l.state {
+        StateView::F32 { m, v } => {
+            tensors.push((name("exp_avg"), f32_out(m)));
+            tensors.push((name("exp_avg_sq"), f32_out(v)));
         }
-        tensors.push((
-            name("step"),
-            Out {
-                dtype: Dtype::F32,
-                shape: vec![],
-                data: Cow::Owned(step_bytes.to_vec()),
-            },
-        ));
-        if let Some(master) = l.master {
-            tensors.push((name("master"), f32_out(master)));
+        StateView::Bf16 { m, v } => {
+            tensors.push((name("exp_avg"), bf16_out(m)));
+            tensors.push((name("exp_avg_sq"), bf16_out(v)));
         }
-        if let Some(p) = params {
-            tensors.push((format!("param.{}", l.name), f32_out(p[i])));
+        StateView::Q8 {
+            m,
+            v,
+            m_absmax,
+            v_absmax,
+        } => {
+            tensors.push((name("exp_avg"), u8_out(m)));
+            tensors.push((name("exp_avg.absmax"), f32_out(m_absmax)));
+            tensors.push((name("exp_avg_sq"), u8_out(v)));
+            tensors.push((name("exp_avg_sq.absmax"), f32_out(v_absmax)));
         }
     }
-    let meta = Meta {
-        step,
-        max_grad_norm: lamb.max_grad_norm().map(F64),
-        schedule: ScheduleMeta::from(lamb.schedule()),
-        params: params.is_some(),
-        groups,
-        layers,
-    };
+    tensors.push((
+        name("step"),
+        Out {
+            dtype: Dtype::F32,
+            shape: vec![],
+            data: Cow::Owned(step_bytes.to_vec()),
+        },
+    ));
+    if let Some(master) = l.master {
+        tensors.push((name("master"), f32_out(master)));
+    }
+}
+
+/// Serializes `tensors` with the format's metadata and `meta`, then patches the checksum
+/// of the bytes into the placeholder digits.
+fn serialize_with_checksum(tensors: &[(String, Out<'_>)], meta: &Meta) -> Result<Vec<u8>, Error> {
     let internal = |what: String| refused(None, format!("could not encode: {what}"));
-    let meta_json = serde_json::to_string(&meta).map_err(|e| internal(e.to_string()))?;
+    let meta_json = serde_json::to_string(meta).map_err(|e| internal(e.to_string()))?;
     let mut placeholder = String::from(CHECKSUM_PREFIX);
     placeholder.extend(CHECKSUM_PLACEHOLDER.iter().map(|&b| b as char));
     let metadata: HashMap<String, String> = [

@@ -8,7 +8,7 @@ use lamb_core::{Adaptation, BiasCorrection, LambConfig};
 use safetensors::Dtype;
 use serde_json::{Map, Value};
 
-use super::container::{Refusal, Tensor, f32s, parse};
+use super::container::{Parsed, Refusal, Tensor, f32s, parse};
 use super::decode::{check_group, check_max_grad_norm, check_moment};
 use super::meta::KEY_FORMAT;
 use crate::domain::NextStep;
@@ -24,7 +24,7 @@ struct Decoded<'a> {
     groups: Vec<(LambConfig, f64)>,
     max_grad_norm: Option<f64>,
     /// Per lamb layer: m and v, or `None` for a parameter without state (zeros).
-    moments: Vec<Option<(&'a [u8], &'a [u8])>>,
+    moments: Vec<LayerMoments<'a>>,
 }
 
 pub(super) fn load(lamb: &mut Lamb, bytes: &[u8]) -> Result<(), Refusal> {
@@ -60,6 +60,15 @@ struct TorchGroup<'a> {
     raw: &'a Map<String, Value>,
 }
 
+/// A layer's m and v, or `None` for a parameter without state (zeros).
+type LayerMoments<'a> = Option<(&'a [u8], &'a [u8])>;
+/// Per lamb group, its configuration and `lr_scale`.
+type GroupConfigs = Vec<(LambConfig, f64)>;
+/// Per lamb layer, m and v as found among the tensors (`None`: not there).
+type FoundMoments<'a> = Vec<[Option<&'a [u8]>; 2]>;
+/// Each step counter found, with where it was found (for messages).
+type Steps = Vec<(f64, String)>;
+
 fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
     let f = parse(bytes)?;
     if f.metadata.contains_key(KEY_FORMAT) {
@@ -75,7 +84,25 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
     let pg: Vec<Map<String, Value>> = serde_json::from_str(pg_json)
         .map_err(|e| format!("bad '{KEY_PARAM_GROUPS}' (a JSON list of objects): {e}"))?;
     let groups = torch_groups(&pg)?;
+    check_layers_take_torch_state(lamb, &groups)?;
+    let (layer_of, lamb_group_of) = map_params(lamb, &groups)?;
+    let (found, mut steps) = state_tensors(lamb, &f, &layer_of)?;
+    let moments = paired_moments(lamb, &found)?;
+    steps.extend(group_steps(&groups)?);
+    let step = step_counter(&steps, moments.iter().any(Option::is_some))?;
+    let (configs, max_grad_norm) = hyperparameters(lamb, &groups, &lamb_group_of)?;
+    check_next_step(lamb, step, &configs, &moments)?;
+    Ok(Decoded {
+        step,
+        groups: configs,
+        max_grad_norm,
+        moments,
+    })
+}
 
+/// Refuses an optimizer with a layer whose moments are not f32, or whose layer count is not
+/// the state's parameter count.
+fn check_layers_take_torch_state(lamb: &Lamb, groups: &[TorchGroup<'_>]) -> Result<(), Refusal> {
     let nl = lamb.layer_count();
     for i in 0..nl {
         let l = lamb.layer(LayerId(i));
@@ -93,11 +120,18 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
             "the PyTorch state has {total} parameters, the optimizer has {nl} layers"
         ));
     }
-    let (layer_of, lamb_group_of) = map_params(lamb, &groups)?;
+    Ok(())
+}
 
-    // Tensors: state.{id}.{exp_avg, exp_avg_sq, step}.
-    let mut moments: Vec<[Option<&'a [u8]>; 2]> = vec![[None, None]; nl];
-    let mut steps: Vec<(f64, String)> = Vec::new();
+/// The tensors `state.{id}.{exp_avg, exp_avg_sq, step}`, in name order: each layer's
+/// moments, and the step counters they hold. Refuses any other tensor.
+fn state_tensors<'a>(
+    lamb: &Lamb,
+    f: &Parsed<'a>,
+    layer_of: &HashMap<usize, usize>,
+) -> Result<(FoundMoments<'a>, Steps), Refusal> {
+    let mut moments: FoundMoments<'a> = vec![[None, None]; lamb.layer_count()];
+    let mut steps: Steps = Vec::new();
     let mut names: Vec<&String> = f.tensors.keys().collect();
     names.sort();
     for name in names {
@@ -135,10 +169,19 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
             }
         }
     }
-    let mut out_moments = Vec::with_capacity(nl);
-    for (layer, mv) in moments.iter().enumerate() {
+    Ok((moments, steps))
+}
+
+/// Each layer's m and v, checked, or `None` for a layer with neither; refuses a layer with
+/// only one of them.
+fn paired_moments<'a>(
+    lamb: &Lamb,
+    found: &FoundMoments<'a>,
+) -> Result<Vec<LayerMoments<'a>>, Refusal> {
+    let mut out = Vec::with_capacity(found.len());
+    for (layer, mv) in found.iter().enumerate() {
         let lname = lamb.layer(LayerId(layer)).name;
-        out_moments.push(match *mv {
+        out.push(match *mv {
             [Some(m), Some(v)] => {
                 check_moment(lname, "exp_avg", m)?;
                 check_moment(lname, "exp_avg_sq", v)?;
@@ -157,8 +200,12 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
             }
         });
     }
+    Ok(out)
+}
 
-    // The step: per parameter (Adam) or per group (timm); one value for lamb.
+/// The step counters of the groups (timm keeps one per group), with where they are.
+fn group_steps(groups: &[TorchGroup<'_>]) -> Result<Steps, Refusal> {
+    let mut steps = Steps::new();
     for (g, grp) in groups.iter().enumerate() {
         match grp.raw.get("step") {
             None | Some(Value::Null) => {}
@@ -170,13 +217,18 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
             }
         }
     }
-    let step = match steps.split_first() {
-        None if out_moments.iter().any(Option::is_some) => {
-            return Err(
-                "no step counter: neither param_groups[*].step nor state.*.step tensors".into(),
-            );
+    Ok(steps)
+}
+
+/// The one step counter lamb keeps: the counters found (per parameter as in Adam, or per
+/// group as in timm) must agree and be a whole number in [0, 2^53]; none at all is step 0,
+/// unless there are moments.
+fn step_counter(steps: &[(f64, String)], has_moments: bool) -> Result<u64, Refusal> {
+    match steps.split_first() {
+        None if has_moments => {
+            Err("no step counter: neither param_groups[*].step nor state.*.step tensors".into())
         }
-        None => 0,
+        None => Ok(0),
         Some(((x, src), rest)) => {
             if let Some((y, other)) = rest.iter().find(|(y, _)| y != x) {
                 return Err(format!(
@@ -188,12 +240,19 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
                     "{src} is {x}: a step counter must be a whole number in [0, 2^53]"
                 ));
             }
-            *x as u64
+            Ok(*x as u64)
         }
-    };
+    }
+}
 
-    // Hyperparameters.
-    let mut configs: Vec<(LambConfig, f64)> = (0..lamb.group_count())
+/// Each lamb group's configuration (timm's hyperparameters over the group's own) and
+/// `lr_scale`, and the clipping threshold, all checked.
+fn hyperparameters(
+    lamb: &Lamb,
+    groups: &[TorchGroup<'_>],
+    lamb_group_of: &[Option<usize>],
+) -> Result<(GroupConfigs, Option<f64>), Refusal> {
+    let mut configs: GroupConfigs = (0..lamb.group_count())
         .map(|g| lamb.group(GroupId(g)).map(|grp| (grp.config, grp.lr_scale)))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
@@ -227,9 +286,18 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
         }
     }
     check_max_grad_norm(max_grad_norm)?;
-    // The moments must be able to take the next step under the loaded configuration.
+    Ok((configs, max_grad_norm))
+}
+
+/// The moments must be able to take the next step under the loaded configuration.
+fn check_next_step(
+    lamb: &Lamb,
+    step: u64,
+    configs: &[(LambConfig, f64)],
+    moments: &[LayerMoments<'_>],
+) -> Result<(), Refusal> {
     if let Ok(t) = crate::domain::next_step(step) {
-        for (layer, mv) in out_moments.iter().enumerate() {
+        for (layer, mv) in moments.iter().enumerate() {
             let l = lamb.layer(LayerId(layer));
             if let (Some((m, v)), Some(rule)) = (mv, NextStep::new(&configs[l.group.0].0, t)) {
                 rule.check_m(f32s(m))
@@ -238,12 +306,7 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
             }
         }
     }
-    Ok(Decoded {
-        step,
-        groups: configs,
-        max_grad_norm,
-        moments: out_moments,
-    })
+    Ok(())
 }
 
 fn torch_groups(pg: &[Map<String, Value>]) -> Result<Vec<TorchGroup<'_>>, Refusal> {
@@ -302,30 +365,9 @@ fn map_params(lamb: &Lamb, groups: &[TorchGroup<'_>]) -> Result<Mapping, Refusal
         ));
     }
     for (g, grp) in groups.iter().enumerate() {
-        let layers: Vec<usize> = match &grp.names {
-            Some(names) => names
-                .iter()
-                .zip(&grp.ids)
-                .map(|(name, id)| {
-                    lamb.layer_id(name).map(|l| l.0).ok_or_else(|| {
-                        format!(
-                            "PyTorch parameter '{name}' (index {id}) is not a layer of this optimizer"
-                        )
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-            None => {
-                let ours = &lamb_groups[g];
-                if ours.len() != grp.ids.len() {
-                    let name = lamb.group(GroupId(g)).map(|g| g.name.clone()).unwrap_or_default();
-                    return Err(format!(
-                        "param_groups[{g}] has {} parameters, lamb group '{name}' has {} layers",
-                        grp.ids.len(),
-                        ours.len()
-                    ));
-                }
-                ours.clone()
-            }
+        let layers = match &grp.names {
+            Some(names) => layers_by_name(lamb, names, &grp.ids)?,
+            None => layers_by_position(lamb, g, grp, &lamb_groups[g])?,
         };
         for (&id, &layer) in grp.ids.iter().zip(&layers) {
             if layer_of.insert(id, layer).is_some() {
@@ -340,40 +382,80 @@ fn map_params(lamb: &Lamb, groups: &[TorchGroup<'_>]) -> Result<Mapping, Refusal
                 ));
             }
         }
-        let mut lgs = layers.iter().map(|&l| lamb.layer(LayerId(l)).group.0);
-        let lg = match lgs.next() {
-            None if by_name => None,
-            None => Some(g),
-            Some(first) => {
-                if let Some(other) = lgs.find(|&x| x != first) {
-                    let n = |x| {
-                        lamb.group(GroupId(x))
-                            .map(|g| g.name.clone())
-                            .unwrap_or_default()
-                    };
-                    return Err(format!(
-                        "param_groups[{g}] holds layers of lamb groups '{}' and '{}'",
-                        n(first),
-                        n(other)
-                    ));
-                }
-                Some(first)
-            }
-        };
+        let lg = lamb_group_of_layers(lamb, g, &layers, by_name)?;
         if let Some(lg) = lg
             && let Some(h) = lamb_group_of.iter().position(|&x| x == Some(lg))
         {
-            let name = lamb
-                .group(GroupId(lg))
-                .map(|g| g.name.clone())
-                .unwrap_or_default();
             return Err(format!(
-                "param_groups[{h}] and [{g}] both map to lamb group '{name}'"
+                "param_groups[{h}] and [{g}] both map to lamb group '{}'",
+                group_name(lamb, lg)
             ));
         }
         lamb_group_of.push(lg);
     }
     Ok((layer_of, lamb_group_of))
+}
+
+/// The layers of a torch group that names its parameters: each name must be a layer.
+fn layers_by_name(lamb: &Lamb, names: &[&str], ids: &[usize]) -> Result<Vec<usize>, Refusal> {
+    names
+        .iter()
+        .zip(ids)
+        .map(|(name, id)| {
+            lamb.layer_id(name).map(|l| l.0).ok_or_else(|| {
+                format!("PyTorch parameter '{name}' (index {id}) is not a layer of this optimizer")
+            })
+        })
+        .collect()
+}
+
+/// The layers of torch group `g` without names: lamb group `g`'s layers (`ours`), which
+/// must be as many.
+fn layers_by_position(
+    lamb: &Lamb,
+    g: usize,
+    grp: &TorchGroup<'_>,
+    ours: &[usize],
+) -> Result<Vec<usize>, Refusal> {
+    if ours.len() != grp.ids.len() {
+        return Err(format!(
+            "param_groups[{g}] has {} parameters, lamb group '{}' has {} layers",
+            grp.ids.len(),
+            group_name(lamb, g),
+            ours.len()
+        ));
+    }
+    Ok(ours.to_vec())
+}
+
+/// The one lamb group that the layers of torch group `g` belong to (`None`: no layers,
+/// matched by name; by position it is group `g`). Refuses layers of two lamb groups.
+fn lamb_group_of_layers(
+    lamb: &Lamb,
+    g: usize,
+    layers: &[usize],
+    by_name: bool,
+) -> Result<Option<usize>, Refusal> {
+    let mut lgs = layers.iter().map(|&l| lamb.layer(LayerId(l)).group.0);
+    match lgs.next() {
+        None if by_name => Ok(None),
+        None => Ok(Some(g)),
+        Some(first) => match lgs.find(|&x| x != first) {
+            Some(other) => Err(format!(
+                "param_groups[{g}] holds layers of lamb groups '{}' and '{}'",
+                group_name(lamb, first),
+                group_name(lamb, other)
+            )),
+            None => Ok(Some(first)),
+        },
+    }
+}
+
+/// Lamb group `g`'s name, for messages (empty if there is no such group).
+fn group_name(lamb: &Lamb, g: usize) -> String {
+    lamb.group(GroupId(g))
+        .map(|g| g.name.clone())
+        .unwrap_or_default()
 }
 
 /// An f32 moment tensor of any shape with `len` elements.
