@@ -4,17 +4,8 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use super::file::{describe, kind_of};
+use super::file::{describe, io, kind_of};
 use crate::error::Error;
-
-fn io(path: &Path, op: &'static str, e: std::io::Error) -> Error {
-    Error::Io {
-        path: path.to_path_buf(),
-        op,
-        kind: e.kind(),
-        message: e.to_string(),
-    }
-}
 
 /// Writes `bytes` to `path` atomically and durably.
 ///

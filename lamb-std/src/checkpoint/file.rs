@@ -47,7 +47,8 @@ pub(crate) fn kind_of(ft: FileType) -> ErrorKind {
     }
 }
 
-fn io(path: &Path, op: &'static str, e: std::io::Error) -> Error {
+/// The [`Error::Io`] of operation `op` on `path`.
+pub(crate) fn io(path: &Path, op: &'static str, e: std::io::Error) -> Error {
     Error::Io {
         path: path.to_path_buf(),
         op,
