@@ -191,7 +191,7 @@ fn lamb_std_state_bytes(combo: Combo) -> f64 {
         ParamFmt::MasterF16 => (ParamsIn::F16(&mut ph), Grads::F16(&gh)),
         _ => (ParamsIn::Bf16(&mut pb), Grads::Bf16(&gb)),
     };
-    opt.step_mixed(&mut [p], &[g]).expect("step");
+    let _ = opt.step_mixed(&mut [p], &[g]).expect("step");
     opt.bytes_per_param()
 }
 

@@ -426,7 +426,7 @@ fn stepped(opt: &mut Lamb) {
     let g: Vec<Vec<f32>> = p.iter().map(|x| vec![0.01; x.len()]).collect();
     let mut pp: Vec<&mut [f32]> = p.iter_mut().map(|x| x.as_mut_slice()).collect();
     let gg: Vec<&[f32]> = g.iter().map(|x| x.as_slice()).collect();
-    opt.step(&mut pp, &gg).unwrap();
+    let _ = opt.step(&mut pp, &gg).unwrap();
 }
 
 #[test]

@@ -94,7 +94,8 @@ fn a_checkpoint_with_a_non_finite_master_copy_is_refused() {
     opt.add_layer("w", 2).unwrap();
     let mut w = bf(&[0.5, 0.5]);
     let g = bf(&[0.01, 0.01]);
-    opt.step_mixed(&mut [ParamsIn::Bf16(&mut w)], &[Grads::Bf16(&g)])
+    let _ = opt
+        .step_mixed(&mut [ParamsIn::Bf16(&mut w)], &[Grads::Bf16(&g)])
         .unwrap();
     assert!(opt.layer(LayerId(0)).master.is_some());
     let mut bytes = opt.to_checkpoint_bytes().unwrap();

@@ -117,7 +117,7 @@ fn bit_identical_for_1_2_3_8_threads_and_equal_to_per_layer_core() {
     let mut m: Vec<Vec<f32>> = model.shapes.iter().map(|(_, n)| vec![0.0; *n]).collect();
     let mut v = m.clone();
     for (t, g) in model.grads.iter().enumerate() {
-        step(&mut opt, &mut params, g).unwrap();
+        let _ = step(&mut opt, &mut params, g).unwrap();
         for i in 0..reference.len() {
             step_layer(
                 &LambConfig::paper(),
@@ -197,9 +197,9 @@ fn loss_scale_is_folded_into_the_gradient_scale() {
     {
         let mut p: Vec<&mut [f32]> = pa.iter_mut().map(|x| x.as_mut_slice()).collect();
         let g: Vec<&[f32]> = scaled.iter().map(|x| x.as_slice()).collect();
-        a.step_scaled(&mut p, &g, 1.0 / 1024.0).unwrap();
+        let _ = a.step_scaled(&mut p, &g, 1.0 / 1024.0).unwrap();
     }
-    step(&mut b, &mut pb, &model.grads[0]).unwrap();
+    let _ = step(&mut b, &mut pb, &model.grads[0]).unwrap();
     assert!(pa == pb);
     assert!(snapshot(&a, &pa) == snapshot(&b, &pb));
 }
@@ -213,7 +213,7 @@ fn a_non_finite_gradient_anywhere_skips_every_layer() {
             opt.set_threads(threads).unwrap();
             opt.set_max_grad_norm(clip).unwrap();
             let mut params = model.params.clone();
-            step(&mut opt, &mut params, &model.grads[0]).unwrap();
+            let _ = step(&mut opt, &mut params, &model.grads[0]).unwrap();
             let before = snapshot(&opt, &params);
             let mut bad = model.grads[1].clone();
             bad[150][7] = f32::NAN;
@@ -251,7 +251,7 @@ fn bad_input_is_refused_and_nothing_is_written() {
     let mut opt = model.optimizer(LambConfig::paper());
     opt.set_threads(2).unwrap();
     let mut params = model.params.clone();
-    step(&mut opt, &mut params, &model.grads[0]).unwrap();
+    let _ = step(&mut opt, &mut params, &model.grads[0]).unwrap();
     let before = snapshot(&opt, &params);
     let g = &model.grads[0];
 
@@ -405,7 +405,7 @@ fn reset_zeroes_state_and_counter() {
     let model = Model::new(shapes::uniform(2, 50), 1, 6);
     let mut opt = model.optimizer(LambConfig::paper());
     let mut params = model.params.clone();
-    step(&mut opt, &mut params, &model.grads[0]).unwrap();
+    let _ = step(&mut opt, &mut params, &model.grads[0]).unwrap();
     assert_eq!(opt.steps(), 1);
     assert!(opt.layer(LayerId(0)).m.iter().any(|&x| x != 0.0));
     assert!(opt.layer(LayerId(0)).last.is_some());
@@ -424,7 +424,7 @@ fn every_backend_gives_the_same_model_step() {
         opt.set_backend(b).unwrap();
         opt.set_threads(2).unwrap();
         let mut params = model.params.clone();
-        step(&mut opt, &mut params, &model.grads[0]).unwrap();
+        let _ = step(&mut opt, &mut params, &model.grads[0]).unwrap();
         results.push((b, snapshot(&opt, &params)));
     }
     for (b, r) in &results[1..] {

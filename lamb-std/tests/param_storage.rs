@@ -241,7 +241,7 @@ fn a_checkpoint_load_frees_the_storage_but_a_loaded_master_needs_half_precision(
     let mut fixed = Lamb::new(LambConfig::paper());
     fixed.add_layer("w", 4).unwrap();
     let mut w32 = vec![0.5f32; 4];
-    fixed.step(&mut [&mut w32], &[&[0.01; 4]]).unwrap();
+    let _ = fixed.step(&mut [&mut w32], &[&[0.01; 4]]).unwrap();
     assert_eq!(fixed.layer(LayerId(0)).storage, Some(ParamStorage::F32));
     fixed.load_checkpoint_bytes(&with_master).unwrap();
     assert_eq!(fixed.layer(LayerId(0)).storage, None);

@@ -161,7 +161,8 @@ fn master_copy_tracks_the_model_and_keeps_small_updates() {
         let mut w = vec![bf16::ONE; n];
         let g = vec![bf16::from_f32(1.0); n];
         for _ in 0..100 {
-            opt.step_mixed(&mut [ParamsIn::Bf16(&mut w)], &[Grads::Bf16(&g)])
+            let _ = opt
+                .step_mixed(&mut [ParamsIn::Bf16(&mut w)], &[Grads::Bf16(&g)])
                 .unwrap();
         }
         let moved = w.iter().any(|x| *x != bf16::ONE);
@@ -264,7 +265,7 @@ fn bf16_second_moment_decays_like_f32() {
         let zeros = vec![0.0f32; n];
         for step in 0..1001 {
             let g = if step == 0 { &signs } else { &zeros };
-            opt.step(&mut [&mut w[..]], &[&g[..]]).unwrap();
+            let _ = opt.step(&mut [&mut w[..]], &[&g[..]]).unwrap();
         }
         match opt.layer(id).state {
             StateView::F32 { v, .. } => v.iter().map(|&x| x as f64).sum::<f64>() / n as f64,

@@ -186,21 +186,23 @@ fn an_absent_half_layer_gets_its_master_copy_at_its_first_step() {
     let mut h = vec![bf16::from_f32(0.25); 64];
     let g = vec![0.01f32; 64];
     let gh = vec![bf16::from_f32(0.01); 64];
-    opt.step_mixed_scaled_some(
-        &mut [ParamsIn::F32(&mut w), ParamsIn::Bf16(&mut h)],
-        &[Some(Grads::F32(&g)), None],
-        1.0,
-    )
-    .unwrap();
+    let _ = opt
+        .step_mixed_scaled_some(
+            &mut [ParamsIn::F32(&mut w), ParamsIn::Bf16(&mut h)],
+            &[Some(Grads::F32(&g)), None],
+            1.0,
+        )
+        .unwrap();
     assert!(opt.layer(LayerId(1)).master.is_none());
     // The model changed meanwhile (say, loaded): the master is taken from it when it steps.
     h.fill(bf16::from_f32(0.5));
-    opt.step_mixed_scaled_some(
-        &mut [ParamsIn::F32(&mut w), ParamsIn::Bf16(&mut h)],
-        &[None, Some(Grads::Bf16(&gh))],
-        1.0,
-    )
-    .unwrap();
+    let _ = opt
+        .step_mixed_scaled_some(
+            &mut [ParamsIn::F32(&mut w), ParamsIn::Bf16(&mut h)],
+            &[None, Some(Grads::Bf16(&gh))],
+            1.0,
+        )
+        .unwrap();
     let master = opt.layer(LayerId(1)).master.unwrap();
     assert!(
         master.iter().all(|&x| x < 0.5 && x > 0.4),
@@ -221,11 +223,12 @@ fn an_absent_layer_placeholder_is_not_checked_against_its_storage() {
     let g = vec![0.01f32; 64];
     let gh = vec![bf16::from_f32(0.01); 64];
     // The first step fixes "half" as bf16.
-    opt.step_mixed(
-        &mut [ParamsIn::Bf16(&mut h), ParamsIn::F32(&mut p)],
-        &[Grads::Bf16(&gh), Grads::F32(&g)],
-    )
-    .unwrap();
+    let _ = opt
+        .step_mixed(
+            &mut [ParamsIn::Bf16(&mut h), ParamsIn::F32(&mut p)],
+            &[Grads::Bf16(&gh), Grads::F32(&g)],
+        )
+        .unwrap();
     // "half" absent, with an empty f32 placeholder: accepted, and "half" stays bf16.
     let report = opt
         .step_mixed_scaled_some(

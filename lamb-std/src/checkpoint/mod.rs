@@ -303,7 +303,7 @@ mod tests {
         opt.add_layer("a", 3000).unwrap();
         opt.add_layer("b", 10).unwrap();
         let mut p = vec![vec![0.5f32; 3000], vec![0.1f32; 10]];
-        do_step(&mut opt, &mut p).unwrap();
+        let _ = do_step(&mut opt, &mut p).unwrap();
         let pr: Vec<&[f32]> = p.iter().map(|x| x.as_slice()).collect();
         let good = opt.to_checkpoint_bytes_with_params(&pr).unwrap();
         let saved_params = p.clone();

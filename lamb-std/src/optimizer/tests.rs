@@ -43,7 +43,7 @@ fn a_panic_in_the_norms_phase_is_an_error_and_writes_nothing() {
         for phase in ["norms", "grad_norm"] {
             let (mut opt, mut p, g) = setup(threads);
             opt.set_max_grad_norm(Some(1.0)).unwrap();
-            do_step(&mut opt, &mut p, &g).unwrap();
+            let _ = do_step(&mut opt, &mut p, &g).unwrap();
             let before = state(&opt, &p);
             opt.panic_in = Some((phase, 4));
             let e = do_step(&mut opt, &mut p, &g).unwrap_err();
@@ -81,7 +81,7 @@ fn a_panic_in_the_apply_phase_poisons_until_reset() {
 #[test]
 fn every_work_list_runs_on_a_pool_smaller_than_the_plan() {
     let (mut reference, mut p1, g) = setup(1);
-    do_step(&mut reference, &mut p1, &g).unwrap();
+    let _ = do_step(&mut reference, &mut p1, &g).unwrap();
     let (mut opt, mut p, _) = setup(2);
     opt.ensure_plan();
     opt.scratch.plan = partition(opt.layers.iter().map(|l| l.len), 7);
@@ -97,18 +97,18 @@ fn every_work_list_runs_on_a_pool_smaller_than_the_plan() {
 #[test]
 fn the_plan_follows_layers_and_threads_added_after_a_step() {
     let (mut opt, mut p, mut g) = setup(3);
-    do_step(&mut opt, &mut p, &g).unwrap();
+    let _ = do_step(&mut opt, &mut p, &g).unwrap();
     assert!(!opt.scratch.plan_stale);
     opt.add_layer("late", 5000).unwrap();
     p.push(vec![0.5; 5000]);
     g.push(vec![0.01; 5000]);
-    do_step(&mut opt, &mut p, &g).unwrap();
+    let _ = do_step(&mut opt, &mut p, &g).unwrap();
     assert!(
         p[6].iter().all(|&x| x < 0.5),
         "the late layer was not stepped"
     );
     opt.set_threads(5).unwrap();
-    do_step(&mut opt, &mut p, &g).unwrap();
+    let _ = do_step(&mut opt, &mut p, &g).unwrap();
     assert_eq!(opt.scratch.plan.last().unwrap().thread, 4);
     assert_eq!(
         opt.scratch.plan,

@@ -159,6 +159,21 @@ pub struct SkippedLayer {
 }
 
 /// What a call to [`Lamb::step`] did.
+///
+/// `#[must_use]`: a step can be skipped (`applied == false`, a non-finite value under
+/// [`NonFinite::Skip`](lamb_core::NonFinite::Skip), or an overflow under loss
+/// scaling) and still return `Ok`, so `opt.step(..)?;` alone would hide it. Read the
+/// report, or drop it on purpose with `let _report = ..`.
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// use lamb_std::{Lamb, lamb_core::LambConfig};
+/// fn train(opt: &mut Lamb, w: &mut [f32], g: &[f32]) -> Result<(), lamb_std::Error> {
+///     opt.step(&mut [w], &[g])?; // error: unused `StepReport` that must be used
+///     Ok(())
+/// }
+/// ```
+#[must_use = "a step may be skipped (`applied == false`) and still return Ok"]
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepReport {
     /// The step number (1-based) this call took, or would have taken if skipped.
