@@ -587,7 +587,7 @@ fn torch_state(opt: &Lamb, model: &Model, t: &TorchSpec) -> Vec<u8> {
         let c = group.config;
         let (mut ids, mut names) = (Vec::new(), Vec::new());
         for i in 0..opt.layer_count() {
-            let l = opt.layer(LayerId(i));
+            let l = opt.layer(LayerId(i)).unwrap();
             if l.group.0 != g {
                 continue;
             }
@@ -752,7 +752,7 @@ fn check_valid(opt: &Lamb, before: &State) {
         opt.schedule()
     );
     for i in 0..opt.layer_count() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         let ok = |m: Vec<f32>, v: Vec<f32>| {
             m.iter().all(|x| x.is_finite()) && v.iter().all(|x| x.is_finite() && *x >= 0.0)
         };

@@ -325,7 +325,12 @@ fn build(slots: &[Slot], config: &Config) -> Result<lamb_std::Lamb, lamb_std::Er
     // lamb-std refuses to step with an empty group: where every Var fell on one side,
     // keep that group alone.
     let used: Vec<bool> = (0..opt.group_count())
-        .map(|g| (0..slots.len()).any(|i| opt.layer(lamb_std::LayerId(i)).group == GroupId(g)))
+        .map(|g| {
+            (0..slots.len()).any(|i| {
+                opt.layer(lamb_std::LayerId(i))
+                    .is_ok_and(|l| l.group == GroupId(g))
+            })
+        })
         .collect();
     match used.iter().position(|&u| u) {
         Some(g) if used.iter().filter(|&&u| u).count() == 1 => {

@@ -149,7 +149,7 @@ fn vars_without_gradients_are_not_stepped() {
             .unwrap();
     }
     assert_eq!(var_bits(&vars)[1], before[1]);
-    let layer = opt.inner().layer(lamb_std::LayerId(1));
+    let layer = opt.inner().layer(lamb_std::LayerId(1)).unwrap();
     assert!(layer.m.iter().chain(layer.v).all(|&x| x == 0.0) && layer.last.is_none());
     assert_eq!(opt.inner().steps(), 3);
     // And what did step is what lamb-std does with those layers left out.

@@ -81,6 +81,8 @@ pub enum Error {
     DuplicateName(String),
     /// A group id that this optimizer did not hand out.
     UnknownGroup(usize),
+    /// A layer id that this optimizer did not hand out.
+    UnknownLayer(usize),
     /// A group has no layers when a step is taken.
     EmptyGroup(String),
     /// `max_grad_norm` must be finite and at least `f32::MIN_POSITIVE` (see
@@ -228,6 +230,7 @@ impl fmt::Display for Error {
             | Error::NeedsMaster(_) => fmt_step_input(self, f),
             Error::DuplicateName(_)
             | Error::UnknownGroup(_)
+            | Error::UnknownLayer(_)
             | Error::EmptyGroup(_)
             | Error::ShapeOverflow { .. }
             | Error::PrecisionAfterLayers(_) => fmt_registration(self, f),
@@ -314,6 +317,7 @@ fn fmt_registration(e: &Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     match e {
         Error::DuplicateName(n) => write!(f, "a layer named '{n}' is already registered"),
         Error::UnknownGroup(g) => write!(f, "no parameter group with id {g}"),
+        Error::UnknownLayer(l) => write!(f, "no layer with id {l}"),
         Error::EmptyGroup(g) => write!(f, "parameter group '{g}' has no layers"),
         Error::ShapeOverflow { name, shape } => write!(
             f,

@@ -181,7 +181,7 @@ fn snapshot(opt: &Lamb) -> Vec<String> {
         out.push(format!("group {:?}", opt.group(GroupId(g)).unwrap()));
     }
     for i in 0..opt.layer_count() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         let f = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let b = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         out.push(format!("layer {} {} {:?}", l.name, l.len, l.group));
@@ -299,14 +299,14 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
             );
         }
         // The state is really in the format the variant asks for.
-        let big = straight.layer(LayerId(0)).state;
+        let big = straight.layer(LayerId(0)).unwrap().state;
         match variant {
             Variant::F32 => assert!(matches!(big, StateView::F32 { .. })),
             Variant::Bf16 => assert!(matches!(big, StateView::Bf16 { .. })),
             _ => assert!(matches!(big, StateView::Q8 { .. })),
         }
         assert_eq!(
-            straight.layer(LayerId(0)).master.is_some(),
+            straight.layer(LayerId(0)).unwrap().master.is_some(),
             variant == Variant::Q8Master
         );
     }
@@ -379,7 +379,7 @@ fn loading_restores_hyperparameters_and_clears_poisoning() {
     assert_eq!(other.max_grad_norm(), Some(1.0));
     assert_eq!(other.schedule(), opt.schedule());
     assert_eq!(snapshot(&other), snapshot(&opt));
-    assert!(other.layer(LayerId(0)).last.is_none());
+    assert!(other.layer(LayerId(0)).unwrap().last.is_none());
 }
 
 #[test]
@@ -421,7 +421,7 @@ fn refused(opt: &mut Lamb, bytes: &[u8], want: &str) {
 
 fn stepped(opt: &mut Lamb) {
     let mut p: Vec<Vec<f32>> = (0..opt.layer_count())
-        .map(|i| vec![0.5; opt.layer(LayerId(i)).len])
+        .map(|i| vec![0.5; opt.layer(LayerId(i)).unwrap().len])
         .collect();
     let g: Vec<Vec<f32>> = p.iter().map(|x| vec![0.01; x.len()]).collect();
     let mut pp: Vec<&mut [f32]> = p.iter_mut().map(|x| x.as_mut_slice()).collect();
@@ -449,7 +449,7 @@ fn another_model_is_refused_saying_what_differs() {
         }
         // A state to keep (where every group has a layer: a step needs that).
         if (0..opt.group_count())
-            .all(|g| (0..opt.layer_count()).any(|i| opt.layer(LayerId(i)).group.0 == g))
+            .all(|g| (0..opt.layer_count()).any(|i| opt.layer(LayerId(i)).unwrap().group.0 == g))
         {
             stepped(&mut opt);
         }
@@ -902,7 +902,7 @@ fn torch_state_maps_by_name_across_reordered_groups() {
     let file = torch_file(&torch_moments(), timm_groups(true, 3.0.into()));
     opt.load_torch_state_bytes(&file).unwrap();
     assert_eq!(opt.steps(), 3);
-    let l = |i| opt.layer(LayerId(i));
+    let l = |i| opt.layer(LayerId(i)).unwrap();
     assert_eq!(l(0).m, [1.0, 2.0, 3.0, 4.0]); // a.weight ← torch 1
     assert_eq!(l(1).v, [0.01, 0.02]); // a.bias ← torch 0
     assert_eq!(l(2).m, [-1.0, -2.0, -3.0]); // b.weight ← torch 2
@@ -1034,7 +1034,7 @@ fn torch_states_lamb_cannot_continue_are_refused() {
     opt.load_torch_state_bytes(&torch_file(&[], timm_groups(true, serde_json::Value::Null)))
         .unwrap();
     assert_eq!(opt.steps(), 0);
-    assert!(opt.layer(LayerId(0)).m.iter().all(|&x| x == 0.0));
+    assert!(opt.layer(LayerId(0)).unwrap().m.iter().all(|&x| x == 0.0));
 }
 
 #[test]

@@ -75,7 +75,7 @@ fn step(opt: &mut Lamb, params: &mut [Vec<f32>]) {
 fn bits(opt: &Lamb, params: &[Vec<f32>]) -> Vec<u32> {
     let mut out = vec![opt.steps() as u32];
     for (i, p) in params.iter().enumerate() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         out.extend(p.iter().chain(l.m).chain(l.v).map(|x| x.to_bits()));
     }
     out

@@ -33,7 +33,7 @@ fn a_skipped_first_step_does_not_pin_a_nan_master_copy() {
     assert!(
         r.applied,
         "still skipped after the parameter was repaired: {r:?}; master = {:?}",
-        opt.layer(LayerId(0)).master
+        opt.layer(LayerId(0)).unwrap().master
     );
 }
 
@@ -73,7 +73,7 @@ fn add_param_with_an_overflowing_shape_is_an_error() {
     let r = std::panic::catch_unwind(|| {
         let mut opt = Lamb::new(LambConfig::paper());
         opt.add_param("x", &[1 << 33, 1 << 33])
-            .map(|id| opt.layer(id).len)
+            .map(|id| opt.layer(id).unwrap().len)
     });
     match r {
         Ok(Err(_)) => {}
@@ -97,7 +97,7 @@ fn a_checkpoint_with_a_non_finite_master_copy_is_refused() {
     let _ = opt
         .step_mixed(&mut [ParamsIn::Bf16(&mut w)], &[Grads::Bf16(&g)])
         .unwrap();
-    assert!(opt.layer(LayerId(0)).master.is_some());
+    assert!(opt.layer(LayerId(0)).unwrap().master.is_some());
     let mut bytes = opt.to_checkpoint_bytes().unwrap();
     set_f32(&mut bytes, "state.0.master", 0, f32::NAN);
     fix_checksum(&mut bytes);
@@ -108,9 +108,9 @@ fn a_checkpoint_with_a_non_finite_master_copy_is_refused() {
     assert!(
         r.is_err(),
         "loaded a NaN master copy: {:?}",
-        fresh.layer(LayerId(0)).master
+        fresh.layer(LayerId(0)).unwrap().master
     );
-    assert!(fresh.layer(LayerId(0)).master.is_none() && fresh.steps() == 0);
+    assert!(fresh.layer(LayerId(0)).unwrap().master.is_none() && fresh.steps() == 0);
 }
 
 /// The safetensors header of a checkpoint, as text, and where the tensor data starts.

@@ -11,7 +11,7 @@ use lamb_std::{Error, GroupId, Lamb, LayerId, ParamsIn, Precision, StateView, St
 
 /// Every stored bit of layer `i`'s state: master copy and moments.
 fn state_bits(opt: &Lamb, i: usize) -> Vec<u32> {
-    let l = opt.layer(LayerId(i));
+    let l = opt.layer(LayerId(i)).unwrap();
     let mut bits: Vec<u32> = l
         .master
         .unwrap_or(&[])

@@ -75,7 +75,7 @@ fn snapshot(opt: &Lamb, params: &[Vec<f32>]) -> Vec<u32> {
         out.extend(p.iter().map(|x| x.to_bits()));
     }
     for i in 0..opt.layer_count() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         out.extend(l.m.iter().chain(l.v).map(|x| x.to_bits()));
     }
     out
@@ -132,7 +132,7 @@ fn bit_identical_for_1_2_3_8_threads_and_equal_to_per_layer_core() {
     }
     assert!(params == reference);
     for i in 0..m.len() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         assert!(
             l.m == m[i].as_slice() && l.v == v[i].as_slice(),
             "state of layer {i}"
@@ -377,8 +377,8 @@ fn schedule_and_group_lr_scale_set_the_step_size() {
     let mut params = model.params.clone();
     let r = step(&mut opt, &mut params, &model.grads[0]).unwrap();
     assert_eq!(r.lr_factor, 0.25);
-    let a = opt.layer(LayerId(0)).last.unwrap();
-    let b = opt.layer(LayerId(1)).last.unwrap();
+    let a = opt.layer(LayerId(0)).unwrap().last.unwrap();
+    let b = opt.layer(LayerId(1)).unwrap().last.unwrap();
     assert_eq!(a.step_size, (0.01 * 0.25 * a.trust_ratio as f64) as f32);
     assert_eq!(
         b.step_size,
@@ -392,9 +392,9 @@ fn decay_split_follows_timm() {
     let w = opt.add_param("attn.qkv.weight", &[8, 8]).unwrap();
     let b = opt.add_param("attn.qkv.bias", &[8]).unwrap();
     let n = opt.add_param("norm.weight", &[8]).unwrap();
-    assert_eq!(opt.layer(w).group, GroupId(0));
-    assert_eq!(opt.layer(b).group, GroupId(1));
-    assert_eq!(opt.layer(n).group, GroupId(1));
+    assert_eq!(opt.layer(w).unwrap().group, GroupId(0));
+    assert_eq!(opt.layer(b).unwrap().group, GroupId(1));
+    assert_eq!(opt.layer(n).unwrap().group, GroupId(1));
     let nd = opt.group(GroupId(1)).unwrap().config;
     assert_eq!(nd.weight_decay, 0.0);
     assert!(!nd.adapts());
@@ -407,12 +407,12 @@ fn reset_zeroes_state_and_counter() {
     let mut params = model.params.clone();
     let _ = step(&mut opt, &mut params, &model.grads[0]).unwrap();
     assert_eq!(opt.steps(), 1);
-    assert!(opt.layer(LayerId(0)).m.iter().any(|&x| x != 0.0));
-    assert!(opt.layer(LayerId(0)).last.is_some());
+    assert!(opt.layer(LayerId(0)).unwrap().m.iter().any(|&x| x != 0.0));
+    assert!(opt.layer(LayerId(0)).unwrap().last.is_some());
     opt.reset();
     assert_eq!(opt.steps(), 0);
-    assert!(opt.layer(LayerId(0)).m.iter().all(|&x| x == 0.0));
-    assert!(opt.layer(LayerId(0)).last.is_none());
+    assert!(opt.layer(LayerId(0)).unwrap().m.iter().all(|&x| x == 0.0));
+    assert!(opt.layer(LayerId(0)).unwrap().last.is_none());
 }
 
 #[test]
@@ -430,4 +430,18 @@ fn every_backend_gives_the_same_model_step() {
     for (b, r) in &results[1..] {
         assert!(r == &results[0].1, "{b} differs from {}", results[0].0);
     }
+}
+
+/// A layer id this optimizer did not hand out is an error, like a foreign group id, not a
+/// panic.
+#[test]
+fn an_unknown_layer_id_is_an_error_not_a_panic() {
+    let mut opt = Lamb::new(LambConfig::paper());
+    let w = opt.add_layer("w", 3).unwrap();
+    assert_eq!(opt.layer(w).unwrap().len, 3);
+    assert_eq!(opt.layer(LayerId(1)).unwrap_err(), Error::UnknownLayer(1));
+    assert_eq!(
+        opt.layer(LayerId(usize::MAX)).unwrap_err().to_string(),
+        format!("no layer with id {}", usize::MAX)
+    );
 }

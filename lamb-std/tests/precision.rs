@@ -62,7 +62,7 @@ fn run(precision: Precision, threads: usize, backend: Backend) -> Vec<u32> {
         .map(|x| x.to_bits() as u32)
         .collect();
     for i in 0..LENS.len() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         if let Some(m) = l.master {
             bits.extend(m.iter().map(|x| x.to_bits()));
         }
@@ -125,8 +125,14 @@ fn formats_and_accounting() {
     opt.add_layer("f32", 8192).unwrap();
     opt.add_layer_to(q8, "big", 8192).unwrap();
     opt.add_layer_to(q8, "small", 100).unwrap(); // below compact_min_len: stays f32
-    assert!(matches!(opt.layer(LayerId(1)).state, StateView::Q8 { .. }));
-    assert!(matches!(opt.layer(LayerId(2)).state, StateView::F32 { .. }));
+    assert!(matches!(
+        opt.layer(LayerId(1)).unwrap().state,
+        StateView::Q8 { .. }
+    ));
+    assert!(matches!(
+        opt.layer(LayerId(2)).unwrap().state,
+        StateView::F32 { .. }
+    ));
     let expect =
         (8192.0 * 8.0 + 8192.0 * (2.0 + 8.0 / 256.0) + 100.0 * 8.0) / (8192.0 * 2.0 + 100.0);
     assert!((opt.bytes_per_param() - expect).abs() < 1e-12);
@@ -168,7 +174,7 @@ fn master_copy_tracks_the_model_and_keeps_small_updates() {
         let moved = w.iter().any(|x| *x != bf16::ONE);
         assert_eq!(moved, master, "master={master}");
         if master {
-            let m = opt.layer(LayerId(0)).master.unwrap();
+            let m = opt.layer(LayerId(0)).unwrap().master.unwrap();
             assert!((m[0] - (1.0 - 100.0 * 1e-4)).abs() < 1e-5, "{}", m[0]);
             assert_eq!(w[0], bf16::from_f32(m[0]));
         }
@@ -267,7 +273,7 @@ fn bf16_second_moment_decays_like_f32() {
             let g = if step == 0 { &signs } else { &zeros };
             let _ = opt.step(&mut [&mut w[..]], &[&g[..]]).unwrap();
         }
-        match opt.layer(id).state {
+        match opt.layer(id).unwrap().state {
             StateView::F32 { v, .. } => v.iter().map(|&x| x as f64).sum::<f64>() / n as f64,
             StateView::Bf16 { v, .. } => v.iter().map(|x| x.to_f64()).sum::<f64>() / n as f64,
             _ => unreachable!(),

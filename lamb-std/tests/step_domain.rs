@@ -49,7 +49,7 @@ fn snapshot(opt: &Lamb) -> String {
         s += &format!(" {:?}", opt.group(GroupId(g)).unwrap());
     }
     for i in 0..opt.layer_count() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         s += &format!(" {:?} {:?} {:?}", l.state, l.master, l.last);
     }
     s

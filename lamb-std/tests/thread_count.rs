@@ -37,7 +37,7 @@ fn run(threads: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
         assert!(opt.step(&mut p, &g).unwrap().applied);
     }
     let m = (0..LENS.len())
-        .map(|i| opt.layer(LayerId(i)).m.to_vec())
+        .map(|i| opt.layer(LayerId(i)).unwrap().m.to_vec())
         .collect();
     (params, m)
 }

@@ -184,7 +184,7 @@ pub fn grad_bufs(vars: &[(String, Var)], store: &GradStore) -> Vec<Option<Buf>> 
 /// step counter, printed (`{:?}` of floats round-trips exactly).
 pub fn state(opt: &Lamb) -> Vec<String> {
     let mut out: Vec<String> = (0..opt.layer_count())
-        .map(|i| format!("{:?}", opt.layer(lamb_std::LayerId(i))))
+        .map(|i| format!("{:?}", opt.layer(lamb_std::LayerId(i)).unwrap()))
         .collect();
     out.push(format!("step {}", opt.steps()));
     out

@@ -78,7 +78,7 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
 
     let nl = lamb.layer_count();
     for i in 0..nl {
-        let l = lamb.layer(LayerId(i));
+        let l = lamb.layer_at(LayerId(i));
         if l.state.format() != StateFormat::F32 {
             return Err(format!(
                 "layer '{}' stores its moments compactly (its group's precision); a PyTorch \
@@ -120,10 +120,10 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
                 "tensor '{name}': parameter index {id} is in no param_groups entry"
             ));
         };
-        let lname = lamb.layer(LayerId(layer)).name;
+        let lname = lamb.layer_at(LayerId(layer)).name;
         match key {
             "exp_avg" | "exp_avg_sq" => {
-                let data = moment(t, name, lname, lamb.layer(LayerId(layer)).len)?;
+                let data = moment(t, name, lname, lamb.layer_at(LayerId(layer)).len)?;
                 moments[layer][usize::from(key == "exp_avg_sq")] = Some(data);
             }
             "step" => steps.push((step_value(t, name)?, format!("tensor '{name}'"))),
@@ -137,7 +137,7 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
     }
     let mut out_moments = Vec::with_capacity(nl);
     for (layer, mv) in moments.iter().enumerate() {
-        let lname = lamb.layer(LayerId(layer)).name;
+        let lname = lamb.layer_at(LayerId(layer)).name;
         out_moments.push(match *mv {
             [Some(m), Some(v)] => {
                 check_moment(lname, "exp_avg", m)?;
@@ -230,7 +230,7 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
     // The moments must be able to take the next step under the loaded configuration.
     if let Ok(t) = crate::domain::next_step(step) {
         for (layer, mv) in out_moments.iter().enumerate() {
-            let l = lamb.layer(LayerId(layer));
+            let l = lamb.layer_at(LayerId(layer));
             if let (Some((m, v)), Some(rule)) = (mv, NextStep::new(&configs[l.group.0].0, t)) {
                 rule.check_m(f32s(m))
                     .and_then(|()| rule.check_v(f32s(v)))
@@ -289,7 +289,7 @@ fn map_params(lamb: &Lamb, groups: &[TorchGroup<'_>]) -> Result<Mapping, Refusal
     let lamb_groups: Vec<Vec<usize>> = (0..lamb.group_count())
         .map(|g| {
             (0..lamb.layer_count())
-                .filter(|&i| lamb.layer(LayerId(i)).group.0 == g)
+                .filter(|&i| lamb.layer_at(LayerId(i)).group.0 == g)
                 .collect()
         })
         .collect();
@@ -336,11 +336,11 @@ fn map_params(lamb: &Lamb, groups: &[TorchGroup<'_>]) -> Result<Mapping, Refusal
             if let Some(other) = torch_of_layer[layer].replace(id) {
                 return Err(format!(
                     "PyTorch parameters {other} and {id} both map to layer '{}'",
-                    lamb.layer(LayerId(layer)).name
+                    lamb.layer_at(LayerId(layer)).name
                 ));
             }
         }
-        let mut lgs = layers.iter().map(|&l| lamb.layer(LayerId(l)).group.0);
+        let mut lgs = layers.iter().map(|&l| lamb.layer_at(LayerId(l)).group.0);
         let lg = match lgs.next() {
             None if by_name => None,
             None => Some(g),

@@ -133,8 +133,8 @@ impl Lamb {
     /// let mut opt = Lamb::with_decay_split(LambConfig::paper());
     /// let w = opt.add_param("fc.weight", &[4, 3])?;
     /// let b = opt.add_param("fc.bias", &[4])?;
-    /// assert_eq!(opt.layer(w).group, GroupId(0));
-    /// assert_eq!(opt.layer(b).group, GroupId(1));
+    /// assert_eq!(opt.layer(w)?.group, GroupId(0));
+    /// assert_eq!(opt.layer(b)?.group, GroupId(1));
     /// # Ok::<(), lamb_std::Error>(())
     /// ```
     pub fn with_decay_split(config: LambConfig) -> Lamb {
@@ -411,24 +411,27 @@ impl Lamb {
         self.layers.len()
     }
 
-    /// A layer's registration, moments and last report.
+    /// A layer's registration, moments and last report; [`Error::UnknownLayer`] for an id
+    /// this optimizer did not hand out (like [`Lamb::group`]).
     ///
-    /// # Panics
-    /// If `id` was not returned by this optimizer (like slice indexing).
-    pub fn layer(&self, id: LayerId) -> LayerView<'_> {
-        let (l, s) = (&self.layers[id.0], &self.states[id.0]);
-        let (m, v) = s.f32_moments();
-        LayerView {
-            name: &l.name,
-            len: l.len,
-            group: GroupId(l.group),
-            m,
-            v,
-            state: s.view(),
-            master: s.master(),
-            storage: s.storage(),
-            last: l.last,
+    /// ```
+    /// use lamb_std::{Error, Lamb, LayerId, lamb_core::LambConfig};
+    /// let mut opt = Lamb::new(LambConfig::paper());
+    /// let w = opt.add_layer("w", 4)?;
+    /// assert_eq!(opt.layer(w)?.name, "w");
+    /// assert_eq!(opt.layer(LayerId(7)).unwrap_err(), Error::UnknownLayer(7));
+    /// # Ok::<(), lamb_std::Error>(())
+    /// ```
+    pub fn layer(&self, id: LayerId) -> Result<LayerView<'_>, Error> {
+        match (self.layers.get(id.0), self.states.get(id.0)) {
+            (Some(l), Some(s)) => Ok(layer_view(l, s)),
+            _ => Err(Error::UnknownLayer(id.0)),
         }
+    }
+
+    /// [`Lamb::layer`] for the crate's loops over `0..layer_count()`, whose ids are known.
+    pub(crate) fn layer_at(&self, id: LayerId) -> LayerView<'_> {
+        layer_view(&self.layers[id.0], &self.states[id.0])
     }
 
     /// Finds a layer by name.
@@ -464,6 +467,21 @@ impl Lamb {
         } else {
             bytes as f64 / params as f64
         }
+    }
+}
+
+fn layer_view<'a>(l: &'a Layer, s: &'a LayerState) -> LayerView<'a> {
+    let (m, v) = s.f32_moments();
+    LayerView {
+        name: &l.name,
+        len: l.len,
+        group: GroupId(l.group),
+        m,
+        v,
+        state: s.view(),
+        master: s.master(),
+        storage: s.storage(),
+        last: l.last,
     }
 }
 

@@ -142,12 +142,12 @@ fn a_failed_master_allocation_fails_the_step_cleanly() {
     assert!(w == before);
     assert_eq!(opt.steps(), 0);
     for i in 0..3 {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         assert!(l.master.is_none() && l.storage.is_none() && l.last.is_none());
         assert!(l.m.iter().all(|&x| x == 0.0));
     }
     opt.fail_master_of = None;
     let mut p: Vec<ParamsIn<'_>> = w.iter_mut().map(|x| ParamsIn::Bf16(x)).collect();
     assert!(opt.step_mixed(&mut p, &grads).unwrap().applied);
-    assert!((0..3).all(|i| opt.layer(LayerId(i)).master.is_some()));
+    assert!((0..3).all(|i| opt.layer(LayerId(i)).unwrap().master.is_some()));
 }

@@ -52,11 +52,11 @@ impl ParamsIn<'_> {
 /// use lamb_std::{Error, Lamb, LayerId, ParamStorage, ParamsIn, lamb_core::{LambConfig, half::bf16, layer::Grads}};
 /// let mut opt = Lamb::new(LambConfig::paper());
 /// opt.add_layer("w", 4)?;
-/// assert_eq!(opt.layer(LayerId(0)).storage, None); // free until the first step
+/// assert_eq!(opt.layer(LayerId(0))?.storage, None); // free until the first step
 /// let mut w = vec![bf16::from_f32(0.5); 4];
 /// let g = vec![bf16::from_f32(0.01); 4];
 /// opt.step_mixed(&mut [ParamsIn::Bf16(&mut w)], &[Grads::Bf16(&g)])?;
-/// assert_eq!(opt.layer(LayerId(0)).storage, Some(ParamStorage::Bf16));
+/// assert_eq!(opt.layer(LayerId(0))?.storage, Some(ParamStorage::Bf16));
 ///
 /// let mut w32 = vec![0.5f32; 4];
 /// let e = opt.step(&mut [&mut w32], &[&[0.01; 4]]).unwrap_err();
