@@ -105,6 +105,14 @@ pub enum Error {
         /// Its `lr_scale`.
         lr_scale: f64,
     },
+    /// A custom schedule ([`Lamb::set_lr_schedule`](crate::Lamb::set_lr_schedule)) gave a
+    /// factor that is NaN, infinite or negative; the step was not taken.
+    InvalidLrFactor {
+        /// The step (1-based) it was asked for.
+        step: u64,
+        /// The factor it gave.
+        factor: f64,
+    },
     /// The step counter is at [`MAX_STEP`](crate::MAX_STEP): no further step can be
     /// counted. Nothing was changed; `reset()` or load a checkpoint.
     StepLimit {
@@ -237,6 +245,7 @@ impl fmt::Display for Error {
             Error::InvalidMaxGradNorm(_)
             | Error::InvalidLrScale { .. }
             | Error::LrScaleOverflow { .. }
+            | Error::InvalidLrFactor { .. }
             | Error::StepLimit { .. }
             | Error::StateCannotStep { .. } => fmt_domain(self, f),
             Error::BadBackendEnv(_)
@@ -351,6 +360,10 @@ fn fmt_domain(e: &Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f,
             "group '{group}': lr × lr_scale = {lr:?} × {lr_scale:?} = {:?} is not finite in f32: every step would err",
             lr * lr_scale
+        ),
+        Error::InvalidLrFactor { step, factor } => write!(
+            f,
+            "the custom lr schedule gave the factor {factor:?} for step {step}: must be finite and >= 0; the step was not taken"
         ),
         Error::StepLimit { step } => write!(
             f,

@@ -78,7 +78,7 @@ pub(super) fn load(
         step: d.step,
         groups: d.groups,
         max_grad_norm: d.max_grad_norm,
-        schedule: d.schedule,
+        schedule: Some(d.schedule),
         layers,
     });
     Ok(())

@@ -203,6 +203,7 @@ impl Lamb {
     /// file at `path` is either the previous one or this one, whatever happens.
     ///
     /// Refused: a poisoned optimizer ([`Error::Poisoned`]; its state is inconsistent), a
+    /// custom learning-rate schedule ([`Lamb::set_lr_schedule`]: a closure is not data), a
     /// group whose configuration does not validate (it could not be loaded back), and a
     /// path that holds anything but a regular file or a symbolic link to one (see
     /// [`write_atomic`]).
@@ -218,12 +219,29 @@ impl Lamb {
 
     /// The bytes [`Lamb::save`] writes.
     pub fn to_checkpoint_bytes(&self) -> Result<Vec<u8>, Error> {
+        self.check_schedule_saveable()?;
         encode::encode(self, None)
     }
 
     /// The bytes [`Lamb::save_with_params`] writes.
     pub fn to_checkpoint_bytes_with_params(&self, params: &[&[f32]]) -> Result<Vec<u8>, Error> {
+        self.check_schedule_saveable()?;
         encode::encode(self, Some(params))
+    }
+
+    /// A custom schedule is code, not data: a checkpoint cannot hold it, and one that
+    /// recorded a built-in schedule instead would resume on the wrong rate.
+    fn check_schedule_saveable(&self) -> Result<(), Error> {
+        if self.has_custom_schedule() {
+            return Err(Error::Checkpoint {
+                path: None,
+                what: "not saved: the learning-rate schedule is a closure (set_lr_schedule), \
+                       which a checkpoint cannot hold; save under a built-in schedule \
+                       (set_schedule) and set the closure again after loading"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     /// Loads a checkpoint written by [`Lamb::save`] (or `save_with_params`; the

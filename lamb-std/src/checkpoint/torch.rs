@@ -42,12 +42,11 @@ pub(super) fn load(lamb: &mut Lamb, bytes: &[u8]) -> Result<(), Refusal> {
         });
         (moments, None)
     });
-    let schedule = lamb.schedule();
     lamb.restore(Snapshot {
         step: d.step,
         groups: d.groups,
         max_grad_norm: d.max_grad_norm,
-        schedule,
+        schedule: None,
         layers: layers.collect(),
     });
     Ok(())

@@ -17,6 +17,7 @@ mod tests;
 mod views;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use lamb_core::{BLOCK, Backend, LambConfig, LambError, LayerReport, Schedule};
 
@@ -83,6 +84,9 @@ pub struct Lamb {
     backend: Result<Backend, Error>,
     max_grad_norm: Option<f64>,
     schedule: Schedule,
+    /// A schedule given as a closure ([`Lamb::set_lr_schedule`]); replaces `schedule` while
+    /// set.
+    custom_schedule: Option<CustomSchedule>,
     poisoned: bool,
     no_decay_group: Option<usize>,
     /// The plan among threads, the block sums and the buffers every step reuses.
@@ -115,6 +119,7 @@ impl Lamb {
             backend: backend_from_env(),
             max_grad_norm: None,
             schedule: Schedule::Constant,
+            custom_schedule: None,
             poisoned: false,
             no_decay_group: None,
             scratch: Scratch::default(),
@@ -326,6 +331,7 @@ impl Lamb {
             backend: self.backend.clone(),
             max_grad_norm: self.max_grad_norm,
             schedule: self.schedule,
+            custom_schedule: self.custom_schedule.clone(),
             poisoned: self.poisoned,
             no_decay_group: self.no_decay_group,
             scratch,
@@ -414,13 +420,98 @@ impl Lamb {
         Ok(())
     }
 
-    /// The learning-rate schedule (a factor on every group's lr).
+    /// The learning-rate schedule (a factor on every group's lr). Replaces a custom
+    /// schedule set by [`Lamb::set_lr_schedule`].
     pub fn set_schedule(&mut self, schedule: Schedule) -> Result<(), Error> {
         schedule.validate().map_err(|source| Error::Config {
             group: None,
             source,
         })?;
         self.schedule = schedule;
+        self.custom_schedule = None;
+        Ok(())
+    }
+
+    /// A learning-rate schedule of your own: `factor(t)` multiplies every group's
+    /// `lr × lr_scale` at step `t` (1-based), like the built-in [`Schedule`]s. It replaces
+    /// the schedule of [`Lamb::set_schedule`] until that is called again (the last call of
+    /// either wins). The factor is checked at each step before anything is written: a
+    /// factor that is NaN, infinite or negative refuses the step with
+    /// [`Error::InvalidLrFactor`] naming the step, and nothing changes.
+    ///
+    /// A closure cannot be saved as data: [`Lamb::save`] refuses while a custom schedule is
+    /// set. To checkpoint, save with a built-in schedule, and after loading call
+    /// `set_lr_schedule` again (a lamb checkpoint load replaces the schedule with the
+    /// file's; a PyTorch state load keeps the optimizer's, custom or not).
+    ///
+    /// ```
+    /// use lamb_std::{Error, Lamb, lamb_core::LambConfig};
+    /// let mut opt = Lamb::new(LambConfig { lr: 0.01, ..LambConfig::paper() });
+    /// opt.add_layer("w", 4)?;
+    /// // Step decay: halve the rate every 100 steps; the step is refused at step 3.
+    /// opt.set_lr_schedule(|t| if t == 3 { f64::NAN } else { 0.5f64.powi((t / 100) as i32) });
+    /// let mut w = vec![0.5f32; 4];
+    /// let report = opt.step(&mut [&mut w], &[&[0.1; 4]])?;
+    /// assert_eq!(report.lr_factor, 1.0);
+    /// let _ = opt.step(&mut [&mut w], &[&[0.1; 4]])?;
+    /// let before = w.clone();
+    /// let e = opt.step(&mut [&mut w], &[&[0.1; 4]]).unwrap_err();
+    /// assert!(matches!(e, Error::InvalidLrFactor { step: 3, .. }));
+    /// assert_eq!((w, opt.steps()), (before, 2));
+    /// # Ok::<(), lamb_std::Error>(())
+    /// ```
+    pub fn set_lr_schedule(&mut self, factor: impl Fn(u64) -> f64 + Send + Sync + 'static) {
+        self.custom_schedule = Some(CustomSchedule(Arc::new(factor)));
+    }
+
+    /// Whether a custom schedule ([`Lamb::set_lr_schedule`]) is in use instead of
+    /// [`Lamb::schedule`].
+    pub fn has_custom_schedule(&self) -> bool {
+        self.custom_schedule.is_some()
+    }
+
+    /// The schedule's factor at step `t`, checked (a custom factor may be anything).
+    pub(super) fn lr_factor(&self, t: u64) -> Result<f64, Error> {
+        let Some(custom) = &self.custom_schedule else {
+            return Ok(self.schedule.factor(t));
+        };
+        let factor = (custom.0)(t);
+        if factor.is_finite() && factor >= 0.0 {
+            Ok(factor)
+        } else {
+            Err(Error::InvalidLrFactor { step: t, factor })
+        }
+    }
+
+    /// Sets every group's base learning rate (`config.lr`; each group's `lr_scale` and the
+    /// schedule still apply on top). Checked by the rules of [`Lamb::set_group`] for every
+    /// group first: if one refuses, no group changes.
+    ///
+    /// ```
+    /// use lamb_std::{GroupId, Lamb, lamb_core::LambConfig};
+    /// let mut opt = Lamb::with_decay_split(LambConfig::paper());
+    /// opt.set_lr(3e-4)?;
+    /// assert_eq!(opt.group(GroupId(0))?.config.lr, 3e-4);
+    /// assert_eq!(opt.group(GroupId(1))?.config.lr, 3e-4);
+    /// assert!(opt.set_lr(f64::NAN).is_err());
+    /// assert_eq!(opt.group(GroupId(1))?.config.lr, 3e-4);
+    /// # Ok::<(), lamb_std::Error>(())
+    /// ```
+    pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
+        for (i, old) in self.groups.iter().enumerate() {
+            let group = Group {
+                config: LambConfig { lr, ..old.config },
+                ..old.clone()
+            };
+            validate_group(&group)?;
+            let states = (self.layers.iter().zip(&self.states))
+                .filter(|(l, _)| l.group == i)
+                .map(|(l, s)| (l.name.as_str(), s.view()));
+            crate::domain::check_group_state(self.step, &old.config, &group.config, states)?;
+        }
+        for g in &mut self.groups {
+            g.config.lr = lr;
+        }
         Ok(())
     }
 
@@ -536,6 +627,10 @@ fn build_pool(threads: usize) -> Result<Option<rayon::ThreadPool>, Error> {
         .map_err(|e| Error::ThreadPool(e.to_string()))
 }
 
+/// A schedule of [`Lamb::set_lr_schedule`]: shared by clones, which step alike.
+#[derive(Clone)]
+struct CustomSchedule(Arc<dyn Fn(u64) -> f64 + Send + Sync>);
+
 /// A deep copy; see [`Lamb::try_clone`].
 ///
 /// # Panics
@@ -562,6 +657,7 @@ impl std::fmt::Debug for Lamb {
             .field("backend", &self.backend)
             .field("max_grad_norm", &self.max_grad_norm)
             .field("schedule", &self.schedule)
+            .field("custom_schedule", &self.custom_schedule.is_some())
             .field("poisoned", &self.poisoned)
             .finish_non_exhaustive()
     }
@@ -648,7 +744,10 @@ impl Lamb {
         }
         self.step = step;
         self.max_grad_norm = max_grad_norm;
-        self.schedule = schedule;
+        if let Some(schedule) = schedule {
+            self.schedule = schedule;
+            self.custom_schedule = None;
+        }
         self.poisoned = false;
     }
 }
@@ -659,7 +758,8 @@ pub(crate) struct Snapshot<'a> {
     /// Per group: configuration and lr multiplier.
     pub(crate) groups: Vec<(LambConfig, f64)>,
     pub(crate) max_grad_norm: Option<f64>,
-    pub(crate) schedule: Schedule,
+    /// The file's schedule (`None`: keep the optimizer's, a custom one included).
+    pub(crate) schedule: Option<Schedule>,
     /// Per layer: the moments (`None`: zeros) and the master copy.
     pub(crate) layers: Vec<(Option<StateBytes<'a>>, Option<AlignedBuf>)>,
 }

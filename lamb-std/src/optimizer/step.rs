@@ -141,7 +141,7 @@ impl Lamb {
             });
         }
         let t = crate::domain::next_step(self.step)?;
-        let lr_factor = self.schedule.factor(t);
+        let lr_factor = self.lr_factor(t)?;
         self.step_configs(lr_factor)?;
         self.ensure_plan();
         let made = self.make_masters(params, grads)?;
