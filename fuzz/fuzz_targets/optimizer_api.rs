@@ -273,8 +273,8 @@ enum Op {
     // ---------------------------------------------------------------------------------
 }
 
-/// The configuration the optimizer is created with (`Lamb::new` does not validate it; an
-/// invalid one must make every step fail cleanly).
+/// The configuration the optimizer is created with (`Lamb::new` refuses an invalid one,
+/// naming the group; the run then ends).
 #[derive(Arbitrary, Debug)]
 enum InitialConfig {
     /// A preset (see [`ConfigSpec::Preset`]) with no overrides.
@@ -1006,8 +1006,19 @@ fuzz_target!(|input: Input| {
             Lamb::new(config)
         }
     };
-    let mut opt = make();
-    let mut shadow = make();
+    let (mut opt, mut shadow) = match (make(), make()) {
+        (Ok(opt), Ok(shadow)) => (opt, shadow),
+        (Err(e), _) | (_, Err(e)) => {
+            assert!(
+                matches!(
+                    e,
+                    Error::Config { group: Some(_), .. } | Error::LrScaleOverflow { .. }
+                ),
+                "Lamb::new refused a configuration with {e:?}"
+            );
+            return;
+        }
+    };
     shadow
         .set_backend(Backend::Scalar)
         .expect("scalar is always available");

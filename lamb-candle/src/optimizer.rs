@@ -307,7 +307,7 @@ fn build(slots: &[Slot], config: &Config) -> Result<lamb_std::Lamb, lamb_std::Er
         opt.set_threads(config.threads)
     };
     let single = |lamb: LambConfig| -> Result<lamb_std::Lamb, lamb_std::Error> {
-        let mut opt = lamb_std::Lamb::new(lamb);
+        let mut opt = lamb_std::Lamb::new(lamb)?;
         configure(&mut opt)?;
         for s in slots {
             opt.add_layer(s.name.clone(), s.len)?;
@@ -317,7 +317,7 @@ fn build(slots: &[Slot], config: &Config) -> Result<lamb_std::Lamb, lamb_std::Er
     if !config.decay_split {
         return single(config.lamb);
     }
-    let mut opt = lamb_std::Lamb::with_decay_split(config.lamb);
+    let mut opt = lamb_std::Lamb::with_decay_split(config.lamb)?;
     configure(&mut opt)?;
     for s in slots {
         opt.add_param(s.name.clone(), &s.shape)?;

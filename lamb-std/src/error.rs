@@ -29,7 +29,7 @@ use crate::ParamStorage;
 ///     step_layer(&LambConfig::paper(), 1, &mut p, &g, &mut m, &mut v)?;
 ///
 ///     // The optimizer over a model.
-///     let mut opt = Lamb::new(LambConfig::paper());
+///     let mut opt = Lamb::new(LambConfig::paper())?;
 ///     opt.add_layer("w", 4)?;
 ///     let report = opt.step(&mut [&mut p], &[&g])?;
 ///     assert!(report.applied);

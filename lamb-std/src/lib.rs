@@ -8,7 +8,7 @@
 //! ```
 //! use lamb_std::{Lamb, lamb_core::{LambConfig, Schedule}};
 //!
-//! let mut opt = Lamb::with_decay_split(LambConfig::nvlamb());
+//! let mut opt = Lamb::with_decay_split(LambConfig::nvlamb())?;
 //! opt.add_param("encoder.weight", &[64, 32])?;
 //! opt.add_param("encoder.bias", &[64])?;
 //! opt.set_max_grad_norm(Some(1.0))?;

@@ -24,7 +24,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn optimizer() -> Lamb {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.add_layer("w", 3).unwrap();
     opt
 }

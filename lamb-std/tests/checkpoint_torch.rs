@@ -75,7 +75,7 @@ impl Run {
 /// model's parameter order (decay first here, where timm lists no_decay first: the mapping
 /// is by name).
 fn optimizer(run: &Run) -> Lamb {
-    let mut opt = Lamb::with_decay_split(LambConfig::timm());
+    let mut opt = Lamb::with_decay_split(LambConfig::timm()).unwrap();
     for name in &run.names {
         opt.add_param(name.clone(), &run.t[&format!("params.{name}")].0)
             .unwrap();

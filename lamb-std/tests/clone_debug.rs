@@ -10,7 +10,7 @@ const BIG: usize = 5000;
 
 /// Two groups: 8-bit moments with bf16 parameters through a master copy, and f32.
 fn model() -> Lamb {
-    let mut opt = Lamb::with_decay_split(LambConfig::nvlamb());
+    let mut opt = Lamb::with_decay_split(LambConfig::nvlamb()).unwrap();
     let q8 = Precision {
         moments: StateFormat::Q8,
         ..Precision::default()

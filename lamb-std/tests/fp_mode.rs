@@ -134,7 +134,8 @@ mod on_this_target {
             eps: 1e-45,
             lr: 0.01,
             ..LambConfig::paper()
-        });
+        })
+        .unwrap();
         opt.set_max_grad_norm(Some(0.01)).unwrap();
         opt.set_schedule(Schedule::WarmupCosine {
             warmup: 2,

@@ -4,7 +4,7 @@ use lamb_std::lamb_core::{LambConfig, Schedule};
 use lamb_std::{Error, GroupId, Lamb, LayerId};
 
 fn two_layers(config: LambConfig) -> Lamb {
-    let mut opt = Lamb::with_decay_split(config);
+    let mut opt = Lamb::with_decay_split(config).unwrap();
     opt.add_param("fc.weight", &[4, 3]).unwrap();
     opt.add_param("fc.bias", &[4]).unwrap();
     opt

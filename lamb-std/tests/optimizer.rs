@@ -50,7 +50,7 @@ impl Model {
     }
 
     fn optimizer(&self, config: LambConfig) -> Lamb {
-        let mut opt = Lamb::new(config);
+        let mut opt = Lamb::new(config).unwrap();
         for (name, n) in &self.shapes {
             opt.add_layer(name.clone(), *n).unwrap();
         }
@@ -363,7 +363,7 @@ fn schedule_and_group_lr_scale_set_the_step_size() {
         lr: 0.01,
         ..LambConfig::paper()
     };
-    let mut opt = Lamb::new(cfg);
+    let mut opt = Lamb::new(cfg).unwrap();
     opt.add_layer("a", 64).unwrap();
     let half = opt.add_group("half", cfg, 0.5).unwrap();
     opt.add_layer_to(half, "b", 64).unwrap();
@@ -388,7 +388,7 @@ fn schedule_and_group_lr_scale_set_the_step_size() {
 
 #[test]
 fn decay_split_follows_timm() {
-    let mut opt = Lamb::with_decay_split(LambConfig::paper());
+    let mut opt = Lamb::with_decay_split(LambConfig::paper()).unwrap();
     let w = opt.add_param("attn.qkv.weight", &[8, 8]).unwrap();
     let b = opt.add_param("attn.qkv.bias", &[8]).unwrap();
     let n = opt.add_param("norm.weight", &[8]).unwrap();
@@ -436,7 +436,7 @@ fn every_backend_gives_the_same_model_step() {
 /// panic.
 #[test]
 fn an_unknown_layer_id_is_an_error_not_a_panic() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     let w = opt.add_layer("w", 3).unwrap();
     assert_eq!(opt.layer(w).unwrap().len, 3);
     assert_eq!(opt.layer(LayerId(1)).unwrap_err(), Error::UnknownLayer(1));
@@ -444,4 +444,31 @@ fn an_unknown_layer_id_is_an_error_not_a_panic() {
         opt.layer(LayerId(usize::MAX)).unwrap_err().to_string(),
         format!("no layer with id {}", usize::MAX)
     );
+}
+
+/// A bad configuration is refused when the optimizer is made, naming the group, not at
+/// the first step.
+#[test]
+fn a_bad_config_is_refused_at_construction() {
+    let bad = LambConfig {
+        eps: -1.0,
+        ..LambConfig::paper()
+    };
+    let e = Lamb::new(bad).unwrap_err();
+    assert!(
+        matches!(&e, Error::Config { group: Some(g), .. } if g == "default"),
+        "{e}"
+    );
+    let e = Lamb::with_decay_split(bad).unwrap_err();
+    assert!(
+        matches!(&e, Error::Config { group: Some(g), .. } if g == "decay"),
+        "{e}"
+    );
+    let e = Lamb::new(LambConfig {
+        lr: 1e300,
+        ..LambConfig::paper()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("lr = 1e300"), "{e}");
+    assert!(Lamb::with_decay_split(LambConfig::paper()).is_ok());
 }

@@ -37,7 +37,7 @@ fn snapshot(opt: &Lamb) -> String {
 /// update was silently lost. Now the f32 step is refused, with nothing written.
 #[test]
 fn a_storage_change_is_refused_and_no_stale_master_is_used() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.add_layer("enc.w", 4).unwrap();
     let mut w = bf(&[0.5; 4]);
     let g = bf(&[0.01; 4]);
@@ -128,7 +128,7 @@ fn every_other_storage_is_refused_after_the_first_applied_step() {
     let storages = [ParamStorage::F32, ParamStorage::Bf16, ParamStorage::F16];
     for first in storages {
         for later in storages {
-            let mut opt = Lamb::new(LambConfig::paper());
+            let mut opt = Lamb::new(LambConfig::paper()).unwrap();
             opt.add_layer("other", 3).unwrap();
             opt.add_layer("w", 8).unwrap();
             let mut t = Tensors::new();
@@ -157,7 +157,7 @@ fn every_other_storage_is_refused_after_the_first_applied_step() {
         }
     }
     // Without a master copy (bf16 updated in place) too.
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     let no_master = Precision {
         master: false,
         ..Precision::default()
@@ -181,7 +181,7 @@ fn every_other_storage_is_refused_after_the_first_applied_step() {
 /// (a refused step changes nothing).
 #[test]
 fn a_refused_first_step_does_not_fix_the_storage() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.add_layer("w", 4).unwrap();
     let mut w = bf(&[0.5; 4]);
     // Skipped: an overflowing gradient.
@@ -211,14 +211,14 @@ fn a_refused_first_step_does_not_fix_the_storage() {
 /// ones continue from the copy.
 #[test]
 fn a_checkpoint_load_frees_the_storage_but_a_loaded_master_needs_half_precision() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.add_layer("w", 4).unwrap();
     let mut w = bf(&[0.5; 4]);
     let g = bf(&[0.01; 4]);
     assert!(bf16_step(&mut opt, &mut w, &g).unwrap());
     let with_master = opt.to_checkpoint_bytes().unwrap();
 
-    let mut loaded = Lamb::new(LambConfig::paper());
+    let mut loaded = Lamb::new(LambConfig::paper()).unwrap();
     loaded.add_layer("w", 4).unwrap();
     loaded.load_checkpoint_bytes(&with_master).unwrap();
     assert_eq!(loaded.layer(LayerId(0)).unwrap().storage, None);
@@ -250,7 +250,7 @@ fn a_checkpoint_load_frees_the_storage_but_a_loaded_master_needs_half_precision(
     );
 
     // Loading into an optimizer whose layer was fixed to f32 frees it.
-    let mut fixed = Lamb::new(LambConfig::paper());
+    let mut fixed = Lamb::new(LambConfig::paper()).unwrap();
     fixed.add_layer("w", 4).unwrap();
     let mut w32 = vec![0.5f32; 4];
     let _ = fixed.step(&mut [&mut w32], &[&[0.01; 4]]).unwrap();

@@ -24,7 +24,8 @@ fn run(precision: Precision, threads: usize, backend: Backend) -> Vec<u32> {
     let mut opt = Lamb::new(LambConfig {
         lr: 0.01,
         ..LambConfig::paper()
-    });
+    })
+    .unwrap();
     opt.set_precision(GroupId(0), precision).unwrap();
     opt.set_threads(threads).unwrap();
     opt.set_backend(backend).unwrap();
@@ -112,7 +113,7 @@ fn compact_state_is_bit_identical_for_every_thread_count_and_backend() {
 
 #[test]
 fn formats_and_accounting() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     let q8 = opt.add_group("q8", LambConfig::paper(), 1.0).unwrap();
     opt.set_precision(
         q8,
@@ -154,7 +155,7 @@ fn master_copy_tracks_the_model_and_keeps_small_updates() {
         ..LambConfig::paper().adamw()
     };
     for master in [false, true] {
-        let mut opt = Lamb::new(cfg);
+        let mut opt = Lamb::new(cfg).unwrap();
         opt.set_precision(
             GroupId(0),
             Precision {
@@ -183,7 +184,7 @@ fn master_copy_tracks_the_model_and_keeps_small_updates() {
 
 #[test]
 fn f16_without_master_is_refused_untouched() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.set_precision(
         GroupId(0),
         Precision {
@@ -206,7 +207,7 @@ fn f16_without_master_is_refused_untouched() {
 #[test]
 fn f16_master_with_loss_scaling_and_clipping() {
     let n = 5000;
-    let mut opt = Lamb::new(LambConfig::nvlamb());
+    let mut opt = Lamb::new(LambConfig::nvlamb()).unwrap();
     opt.set_max_grad_norm(Some(1.0)).unwrap();
     opt.set_precision(
         GroupId(0),
@@ -253,7 +254,7 @@ fn f16_master_with_loss_scaling_and_clipping() {
 fn bf16_second_moment_decays_like_f32() {
     let n = 8192;
     let mean_v = |moments: StateFormat| {
-        let mut opt = Lamb::new(LambConfig::paper());
+        let mut opt = Lamb::new(LambConfig::paper()).unwrap();
         opt.set_precision(
             GroupId(0),
             Precision {

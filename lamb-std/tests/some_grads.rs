@@ -19,7 +19,7 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 fn optimizer(names: &[usize], threads: usize) -> Lamb {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     for &i in names {
         opt.add_layer(format!("l{i}"), LENS[i]).unwrap();
     }
@@ -157,7 +157,7 @@ fn absent_layers_accept_empty_params_and_present_ones_are_still_checked() {
 fn a_non_finite_present_gradient_still_skips_everything() {
     let mut config = LambConfig::paper();
     config.non_finite = NonFinite::Skip;
-    let mut opt = Lamb::new(config);
+    let mut opt = Lamb::new(config).unwrap();
     opt.add_layer("a", 100).unwrap();
     opt.add_layer("b", 100).unwrap();
     let (mut a, mut b) = (vec![0.1f32; 100], vec![0.1f32; 100]);
@@ -177,7 +177,7 @@ fn a_non_finite_present_gradient_still_skips_everything() {
 
 #[test]
 fn an_absent_half_layer_gets_its_master_copy_at_its_first_step() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.set_precision(lamb_std::GroupId(0), Precision::default())
         .unwrap();
     opt.add_layer("w", 64).unwrap();
@@ -215,7 +215,7 @@ fn an_absent_half_layer_gets_its_master_copy_at_its_first_step() {
 /// length, and it neither trips nor fixes the layer's storage.
 #[test]
 fn an_absent_layer_placeholder_is_not_checked_against_its_storage() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.add_layer("half", 64).unwrap();
     opt.add_layer("plain", 64).unwrap();
     let mut h = vec![bf16::from_f32(0.5); 64];

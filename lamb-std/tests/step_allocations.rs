@@ -67,7 +67,7 @@ fn allocations(f: impl FnOnce()) -> usize {
 /// A model of `layers` layers (some cut among threads), its optimizer with clipping on, and
 /// the allocations of the second step.
 fn second_step_allocations(layers: usize, threads: usize) -> usize {
-    let mut opt = Lamb::with_decay_split(LambConfig::nvlamb());
+    let mut opt = Lamb::with_decay_split(LambConfig::nvlamb()).unwrap();
     opt.set_threads(threads).unwrap();
     opt.set_max_grad_norm(Some(1.0)).unwrap();
     let mut params = Vec::new();

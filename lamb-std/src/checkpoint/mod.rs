@@ -12,7 +12,7 @@
 //! ```
 //! use lamb_std::{Lamb, lamb_core::LambConfig};
 //!
-//! let mut opt = Lamb::with_decay_split(LambConfig::timm());
+//! let mut opt = Lamb::with_decay_split(LambConfig::timm())?;
 //! opt.add_param("fc.weight", &[4, 3])?;
 //! opt.add_param("fc.bias", &[4])?;
 //! let (mut w, mut b) = (vec![0.5f32; 12], vec![0.0f32; 4]);
@@ -20,14 +20,14 @@
 //!
 //! let bytes = opt.to_checkpoint_bytes()?; // Lamb::save(path) writes these atomically
 //!
-//! let mut resumed = Lamb::with_decay_split(LambConfig::timm());
+//! let mut resumed = Lamb::with_decay_split(LambConfig::timm())?;
 //! resumed.add_param("fc.weight", &[4, 3])?;
 //! resumed.add_param("fc.bias", &[4])?;
 //! resumed.load_checkpoint_bytes(&bytes)?;
 //! assert_eq!(resumed.steps(), 1);
 //!
 //! // Another model is refused, and the optimizer is left as it was.
-//! let mut other = Lamb::new(LambConfig::timm());
+//! let mut other = Lamb::new(LambConfig::timm())?;
 //! other.add_layer("fc.weight", 13)?;
 //! other.add_layer("fc.bias", 4)?;
 //! let err = other.load_checkpoint_bytes(&bytes).unwrap_err();
@@ -317,7 +317,7 @@ mod tests {
     /// checkpoint (with its parameters) is a way back.
     #[test]
     fn a_poisoned_optimizer_is_not_saved_and_a_load_recovers_it() {
-        let mut opt = Lamb::new(LambConfig::paper());
+        let mut opt = Lamb::new(LambConfig::paper()).unwrap();
         opt.add_layer("a", 3000).unwrap();
         opt.add_layer("b", 10).unwrap();
         let mut p = vec![vec![0.5f32; 3000], vec![0.1f32; 10]];

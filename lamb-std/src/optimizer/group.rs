@@ -47,7 +47,7 @@ pub enum StateFormat {
 ///
 /// ```
 /// use lamb_std::{Lamb, ParamsIn, Precision, StateFormat, lamb_core::{LambConfig, half::bf16, layer::Grads}};
-/// let mut opt = Lamb::new(LambConfig::paper());
+/// let mut opt = Lamb::new(LambConfig::paper())?;
 /// opt.set_precision(lamb_std::GroupId(0), Precision { moments: StateFormat::Q8, ..Precision::default() })?;
 /// opt.add_layer("w", 8192)?;
 /// let mut w = vec![bf16::from_f32(0.1); 8192];

@@ -57,7 +57,7 @@ impl Layer {
 /// ```
 /// use lamb_std::{Lamb, lamb_core::LambConfig};
 ///
-/// let mut opt = Lamb::new(LambConfig::paper());
+/// let mut opt = Lamb::new(LambConfig::paper())?;
 /// opt.add_layer("dense.weight", 6)?;
 /// opt.add_layer("dense.bias", 2)?;
 ///
@@ -100,8 +100,26 @@ pub struct Lamb {
 
 impl Lamb {
     /// An optimizer with one group, `"default"`, of configuration `config`, one thread, and
-    /// the backend named by the `LAMB_BACKEND` environment variable if set, else the fastest.
-    pub fn new(config: LambConfig) -> Lamb {
+    /// the backend named by the `LAMB_BACKEND` environment variable if set, else the fastest
+    /// (a bad `LAMB_BACKEND` is reported by [`Lamb::backend`] and the first step, so that
+    /// [`Lamb::set_backend`] can still choose one).
+    ///
+    /// The configuration is checked now, by the rules of [`Lamb::add_group`]
+    /// ([`domain`](crate::domain)): a bad one is refused here, not at the first step.
+    ///
+    /// ```
+    /// use lamb_std::{Error, Lamb, lamb_core::LambConfig};
+    /// let e = Lamb::new(LambConfig { beta2: 1.5, ..LambConfig::paper() }).unwrap_err();
+    /// assert!(matches!(e, Error::Config { group: Some(ref g), .. } if g == "default"));
+    /// ```
+    pub fn new(config: LambConfig) -> Result<Lamb, Error> {
+        let opt = Lamb::unchecked(config);
+        opt.groups.iter().try_for_each(validate_group)?;
+        Ok(opt)
+    }
+
+    /// [`Lamb::new`] without the check of `config`.
+    fn unchecked(config: LambConfig) -> Lamb {
         Lamb {
             groups: vec![Group {
                 name: "default".into(),
@@ -136,15 +154,17 @@ impl Lamb {
     ///
     /// ```
     /// use lamb_std::{GroupId, Lamb, lamb_core::LambConfig};
-    /// let mut opt = Lamb::with_decay_split(LambConfig::paper());
+    /// let mut opt = Lamb::with_decay_split(LambConfig::paper())?;
     /// let w = opt.add_param("fc.weight", &[4, 3])?;
     /// let b = opt.add_param("fc.bias", &[4])?;
     /// assert_eq!(opt.layer(w)?.group, GroupId(0));
     /// assert_eq!(opt.layer(b)?.group, GroupId(1));
     /// # Ok::<(), lamb_std::Error>(())
     /// ```
-    pub fn with_decay_split(config: LambConfig) -> Lamb {
-        let mut opt = Lamb::new(config);
+    ///
+    /// `config` is checked now, as by [`Lamb::new`], and so is the `"no_decay"` group's.
+    pub fn with_decay_split(config: LambConfig) -> Result<Lamb, Error> {
+        let mut opt = Lamb::unchecked(config);
         opt.groups[0].name = "decay".into();
         let no_decay = LambConfig {
             weight_decay: 0.0,
@@ -159,7 +179,8 @@ impl Lamb {
         });
         opt.group_layers.push(0);
         opt.no_decay_group = Some(1);
-        opt
+        opt.groups.iter().try_for_each(validate_group)?;
+        Ok(opt)
     }
 
     /// Adds a parameter group and returns its id. Its configuration is validated at once.
@@ -288,7 +309,7 @@ impl Lamb {
     ///
     /// ```
     /// use lamb_std::{Lamb, lamb_core::LambConfig};
-    /// let mut opt = Lamb::new(LambConfig::paper());
+    /// let mut opt = Lamb::new(LambConfig::paper())?;
     /// opt.add_layer("w", 4)?;
     /// let mut w = vec![0.5f32; 4];
     /// let _ = opt.step(&mut [&mut w], &[&[0.1; 4]])?;
@@ -364,7 +385,7 @@ impl Lamb {
     ///
     /// ```
     /// use lamb_std::{Error, Lamb, lamb_core::LambConfig};
-    /// let mut opt = Lamb::new(LambConfig::paper());
+    /// let mut opt = Lamb::new(LambConfig::paper())?;
     /// opt.set_threads(3)?;
     /// assert_eq!(opt.threads(), 3);
     /// let e = opt.set_threads(100_000).unwrap_err();
@@ -446,7 +467,7 @@ impl Lamb {
     ///
     /// ```
     /// use lamb_std::{Error, Lamb, lamb_core::LambConfig};
-    /// let mut opt = Lamb::new(LambConfig { lr: 0.01, ..LambConfig::paper() });
+    /// let mut opt = Lamb::new(LambConfig { lr: 0.01, ..LambConfig::paper() })?;
     /// opt.add_layer("w", 4)?;
     /// // Step decay: halve the rate every 100 steps; the step is refused at step 3.
     /// opt.set_lr_schedule(|t| if t == 3 { f64::NAN } else { 0.5f64.powi((t / 100) as i32) });
@@ -489,7 +510,7 @@ impl Lamb {
     ///
     /// ```
     /// use lamb_std::{GroupId, Lamb, lamb_core::LambConfig};
-    /// let mut opt = Lamb::with_decay_split(LambConfig::paper());
+    /// let mut opt = Lamb::with_decay_split(LambConfig::paper())?;
     /// opt.set_lr(3e-4)?;
     /// assert_eq!(opt.group(GroupId(0))?.config.lr, 3e-4);
     /// assert_eq!(opt.group(GroupId(1))?.config.lr, 3e-4);
@@ -560,7 +581,7 @@ impl Lamb {
     ///
     /// ```
     /// use lamb_std::{Error, Lamb, LayerId, lamb_core::LambConfig};
-    /// let mut opt = Lamb::new(LambConfig::paper());
+    /// let mut opt = Lamb::new(LambConfig::paper())?;
     /// let w = opt.add_layer("w", 4)?;
     /// assert_eq!(opt.layer(w)?.name, "w");
     /// assert_eq!(opt.layer(LayerId(7)).unwrap_err(), Error::UnknownLayer(7));

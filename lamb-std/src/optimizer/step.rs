@@ -82,7 +82,7 @@ impl Lamb {
     ///
     /// ```
     /// use lamb_std::{Lamb, ParamsIn, lamb_core::{LambConfig, layer::Grads}};
-    /// let mut opt = Lamb::new(LambConfig::paper());
+    /// let mut opt = Lamb::new(LambConfig::paper())?;
     /// opt.add_layer("trained", 4)?;
     /// opt.add_layer("frozen", 2)?;
     /// let (mut w, mut f) = (vec![0.5f32; 4], vec![0.5f32; 2]);

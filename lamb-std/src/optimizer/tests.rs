@@ -9,7 +9,7 @@ use crate::error::Error;
 use crate::parallel::partition::partition;
 
 fn setup(threads: usize) -> (Lamb, Vec<Vec<f32>>, Vec<Vec<f32>>) {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.set_threads(threads).unwrap();
     let mut params = vec![];
     let mut grads = vec![];
@@ -121,7 +121,7 @@ fn the_plan_follows_layers_and_threads_added_after_a_step() {
 #[test]
 fn a_failed_master_allocation_fails_the_step_cleanly() {
     use lamb_core::half::bf16;
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     for i in 0..3 {
         opt.add_layer(format!("h{i}"), 100).unwrap();
     }

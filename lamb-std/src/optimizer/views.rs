@@ -50,7 +50,7 @@ impl ParamsIn<'_> {
 ///
 /// ```
 /// use lamb_std::{Error, Lamb, LayerId, ParamStorage, ParamsIn, lamb_core::{LambConfig, half::bf16, layer::Grads}};
-/// let mut opt = Lamb::new(LambConfig::paper());
+/// let mut opt = Lamb::new(LambConfig::paper())?;
 /// opt.add_layer("w", 4)?;
 /// assert_eq!(opt.layer(LayerId(0))?.storage, None); // free until the first step
 /// let mut w = vec![bf16::from_f32(0.5); 4];
