@@ -70,6 +70,19 @@ pub enum Error {
         /// Gradient tensors passed.
         grads: usize,
     },
+    /// A bound step ([`Lamb::step_bound`](crate::Lamb::step_bound)) was given a tensor
+    /// for another layer than the one registered at its position (two layers swapped, a
+    /// layer left out, a foreign id). Nothing was written.
+    WrongLayer {
+        /// The tensor's position in the list.
+        position: usize,
+        /// `"parameters"` or `"gradient"`.
+        what: &'static str,
+        /// The layer registered at that position.
+        registered: String,
+        /// The layer the tensor was given for.
+        found: String,
+    },
     /// Two gradient tensors share memory.
     AliasedBuffers {
         /// First layer's name.
@@ -233,6 +246,7 @@ impl fmt::Display for Error {
             } => write!(f, "{source}"),
             Error::LayerCount { .. }
             | Error::AliasedBuffers { .. }
+            | Error::WrongLayer { .. }
             | Error::StorageChanged { .. }
             | Error::MasterNeedsHalf { .. }
             | Error::NeedsMaster(_) => fmt_step_input(self, f),
@@ -299,6 +313,15 @@ fn fmt_step_input(e: &Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         Error::AliasedBuffers { first, second } => write!(
             f,
             "the gradients of layers '{first}' and '{second}' share memory"
+        ),
+        Error::WrongLayer {
+            position,
+            what,
+            registered,
+            found,
+        } => write!(
+            f,
+            "the {what} tensor at position {position} is given for layer {found}, but layer {registered} is registered there: pass every layer once, in registration order; nothing was written"
         ),
         Error::StorageChanged {
             index,

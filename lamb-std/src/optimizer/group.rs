@@ -2,6 +2,8 @@
 //! one enum of how moments are stored (the layer state, its views and checkpoints all
 //! follow it).
 
+use std::sync::Arc;
+
 use lamb_core::LambConfig;
 use lamb_core::layer::Rounding;
 
@@ -82,3 +84,7 @@ impl Default for Precision {
         }
     }
 }
+
+/// A schedule of [`Lamb::set_lr_schedule`](super::Lamb::set_lr_schedule): shared by clones, which step alike.
+#[derive(Clone)]
+pub(super) struct CustomSchedule(pub(super) Arc<dyn Fn(u64) -> f64 + Send + Sync>);

@@ -6,9 +6,12 @@
 //! reuses), and [`step`] (the step itself, from the checks to phase 2). Imports point that
 //! way: nothing here imports `step`.
 
+mod bind;
+mod clone;
 mod cut;
 mod group;
 mod phases;
+mod schedule;
 mod scratch;
 mod state;
 mod step;
@@ -17,10 +20,11 @@ mod tests;
 mod views;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use lamb_core::{BLOCK, Backend, LambConfig, LambError, LayerReport, Schedule};
 
+pub use bind::LayerKey;
+use group::CustomSchedule;
 pub use group::{Group, GroupId, LayerId, Precision, StateFormat};
 pub(crate) use state::StateBytes;
 pub use views::{LayerView, ParamStorage, ParamsIn, SkippedLayer, StateView, StepReport};
@@ -300,69 +304,6 @@ impl Lamb {
         Ok(LayerId(index))
     }
 
-    /// A deep copy: every layer's state (moments, master copies, fixed storage), the
-    /// groups, settings, step counter and thread count, with a thread pool of its own. The
-    /// copy steps bit-identically to the original from here on. Allocation failure, or an
-    /// OS that refuses the threads, is an error ([`Error::OutOfMemory`],
-    /// [`Error::ThreadPool`]); [`Clone::clone`] panics on them instead, as `Vec::clone`
-    /// aborts.
-    ///
-    /// ```
-    /// use lamb_std::{Lamb, lamb_core::LambConfig};
-    /// let mut opt = Lamb::new(LambConfig::paper())?;
-    /// opt.add_layer("w", 4)?;
-    /// let mut w = vec![0.5f32; 4];
-    /// let _ = opt.step(&mut [&mut w], &[&[0.1; 4]])?;
-    /// let mut copy = opt.try_clone()?;
-    /// let mut w2 = w.clone();
-    /// let _ = opt.step(&mut [&mut w], &[&[0.2; 4]])?;
-    /// let _ = copy.step(&mut [&mut w2], &[&[0.2; 4]])?;
-    /// assert_eq!(w, w2);
-    /// # Ok::<(), lamb_std::Error>(())
-    /// ```
-    pub fn try_clone(&self) -> Result<Lamb, Error> {
-        let mut states = Vec::new();
-        states
-            .try_reserve_exact(self.states.len())
-            .map_err(|_| out_of_memory("(all)".into(), "layer table", None))?;
-        for (l, s) in self.layers.iter().zip(&self.states) {
-            let copy = s
-                .try_clone()
-                .map_err(|e| out_of_memory(l.name.clone(), "state copy", e.bytes()))?;
-            states.push(copy);
-        }
-        let mut scratch = Scratch::default();
-        for l in &self.layers {
-            let blocks = l.len.div_ceil(BLOCK);
-            if let Err(bytes) = scratch.reserve_layer(blocks) {
-                return Err(out_of_memory(l.name.clone(), "block sums", bytes));
-            }
-            scratch.push_layer(blocks);
-        }
-        scratch.plan_stale = true;
-        Ok(Lamb {
-            groups: self.groups.clone(),
-            group_layers: self.group_layers.clone(),
-            layers: self.layers.clone(),
-            names: self.names.clone(),
-            states,
-            step: self.step,
-            threads: self.threads,
-            pool: build_pool(self.threads)?,
-            backend: self.backend.clone(),
-            max_grad_norm: self.max_grad_norm,
-            schedule: self.schedule,
-            custom_schedule: self.custom_schedule.clone(),
-            poisoned: self.poisoned,
-            no_decay_group: self.no_decay_group,
-            scratch,
-            #[cfg(test)]
-            panic_in: self.panic_in,
-            #[cfg(test)]
-            fail_master_of: self.fail_master_of,
-        })
-    }
-
     /// The most threads [`Lamb::set_threads`] accepts: [`Lamb::MAX_THREADS`], or rayon's
     /// maximum pool size where that is lower (255 on 32-bit targets, whose thread pools
     /// rayon caps silently).
@@ -450,89 +391,6 @@ impl Lamb {
         })?;
         self.schedule = schedule;
         self.custom_schedule = None;
-        Ok(())
-    }
-
-    /// A learning-rate schedule of your own: `factor(t)` multiplies every group's
-    /// `lr × lr_scale` at step `t` (1-based), like the built-in [`Schedule`]s. It replaces
-    /// the schedule of [`Lamb::set_schedule`] until that is called again (the last call of
-    /// either wins). The factor is checked at each step before anything is written: a
-    /// factor that is NaN, infinite or negative refuses the step with
-    /// [`Error::InvalidLrFactor`] naming the step, and nothing changes.
-    ///
-    /// A closure cannot be saved as data: [`Lamb::save`] refuses while a custom schedule is
-    /// set. To checkpoint, save with a built-in schedule, and after loading call
-    /// `set_lr_schedule` again (a lamb checkpoint load replaces the schedule with the
-    /// file's; a PyTorch state load keeps the optimizer's, custom or not).
-    ///
-    /// ```
-    /// use lamb_std::{Error, Lamb, lamb_core::LambConfig};
-    /// let mut opt = Lamb::new(LambConfig { lr: 0.01, ..LambConfig::paper() })?;
-    /// opt.add_layer("w", 4)?;
-    /// // Step decay: halve the rate every 100 steps; the step is refused at step 3.
-    /// opt.set_lr_schedule(|t| if t == 3 { f64::NAN } else { 0.5f64.powi((t / 100) as i32) });
-    /// let mut w = vec![0.5f32; 4];
-    /// let report = opt.step(&mut [&mut w], &[&[0.1; 4]])?;
-    /// assert_eq!(report.lr_factor, 1.0);
-    /// let _ = opt.step(&mut [&mut w], &[&[0.1; 4]])?;
-    /// let before = w.clone();
-    /// let e = opt.step(&mut [&mut w], &[&[0.1; 4]]).unwrap_err();
-    /// assert!(matches!(e, Error::InvalidLrFactor { step: 3, .. }));
-    /// assert_eq!((w, opt.steps()), (before, 2));
-    /// # Ok::<(), lamb_std::Error>(())
-    /// ```
-    pub fn set_lr_schedule(&mut self, factor: impl Fn(u64) -> f64 + Send + Sync + 'static) {
-        self.custom_schedule = Some(CustomSchedule(Arc::new(factor)));
-    }
-
-    /// Whether a custom schedule ([`Lamb::set_lr_schedule`]) is in use instead of
-    /// [`Lamb::schedule`].
-    pub fn has_custom_schedule(&self) -> bool {
-        self.custom_schedule.is_some()
-    }
-
-    /// The schedule's factor at step `t`, checked (a custom factor may be anything).
-    pub(super) fn lr_factor(&self, t: u64) -> Result<f64, Error> {
-        let Some(custom) = &self.custom_schedule else {
-            return Ok(self.schedule.factor(t));
-        };
-        let factor = (custom.0)(t);
-        if factor.is_finite() && factor >= 0.0 {
-            Ok(factor)
-        } else {
-            Err(Error::InvalidLrFactor { step: t, factor })
-        }
-    }
-
-    /// Sets every group's base learning rate (`config.lr`; each group's `lr_scale` and the
-    /// schedule still apply on top). Checked by the rules of [`Lamb::set_group`] for every
-    /// group first: if one refuses, no group changes.
-    ///
-    /// ```
-    /// use lamb_std::{GroupId, Lamb, lamb_core::LambConfig};
-    /// let mut opt = Lamb::with_decay_split(LambConfig::paper())?;
-    /// opt.set_lr(3e-4)?;
-    /// assert_eq!(opt.group(GroupId(0))?.config.lr, 3e-4);
-    /// assert_eq!(opt.group(GroupId(1))?.config.lr, 3e-4);
-    /// assert!(opt.set_lr(f64::NAN).is_err());
-    /// assert_eq!(opt.group(GroupId(1))?.config.lr, 3e-4);
-    /// # Ok::<(), lamb_std::Error>(())
-    /// ```
-    pub fn set_lr(&mut self, lr: f64) -> Result<(), Error> {
-        for (i, old) in self.groups.iter().enumerate() {
-            let group = Group {
-                config: LambConfig { lr, ..old.config },
-                ..old.clone()
-            };
-            validate_group(&group)?;
-            let states = (self.layers.iter().zip(&self.states))
-                .filter(|(l, _)| l.group == i)
-                .map(|(l, s)| (l.name.as_str(), s.view()));
-            crate::domain::check_group_state(self.step, &old.config, &group.config, states)?;
-        }
-        for g in &mut self.groups {
-            g.config.lr = lr;
-        }
         Ok(())
     }
 
@@ -646,42 +504,6 @@ fn build_pool(threads: usize) -> Result<Option<rayon::ThreadPool>, Error> {
         .build()
         .map(Some)
         .map_err(|e| Error::ThreadPool(e.to_string()))
-}
-
-/// A schedule of [`Lamb::set_lr_schedule`]: shared by clones, which step alike.
-#[derive(Clone)]
-struct CustomSchedule(Arc<dyn Fn(u64) -> f64 + Send + Sync>);
-
-/// A deep copy; see [`Lamb::try_clone`].
-///
-/// # Panics
-/// If memory for the copy or the clone's threads cannot be had (like `Vec::clone`, which
-/// aborts); [`Lamb::try_clone`] returns the error instead.
-impl Clone for Lamb {
-    fn clone(&self) -> Lamb {
-        match self.try_clone() {
-            Ok(copy) => copy,
-            Err(e) => panic!("Lamb::clone: {e}"),
-        }
-    }
-}
-
-/// The settings and sizes, not the buffers.
-impl std::fmt::Debug for Lamb {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lamb")
-            .field("groups", &self.groups)
-            .field("layers", &self.layers.len())
-            .field("params", &self.layers.iter().map(|l| l.len).sum::<usize>())
-            .field("step", &self.step)
-            .field("threads", &self.threads)
-            .field("backend", &self.backend)
-            .field("max_grad_norm", &self.max_grad_norm)
-            .field("schedule", &self.schedule)
-            .field("custom_schedule", &self.custom_schedule.is_some())
-            .field("poisoned", &self.poisoned)
-            .finish_non_exhaustive()
-    }
 }
 
 fn layer_view<'a>(l: &'a Layer, s: &'a LayerState) -> LayerView<'a> {

@@ -30,7 +30,13 @@ use crate::parallel::partition::partition;
 use crate::parallel::run::{Lists, Work, recycle};
 
 impl Lamb {
-    /// One step over every layer: `params[i]` and `grads[i]` belong to layer `i`.
+    /// One step over every layer, bound **by position**: `params[i]` and `grads[i]` belong
+    /// to layer `i`, in registration order. A tensor whose length is not its layer's is
+    /// refused, but two layers of the same length passed in swapped order cannot be told
+    /// apart by position: the step is applied, each with the other's moments. Prefer
+    /// [`Lamb::step_bound`], which takes each tensor with its layer's id or name and refuses
+    /// such a swap; the positional calls suit adapters that bind tensors to layers
+    /// themselves.
     pub fn step(
         &mut self,
         params: &mut [&mut [f32]],
@@ -116,7 +122,7 @@ impl Lamb {
     }
 
     /// A step of the layers whose gradient is present.
-    fn step_slots<P: ParamSlot, G: GradSlot>(
+    pub(super) fn step_slots<P: ParamSlot, G: GradSlot>(
         &mut self,
         params: &mut [P],
         grads: &[G],
