@@ -182,7 +182,8 @@ fn candle(c: &mut Criterion) {
         let mut std_opt = lamb_std::Lamb::new(LambConfig {
             lr: 0.0,
             ..LambConfig::paper()
-        });
+        })
+        .unwrap();
         let mut p: Vec<Vec<f32>> = Vec::new();
         let mut g: Vec<Vec<f32>> = Vec::new();
         for (i, (name, len)) in shapes.iter().enumerate() {

@@ -25,7 +25,7 @@ fn model(c: &mut Criterion) {
     meta.note(format!("[cpu] {}", lamb_benches::cpu_model()));
     for (label, shapes) in model_workloads() {
         let total: usize = shapes.iter().map(|(_, n)| n).sum();
-        let mut opt = Lamb::new(cfg);
+        let mut opt = Lamb::new(cfg).unwrap();
         let mut params: Vec<AlignedBuf> = vec![];
         let mut grads: Vec<AlignedBuf> = vec![];
         for (i, (name, len)) in shapes.iter().enumerate() {

@@ -159,7 +159,7 @@ impl Storage {
 /// is made at the first step).
 fn lamb_std_state_bytes(combo: Combo) -> f64 {
     let n = 16 * QBLOCK;
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     let precision = Precision {
         moments: match combo.moments {
             MomentFmt::F32 => StateFormat::F32,
@@ -191,7 +191,7 @@ fn lamb_std_state_bytes(combo: Combo) -> f64 {
         ParamFmt::MasterF16 => (ParamsIn::F16(&mut ph), Grads::F16(&gh)),
         _ => (ParamsIn::Bf16(&mut pb), Grads::Bf16(&gb)),
     };
-    opt.step_mixed(&mut [p], &[g]).expect("step");
+    let _ = opt.step_mixed(&mut [p], &[g]).expect("step");
     opt.bytes_per_param()
 }
 
@@ -283,7 +283,7 @@ fn threaded(c: &mut Criterion, meta: &mut Meta) {
         for params in [ParamFmt::F32, ParamFmt::Bf16] {
             for moments in [MomentFmt::F32, MomentFmt::Bf16, MomentFmt::Q8] {
                 let combo = Combo { params, moments };
-                let mut opt = Lamb::new(cfg);
+                let mut opt = Lamb::new(cfg).unwrap();
                 opt.set_precision(
                     GroupId(0),
                     Precision {

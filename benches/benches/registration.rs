@@ -17,7 +17,7 @@ use lamb_std::Lamb;
 const LEN: usize = 16;
 
 fn register(layers: usize) -> Lamb {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     for i in 0..layers {
         opt.add_layer(format!("layer.{i}"), LEN).expect("add_layer");
     }

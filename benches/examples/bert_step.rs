@@ -34,7 +34,7 @@ fn main() -> Result<(), lamb_std::Error> {
     );
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for threads in [1, cores] {
-        let mut opt = Lamb::new(LambConfig::nvlamb());
+        let mut opt = Lamb::new(LambConfig::nvlamb()).unwrap();
         opt.set_threads(threads)?;
         opt.set_max_grad_norm(Some(1.0))?;
         for (name, n) in &shapes {

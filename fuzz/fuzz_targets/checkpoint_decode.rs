@@ -318,13 +318,15 @@ impl Model {
     }
 
     /// A fresh optimizer with this model's layers (settings that fail are left out, as the
-    /// same calls fail for every optimizer of the model).
-    fn build(&self) -> Lamb {
+    /// same calls fail for every optimizer of the model); `None` if the configuration is
+    /// refused (`Lamb::new` checks it).
+    fn build(&self) -> Option<Lamb> {
         let mut opt = if self.decay_split {
             Lamb::with_decay_split(self.config)
         } else {
             Lamb::new(self.config)
-        };
+        }
+        .ok()?;
         for (g, p) in self.precision.iter().enumerate() {
             if let Some(p) = p {
                 let _ = opt.set_precision(GroupId(g), *p);
@@ -337,7 +339,7 @@ impl Model {
         }
         let _ = opt.set_max_grad_norm(self.max_grad_norm);
         let _ = opt.set_schedule(self.schedule);
-        opt
+        Some(opt)
     }
 
     /// The model's parameters: f32 values, and which layers hold bf16.
@@ -587,7 +589,7 @@ fn torch_state(opt: &Lamb, model: &Model, t: &TorchSpec) -> Vec<u8> {
         let c = group.config;
         let (mut ids, mut names) = (Vec::new(), Vec::new());
         for i in 0..opt.layer_count() {
-            let l = opt.layer(LayerId(i));
+            let l = opt.layer(LayerId(i)).unwrap();
             if l.group.0 != g {
                 continue;
             }
@@ -752,7 +754,7 @@ fn check_valid(opt: &Lamb, before: &State) {
         opt.schedule()
     );
     for i in 0..opt.layer_count() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         let ok = |m: Vec<f32>, v: Vec<f32>| {
             m.iter().all(|x| x.is_finite()) && v.iter().all(|x| x.is_finite() && *x >= 0.0)
         };
@@ -830,7 +832,10 @@ fn check_valid(opt: &Lamb, before: &State) {
 
 fuzz_target!(|input: Input| {
     let source_model = Model::from_spec(&input.model);
-    let mut source = source_model.build();
+    let Some(mut source) = source_model.build() else {
+        // An invalid configuration: nothing to save or load.
+        return;
+    };
     let mut source_params = source_model.params(input.model.seed);
     source_model.steps(
         &mut source,
@@ -871,7 +876,9 @@ fuzz_target!(|input: Input| {
     };
     let same_model = matches!(input.mismatch, None | Some(Mismatch::None));
     let target_model = source_model.mismatched(input.mismatch.as_ref().unwrap_or(&Mismatch::None));
-    let mut target = target_model.build();
+    let Some(mut target) = target_model.build() else {
+        return;
+    };
     let mut target_params = target_model.params(input.model.seed ^ 1);
     target_model.steps(
         &mut target,
@@ -966,7 +973,7 @@ fuzz_target!(|input: Input| {
             let saved = target
                 .to_checkpoint_bytes()
                 .unwrap_or_else(|e| panic!("a loaded state does not save: {e}"));
-            let mut again = target_model.build();
+            let mut again = target_model.build().expect("built once already");
             again
                 .load_checkpoint_bytes(&saved)
                 .unwrap_or_else(|e| panic!("a loaded state, saved, does not load again: {e}"));

@@ -273,8 +273,8 @@ enum Op {
     // ---------------------------------------------------------------------------------
 }
 
-/// The configuration the optimizer is created with (`Lamb::new` does not validate it; an
-/// invalid one must make every step fail cleanly).
+/// The configuration the optimizer is created with (`Lamb::new` refuses an invalid one,
+/// naming the group; the run then ends).
 #[derive(Arbitrary, Debug)]
 enum InitialConfig {
     /// A preset (see [`ConfigSpec::Preset`]) with no overrides.
@@ -366,7 +366,7 @@ fn snapshot(opt: &Lamb) -> State {
             .collect(),
         layers: (0..opt.layer_count())
             .map(|i| {
-                let l = opt.layer(LayerId(i));
+                let l = opt.layer(LayerId(i)).unwrap();
                 (
                     l.name.to_string(),
                     l.len,
@@ -655,7 +655,7 @@ fn do_step(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, s: &StepSpec) {
             assert!(fixed != found);
             assert_eq!(model.fixed.get(*index), Some(&Some(*fixed)), "{result:?}");
             assert_eq!(params[*index].storage(), *found, "{result:?}");
-            assert_eq!(opt.layer(LayerId(*index)).name, name.as_str());
+            assert_eq!(opt.layer(LayerId(*index)).unwrap().name, name.as_str());
         }
         // Only a checkpoint load leaves a master copy with the storage free.
         Err(e @ Error::MasterNeedsHalf { .. }) => panic!("no checkpoint was loaded: {e}"),
@@ -764,7 +764,7 @@ fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
             }
             if let Ok(id) = &r {
                 assert_eq!(id.0, before.layers.len());
-                let l = opt.layer(*id);
+                let l = opt.layer(*id).unwrap();
                 assert_eq!(l.len, len);
                 assert!(
                     state_bits(&l.state)[1..].iter().all(|&x| x == 0),
@@ -801,7 +801,7 @@ fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
             let sr = shadow.add_param(name, &shape);
             assert_eq!(show(&r), show(&sr), "add_param: optimizer vs shadow");
             if let Ok(id) = &r {
-                let len = opt.layer(*id).len;
+                let len = opt.layer(*id).unwrap().len;
                 assert!(
                     len <= MAX_LEN,
                     "add_param accepted shape {shape:?} as {len} elements"
@@ -970,7 +970,7 @@ fn apply_op(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model, op: &Op) {
     // The storage each layer reports is the harness's record.
     for (i, f) in model.fixed.iter().enumerate() {
         assert_eq!(
-            opt.layer(LayerId(i)).storage,
+            opt.layer(LayerId(i)).unwrap().storage,
             *f,
             "layer {i}'s storage after {op:?}"
         );
@@ -1006,8 +1006,19 @@ fuzz_target!(|input: Input| {
             Lamb::new(config)
         }
     };
-    let mut opt = make();
-    let mut shadow = make();
+    let (mut opt, mut shadow) = match (make(), make()) {
+        (Ok(opt), Ok(shadow)) => (opt, shadow),
+        (Err(e), _) | (_, Err(e)) => {
+            assert!(
+                matches!(
+                    e,
+                    Error::Config { group: Some(_), .. } | Error::LrScaleOverflow { .. }
+                ),
+                "Lamb::new refused a configuration with {e:?}"
+            );
+            return;
+        }
+    };
     shadow
         .set_backend(Backend::Scalar)
         .expect("scalar is always available");

@@ -817,7 +817,7 @@ pub mod state {
                 .collect(),
             layers: (0..opt.layer_count())
                 .map(|i| {
-                    let l = opt.layer(LayerId(i));
+                    let l = opt.layer(LayerId(i)).unwrap();
                     LayerState {
                         name: l.name.to_string(),
                         len: l.len,

@@ -34,7 +34,7 @@ impl Setup {
             ..Config::default()
         };
         let mut opt = Lamb::from_varmap(&map, config).unwrap();
-        opt.step_report(&grads(&vars, 0, |_| true)).unwrap();
+        let _ = opt.step_report(&grads(&vars, 0, |_| true)).unwrap();
         Setup {
             vars,
             opt,

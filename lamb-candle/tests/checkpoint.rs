@@ -50,7 +50,8 @@ fn a_resumed_run_is_bit_identical() {
         let vars = sorted_vars(&map);
         let mut opt = Lamb::from_varmap(&map, config()).unwrap();
         for step in 0..3 {
-            opt.step_report(&grads(&vars, step, |i| step != 1 || i != 0))
+            let _ = opt
+                .step_report(&grads(&vars, step, |i| step != 1 || i != 0))
                 .unwrap();
         }
         let dir = tempfile::tempdir().unwrap();
@@ -82,7 +83,7 @@ fn another_models_checkpoint_is_refused_and_changes_nothing() {
     let map = varmap(DType::F32);
     let vars = sorted_vars(&map);
     let mut opt = Lamb::from_varmap(&map, config()).unwrap();
-    opt.step_report(&grads(&vars, 0, |_| true)).unwrap();
+    let _ = opt.step_report(&grads(&vars, 0, |_| true)).unwrap();
     let bytes = opt.to_checkpoint_bytes().unwrap();
 
     // Same sizes, one Var renamed.
@@ -91,7 +92,7 @@ fn another_models_checkpoint_is_refused_and_changes_nothing() {
     let other_map = named_varmap(&shapes, DType::F32);
     let mut other = Lamb::from_varmap(&other_map, config()).unwrap();
     let other_vars = sorted_vars(&other_map);
-    other.step_report(&grads(&other_vars, 5, |_| true)).unwrap();
+    let _ = other.step_report(&grads(&other_vars, 5, |_| true)).unwrap();
     let before = state(other.inner());
     let e = other.load_checkpoint_bytes(&bytes).unwrap_err();
     assert!(e.to_string().contains("norm.weight"), "{e}");

@@ -192,7 +192,8 @@ fn run_job(
     let mut opt = Lamb::with_decay_split(LambConfig {
         lr: s.lr,
         ..LambConfig::paper()
-    });
+    })
+    .unwrap();
     let precision = Precision {
         moments: job.variant.format(),
         compact_min_len: 0,

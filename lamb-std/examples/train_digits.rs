@@ -140,7 +140,7 @@ fn run_job(
     epochs: usize,
     bar: &ProgressBar,
 ) -> RunResult {
-    let mut opt = Lamb::with_decay_split(job.opt.config(job.lr()));
+    let mut opt = Lamb::with_decay_split(job.opt.config(job.lr())).unwrap();
     common::register(&mut opt);
     let total = common::total_steps(train.len(), job.batch, epochs);
     let warmup = (total as f64 * WARMUP).ceil() as u64;

@@ -8,9 +8,9 @@
 //! ```
 //! use lamb_std::{Lamb, lamb_core::{LambConfig, Schedule}};
 //!
-//! let mut opt = Lamb::with_decay_split(LambConfig::nvlamb());
-//! opt.add_param("encoder.weight", &[64, 32])?;
-//! opt.add_param("encoder.bias", &[64])?;
+//! let mut opt = Lamb::with_decay_split(LambConfig::nvlamb())?;
+//! let w_id = opt.add_param("encoder.weight", &[64, 32])?;
+//! let b_id = opt.add_param("encoder.bias", &[64])?;
 //! opt.set_max_grad_norm(Some(1.0))?;
 //! opt.set_schedule(Schedule::WarmupPoly { warmup: 10, total: 1000, power: 1.0, end: 0.0 })?;
 //! opt.set_threads(2)?;
@@ -19,7 +19,10 @@
 //! let mut b = vec![0.0f32; 64];
 //! let gw = vec![0.01f32; 64 * 32];
 //! let gb = vec![0.01f32; 64];
-//! let report = opt.step(&mut [&mut w, &mut b], &[&gw, &gb])?;
+//! let report = opt.step_bound(
+//!     &mut [(w_id, &mut w[..]), (b_id, &mut b[..])],
+//!     &[(w_id, &gw[..]), (b_id, &gb[..])],
+//! )?;
 //! assert!(report.applied && report.grad_norm.is_some());
 //! # Ok::<(), lamb_std::Error>(())
 //! ```
@@ -43,8 +46,8 @@ mod parallel;
 pub use domain::MAX_STEP;
 pub use error::Error;
 pub use optimizer::{
-    Group, GroupId, Lamb, LayerId, LayerView, ParamStorage, ParamsIn, Precision, SkippedLayer,
-    StateFormat, StateView, StepReport,
+    Group, GroupId, Lamb, LayerId, LayerKey, LayerView, ParamStorage, ParamsIn, Precision,
+    SkippedLayer, StateFormat, StateView, StepReport,
 };
 
 /// The code blocks of the crate's README, run as doctests so that they cannot rot.

@@ -50,7 +50,7 @@ fn a_layer_too_large_for_the_machine_is_an_error() {
         println!("SKIPPED: vm.overcommit_memory = 1 would let a 4 TiB mapping succeed");
         return;
     }
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.add_layer("before", 3).unwrap();
     let e = opt.add_param("x", &[1 << 40]).unwrap_err();
     assert_eq!(
@@ -65,7 +65,12 @@ fn a_layer_too_large_for_the_machine_is_an_error() {
     assert_eq!(opt.layer_count(), 1);
     let mut a = vec![0.5f32; 3];
     assert!(opt.step(&mut [&mut a], &[&[0.01; 3]]).unwrap().applied);
-    refused_then_usable(Lamb::new(LambConfig::paper()), GroupId(0), 1 << 40, 4 << 40);
+    refused_then_usable(
+        Lamb::new(LambConfig::paper()).unwrap(),
+        GroupId(0),
+        1 << 40,
+        4 << 40,
+    );
 }
 
 /// 2^58 elements (2^60 bytes of f32): within `isize`, so the allocator is asked, but
@@ -79,7 +84,7 @@ fn a_layer_beyond_the_address_space_is_an_error_in_every_format() {
         (StateFormat::Bf16, len * 2),
         (StateFormat::Q8, len),
     ] {
-        let mut opt = Lamb::new(LambConfig::paper());
+        let mut opt = Lamb::new(LambConfig::paper()).unwrap();
         let precision = Precision {
             moments,
             compact_min_len: 0,

@@ -37,7 +37,7 @@ fn uniform(rng: &mut SmallRng, n: usize, scale: f32) -> Vec<f32> {
 const LAYERS: [(&str, usize); 4] = [("w1", 1536), ("b1", 48), ("w2", 480), ("b2", 10)];
 
 fn model() -> (Lamb, Vec<Vec<f32>>) {
-    let mut opt = Lamb::with_decay_split(LambConfig::timm());
+    let mut opt = Lamb::with_decay_split(LambConfig::timm()).unwrap();
     let mut rng = SmallRng::seed_from_u64(3);
     let mut params = Vec::new();
     for (name, len) in LAYERS {
@@ -75,7 +75,7 @@ fn step(opt: &mut Lamb, params: &mut [Vec<f32>]) {
 fn bits(opt: &Lamb, params: &[Vec<f32>]) -> Vec<u32> {
     let mut out = vec![opt.steps() as u32];
     for (i, p) in params.iter().enumerate() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         out.extend(p.iter().chain(l.m).chain(l.v).map(|x| x.to_bits()));
     }
     out

@@ -24,7 +24,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 fn optimizer() -> Lamb {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.add_layer("w", 3).unwrap();
     opt
 }
@@ -32,7 +32,8 @@ fn optimizer() -> Lamb {
 /// An optimizer one step in, so that its checkpoint differs from a fresh one's.
 fn stepped() -> Lamb {
     let mut opt = optimizer();
-    opt.step(&mut [&mut [0.5, -1.0, 2.0]], &[&[0.1, 0.2, -0.3]])
+    let _ = opt
+        .step(&mut [&mut [0.5, -1.0, 2.0]], &[&[0.1, 0.2, -0.3]])
         .unwrap();
     opt
 }
@@ -177,7 +178,7 @@ fn save_through_a_symbolic_link_replaces_the_file_it_leads_to() {
 
     // Through two links.
     let mut third = stepped();
-    third
+    let _ = third
         .step(&mut [&mut [0.5, -1.0, 2.0]], &[&[0.1, 0.2, -0.3]])
         .unwrap();
     third.save(&chain).unwrap();

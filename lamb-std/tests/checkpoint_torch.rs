@@ -75,7 +75,7 @@ impl Run {
 /// model's parameter order (decay first here, where timm lists no_decay first: the mapping
 /// is by name).
 fn optimizer(run: &Run) -> Lamb {
-    let mut opt = Lamb::with_decay_split(LambConfig::timm());
+    let mut opt = Lamb::with_decay_split(LambConfig::timm()).unwrap();
     for name in &run.names {
         opt.add_param(name.clone(), &run.t[&format!("params.{name}")].0)
             .unwrap();
@@ -107,7 +107,9 @@ fn a_timm_state_loads_and_lamb_continues_as_timm_did() {
         let ids = g["params"].as_array().unwrap();
         let names = g["param_names"].as_array().unwrap();
         for (id, name) in ids.iter().zip(names) {
-            let l = opt.layer(opt.layer_id(name.as_str().unwrap()).unwrap());
+            let l = opt
+                .layer(opt.layer_id(name.as_str().unwrap()).unwrap())
+                .unwrap();
             assert_eq!(l.m, state[&format!("state.{id}.exp_avg")].1, "{name}");
             assert_eq!(l.v, state[&format!("state.{id}.exp_avg_sq")].1, "{name}");
         }
@@ -148,7 +150,7 @@ fn a_timm_state_loads_and_lamb_continues_as_timm_did() {
     }
     // Same tolerances as lamb-core's timm reference test (tests/reference.rs).
     for (i, name) in run.names.iter().enumerate() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         let errs = [
             rel_l2(&params[i], run.get(&format!("final.{name}"))),
             rel_l2(l.m, run.get(&format!("final_exp_avg.{name}"))),
@@ -177,7 +179,7 @@ fn a_timm_state_loads_and_lamb_continues_as_timm_did() {
             s.push(format!("{:?}", opt.group(GroupId(g)).unwrap()));
         }
         for i in 0..opt.layer_count() {
-            let l = opt.layer(LayerId(i));
+            let l = opt.layer(LayerId(i)).unwrap();
             s.push(format!("{} {:?} {:?}", l.name, l.m, l.v));
         }
         s
@@ -187,7 +189,7 @@ fn a_timm_state_loads_and_lamb_continues_as_timm_did() {
     let mut committed = optimizer(&run);
     let mut p: Vec<Vec<f32>> = run.names.iter().map(|_| Vec::new()).collect();
     for (i, x) in p.iter_mut().enumerate() {
-        *x = vec![0.0; committed.layer(LayerId(i)).len];
+        *x = vec![0.0; committed.layer(LayerId(i)).unwrap().len];
     }
     let mut pp: Vec<&mut [f32]> = p.iter_mut().map(|x| x.as_mut_slice()).collect();
     committed.load_with_params(&path, &mut pp).unwrap();

@@ -134,7 +134,8 @@ mod on_this_target {
             eps: 1e-45,
             lr: 0.01,
             ..LambConfig::paper()
-        });
+        })
+        .unwrap();
         opt.set_max_grad_norm(Some(0.01)).unwrap();
         opt.set_schedule(Schedule::WarmupCosine {
             warmup: 2,
@@ -183,7 +184,7 @@ mod on_this_target {
         out.extend(w0.iter().chain(&w1).map(|x| x.to_bits() as u64));
         out.extend(h.iter().map(|x| x.to_bits() as u64));
         for i in 0..LENS.len() {
-            let l = opt.layer(LayerId(i));
+            let l = opt.layer(LayerId(i)).unwrap();
             let StateView::F32 { m, v } = l.state else {
                 unreachable!("f32 moments")
             };

@@ -11,7 +11,7 @@ use lamb_std::{Error, GroupId, Lamb, LayerId, ParamsIn, Precision, StateView, St
 
 /// Every stored bit of layer `i`'s state: master copy and moments.
 fn state_bits(opt: &Lamb, i: usize) -> Vec<u32> {
-    let l = opt.layer(LayerId(i));
+    let l = opt.layer(LayerId(i)).unwrap();
     let mut bits: Vec<u32> = l
         .master
         .unwrap_or(&[])
@@ -81,7 +81,7 @@ fn refused<H: Half>(config: LambConfig, precision: Precision, hot: &[f32], hot_g
             non_finite: policy,
             ..config
         };
-        let mut opt = Lamb::new(config);
+        let mut opt = Lamb::new(config).unwrap();
         opt.set_precision(GroupId(0), precision).unwrap();
         opt.add_layer("ok", 40).unwrap();
         opt.add_layer("hot", hot.len()).unwrap();
@@ -201,7 +201,8 @@ fn big_f16_layers_of_small_weights_still_step() {
     let mut opt = Lamb::new(LambConfig {
         lr: 0.01,
         ..LambConfig::paper()
-    });
+    })
+    .unwrap();
     opt.add_layer("big", n).unwrap();
     let mut w = vec![f16::from_f32(100.0); n];
     let g = vec![f16::from_f32(0.5); n];
@@ -215,7 +216,8 @@ fn big_f16_layers_of_small_weights_still_step() {
     let mut opt = Lamb::new(LambConfig {
         lr: 1.0,
         ..LambConfig::paper().adamw()
-    });
+    })
+    .unwrap();
     opt.add_layer("top", 16).unwrap();
     let mut w = vec![f16::MAX; 16];
     assert!(step_f16(&mut opt, &mut w, &[f16::from_f32(1.0); 16]).applied);
@@ -227,7 +229,8 @@ fn big_f16_layers_of_small_weights_still_step() {
         lr: 510.0,
         weight_decay: 0.0,
         ..LambConfig::paper().adamw()
-    });
+    })
+    .unwrap();
     opt.add_layer("near", 16).unwrap();
     let mut w = vec![f16::from_f32(65000.0); 16];
     assert!(step_f16(&mut opt, &mut w, &[f16::from_f32(-1.0); 16]).applied);

@@ -55,7 +55,7 @@ impl Model {
     }
 
     fn optimizer(&self, config: LambConfig) -> Lamb {
-        let mut opt = Lamb::new(config);
+        let mut opt = Lamb::new(config).unwrap();
         for (name, n) in &self.shapes {
             opt.add_layer(name.clone(), *n).unwrap();
         }
@@ -80,7 +80,7 @@ fn snapshot(opt: &Lamb, params: &[Vec<f32>]) -> Vec<u32> {
         out.extend(p.iter().map(|x| x.to_bits()));
     }
     for i in 0..opt.layer_count() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         out.extend(l.m.iter().chain(l.v).map(|x| x.to_bits()));
     }
     out
@@ -122,7 +122,7 @@ fn bit_identical_for_1_2_3_8_threads_and_equal_to_per_layer_core() {
     let mut m: Vec<Vec<f32>> = model.shapes.iter().map(|(_, n)| vec![0.0; *n]).collect();
     let mut v = m.clone();
     for (t, g) in model.grads.iter().enumerate() {
-        step(&mut opt, &mut params, g).unwrap();
+        let _ = step(&mut opt, &mut params, g).unwrap();
         for i in 0..reference.len() {
             step_layer(
                 &LambConfig::paper(),
@@ -137,7 +137,7 @@ fn bit_identical_for_1_2_3_8_threads_and_equal_to_per_layer_core() {
     }
     assert!(params == reference);
     for i in 0..m.len() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         assert!(
             l.m == m[i].as_slice() && l.v == v[i].as_slice(),
             "state of layer {i}"
@@ -202,9 +202,9 @@ fn loss_scale_is_folded_into_the_gradient_scale() {
     {
         let mut p: Vec<&mut [f32]> = pa.iter_mut().map(|x| x.as_mut_slice()).collect();
         let g: Vec<&[f32]> = scaled.iter().map(|x| x.as_slice()).collect();
-        a.step_scaled(&mut p, &g, 1.0 / 1024.0).unwrap();
+        let _ = a.step_scaled(&mut p, &g, 1.0 / 1024.0).unwrap();
     }
-    step(&mut b, &mut pb, &model.grads[0]).unwrap();
+    let _ = step(&mut b, &mut pb, &model.grads[0]).unwrap();
     assert!(pa == pb);
     assert!(snapshot(&a, &pa) == snapshot(&b, &pb));
 }
@@ -218,7 +218,7 @@ fn a_non_finite_gradient_anywhere_skips_every_layer() {
             opt.set_threads(threads).unwrap();
             opt.set_max_grad_norm(clip).unwrap();
             let mut params = model.params.clone();
-            step(&mut opt, &mut params, &model.grads[0]).unwrap();
+            let _ = step(&mut opt, &mut params, &model.grads[0]).unwrap();
             let before = snapshot(&opt, &params);
             let mut bad = model.grads[1].clone();
             bad[150][7] = f32::NAN;
@@ -256,7 +256,7 @@ fn bad_input_is_refused_and_nothing_is_written() {
     let mut opt = model.optimizer(LambConfig::paper());
     opt.set_threads(2).unwrap();
     let mut params = model.params.clone();
-    step(&mut opt, &mut params, &model.grads[0]).unwrap();
+    let _ = step(&mut opt, &mut params, &model.grads[0]).unwrap();
     let before = snapshot(&opt, &params);
     let g = &model.grads[0];
 
@@ -368,7 +368,7 @@ fn schedule_and_group_lr_scale_set_the_step_size() {
         lr: 0.01,
         ..LambConfig::paper()
     };
-    let mut opt = Lamb::new(cfg);
+    let mut opt = Lamb::new(cfg).unwrap();
     opt.add_layer("a", 64).unwrap();
     let half = opt.add_group("half", cfg, 0.5).unwrap();
     opt.add_layer_to(half, "b", 64).unwrap();
@@ -382,8 +382,8 @@ fn schedule_and_group_lr_scale_set_the_step_size() {
     let mut params = model.params.clone();
     let r = step(&mut opt, &mut params, &model.grads[0]).unwrap();
     assert_eq!(r.lr_factor, 0.25);
-    let a = opt.layer(LayerId(0)).last.unwrap();
-    let b = opt.layer(LayerId(1)).last.unwrap();
+    let a = opt.layer(LayerId(0)).unwrap().last.unwrap();
+    let b = opt.layer(LayerId(1)).unwrap().last.unwrap();
     assert_eq!(a.step_size, (0.01 * 0.25 * a.trust_ratio as f64) as f32);
     assert_eq!(
         b.step_size,
@@ -393,13 +393,13 @@ fn schedule_and_group_lr_scale_set_the_step_size() {
 
 #[test]
 fn decay_split_follows_timm() {
-    let mut opt = Lamb::with_decay_split(LambConfig::paper());
+    let mut opt = Lamb::with_decay_split(LambConfig::paper()).unwrap();
     let w = opt.add_param("attn.qkv.weight", &[8, 8]).unwrap();
     let b = opt.add_param("attn.qkv.bias", &[8]).unwrap();
     let n = opt.add_param("norm.weight", &[8]).unwrap();
-    assert_eq!(opt.layer(w).group, GroupId(0));
-    assert_eq!(opt.layer(b).group, GroupId(1));
-    assert_eq!(opt.layer(n).group, GroupId(1));
+    assert_eq!(opt.layer(w).unwrap().group, GroupId(0));
+    assert_eq!(opt.layer(b).unwrap().group, GroupId(1));
+    assert_eq!(opt.layer(n).unwrap().group, GroupId(1));
     let nd = opt.group(GroupId(1)).unwrap().config;
     assert_eq!(nd.weight_decay, 0.0);
     assert!(!nd.adapts());
@@ -410,14 +410,14 @@ fn reset_zeroes_state_and_counter() {
     let model = Model::new(shapes::uniform(2, 50), 1, 6);
     let mut opt = model.optimizer(LambConfig::paper());
     let mut params = model.params.clone();
-    step(&mut opt, &mut params, &model.grads[0]).unwrap();
+    let _ = step(&mut opt, &mut params, &model.grads[0]).unwrap();
     assert_eq!(opt.steps(), 1);
-    assert!(opt.layer(LayerId(0)).m.iter().any(|&x| x != 0.0));
-    assert!(opt.layer(LayerId(0)).last.is_some());
+    assert!(opt.layer(LayerId(0)).unwrap().m.iter().any(|&x| x != 0.0));
+    assert!(opt.layer(LayerId(0)).unwrap().last.is_some());
     opt.reset();
     assert_eq!(opt.steps(), 0);
-    assert!(opt.layer(LayerId(0)).m.iter().all(|&x| x == 0.0));
-    assert!(opt.layer(LayerId(0)).last.is_none());
+    assert!(opt.layer(LayerId(0)).unwrap().m.iter().all(|&x| x == 0.0));
+    assert!(opt.layer(LayerId(0)).unwrap().last.is_none());
 }
 
 #[test]
@@ -429,10 +429,51 @@ fn every_backend_gives_the_same_model_step() {
         opt.set_backend(b).unwrap();
         opt.set_threads(2).unwrap();
         let mut params = model.params.clone();
-        step(&mut opt, &mut params, &model.grads[0]).unwrap();
+        let _ = step(&mut opt, &mut params, &model.grads[0]).unwrap();
         results.push((b, snapshot(&opt, &params)));
     }
     for (b, r) in &results[1..] {
         assert!(r == &results[0].1, "{b} differs from {}", results[0].0);
     }
+}
+
+/// A layer id this optimizer did not hand out is an error, like a foreign group id, not a
+/// panic.
+#[test]
+fn an_unknown_layer_id_is_an_error_not_a_panic() {
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
+    let w = opt.add_layer("w", 3).unwrap();
+    assert_eq!(opt.layer(w).unwrap().len, 3);
+    assert_eq!(opt.layer(LayerId(1)).unwrap_err(), Error::UnknownLayer(1));
+    assert_eq!(
+        opt.layer(LayerId(usize::MAX)).unwrap_err().to_string(),
+        format!("no layer with id {}", usize::MAX)
+    );
+}
+
+/// A bad configuration is refused when the optimizer is made, naming the group, not at
+/// the first step.
+#[test]
+fn a_bad_config_is_refused_at_construction() {
+    let bad = LambConfig {
+        eps: -1.0,
+        ..LambConfig::paper()
+    };
+    let e = Lamb::new(bad).unwrap_err();
+    assert!(
+        matches!(&e, Error::Config { group: Some(g), .. } if g == "default"),
+        "{e}"
+    );
+    let e = Lamb::with_decay_split(bad).unwrap_err();
+    assert!(
+        matches!(&e, Error::Config { group: Some(g), .. } if g == "decay"),
+        "{e}"
+    );
+    let e = Lamb::new(LambConfig {
+        lr: 1e300,
+        ..LambConfig::paper()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("lr = 1e300"), "{e}");
+    assert!(Lamb::with_decay_split(LambConfig::paper()).is_ok());
 }

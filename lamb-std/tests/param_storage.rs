@@ -19,7 +19,7 @@ fn bf16_step(opt: &mut Lamb, w: &mut [bf16], g: &[bf16]) -> Result<bool, Error> 
 
 /// Everything a refused step must leave as it was.
 fn snapshot(opt: &Lamb) -> String {
-    let l = opt.layer(LayerId(0));
+    let l = opt.layer(LayerId(0)).unwrap();
     format!(
         "{} {:?} {:?} {:?} {:?} {:?}",
         opt.steps(),
@@ -37,13 +37,16 @@ fn snapshot(opt: &Lamb) -> String {
 /// update was silently lost. Now the f32 step is refused, with nothing written.
 #[test]
 fn a_storage_change_is_refused_and_no_stale_master_is_used() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.add_layer("enc.w", 4).unwrap();
     let mut w = bf(&[0.5; 4]);
     let g = bf(&[0.01; 4]);
     assert!(bf16_step(&mut opt, &mut w, &g).unwrap());
-    assert!(opt.layer(LayerId(0)).master.is_some());
-    assert_eq!(opt.layer(LayerId(0)).storage, Some(ParamStorage::Bf16));
+    assert!(opt.layer(LayerId(0)).unwrap().master.is_some());
+    assert_eq!(
+        opt.layer(LayerId(0)).unwrap().storage,
+        Some(ParamStorage::Bf16)
+    );
 
     // The model is converted to f32 for a step.
     let before = snapshot(&opt);
@@ -68,14 +71,14 @@ fn a_storage_change_is_refused_and_no_stale_master_is_used() {
     assert_eq!(snapshot(&opt), before);
 
     // bf16 again: the master copy is current (the model's last written values).
-    let master: Vec<f32> = opt.layer(LayerId(0)).master.unwrap().to_vec();
+    let master: Vec<f32> = opt.layer(LayerId(0)).unwrap().master.unwrap().to_vec();
     assert!(master.iter().zip(&w).all(|(m, x)| bf16::from_f32(*m) == *x));
     assert!(bf16_step(&mut opt, &mut w, &g).unwrap());
 
     // New weights: reset() frees the storage and drops the master copy, and the next step
     // takes the new weights.
     opt.reset();
-    assert_eq!(opt.layer(LayerId(0)).storage, None);
+    assert_eq!(opt.layer(LayerId(0)).unwrap().storage, None);
     let mut w_new = bf(&[-3.0; 4]);
     assert!(bf16_step(&mut opt, &mut w_new, &g).unwrap());
     for x in &w_new {
@@ -125,13 +128,16 @@ fn every_other_storage_is_refused_after_the_first_applied_step() {
     let storages = [ParamStorage::F32, ParamStorage::Bf16, ParamStorage::F16];
     for first in storages {
         for later in storages {
-            let mut opt = Lamb::new(LambConfig::paper());
+            let mut opt = Lamb::new(LambConfig::paper()).unwrap();
             opt.add_layer("other", 3).unwrap();
             opt.add_layer("w", 8).unwrap();
             let mut t = Tensors::new();
             assert!(t.step(&mut opt, first).unwrap());
-            assert_eq!(opt.layer(LayerId(1)).storage, Some(first));
-            assert_eq!(opt.layer(LayerId(0)).storage, Some(ParamStorage::F32));
+            assert_eq!(opt.layer(LayerId(1)).unwrap().storage, Some(first));
+            assert_eq!(
+                opt.layer(LayerId(0)).unwrap().storage,
+                Some(ParamStorage::F32)
+            );
             let before = (snapshot(&opt), t.clone());
             let r = t.step(&mut opt, later);
             if later == first {
@@ -151,7 +157,7 @@ fn every_other_storage_is_refused_after_the_first_applied_step() {
         }
     }
     // Without a master copy (bf16 updated in place) too.
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     let no_master = Precision {
         master: false,
         ..Precision::default()
@@ -175,13 +181,13 @@ fn every_other_storage_is_refused_after_the_first_applied_step() {
 /// (a refused step changes nothing).
 #[test]
 fn a_refused_first_step_does_not_fix_the_storage() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.add_layer("w", 4).unwrap();
     let mut w = bf(&[0.5; 4]);
     // Skipped: an overflowing gradient.
     assert!(!bf16_step(&mut opt, &mut w, &bf(&[f32::INFINITY, 0.0, 0.0, 0.0])).unwrap());
-    assert_eq!(opt.layer(LayerId(0)).storage, None);
-    assert!(opt.layer(LayerId(0)).master.is_none());
+    assert_eq!(opt.layer(LayerId(0)).unwrap().storage, None);
+    assert!(opt.layer(LayerId(0)).unwrap().master.is_none());
     // Refused: a bad loss scale.
     let e = opt.step_mixed_scaled(
         &mut [ParamsIn::Bf16(&mut w)],
@@ -189,12 +195,15 @@ fn a_refused_first_step_does_not_fix_the_storage() {
         f32::NAN,
     );
     assert!(e.is_err());
-    assert_eq!(opt.layer(LayerId(0)).storage, None);
+    assert_eq!(opt.layer(LayerId(0)).unwrap().storage, None);
     // So f32 is still free, and then fixed.
     let mut w32 = vec![0.5f32; 4];
     assert!(opt.step(&mut [&mut w32], &[&[0.01; 4]]).unwrap().applied);
-    assert_eq!(opt.layer(LayerId(0)).storage, Some(ParamStorage::F32));
-    assert!(opt.layer(LayerId(0)).master.is_none());
+    assert_eq!(
+        opt.layer(LayerId(0)).unwrap().storage,
+        Some(ParamStorage::F32)
+    );
+    assert!(opt.layer(LayerId(0)).unwrap().master.is_none());
 }
 
 /// A checkpoint does not record the storage: a load frees it. A master copy loaded with the
@@ -202,18 +211,18 @@ fn a_refused_first_step_does_not_fix_the_storage() {
 /// ones continue from the copy.
 #[test]
 fn a_checkpoint_load_frees_the_storage_but_a_loaded_master_needs_half_precision() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.add_layer("w", 4).unwrap();
     let mut w = bf(&[0.5; 4]);
     let g = bf(&[0.01; 4]);
     assert!(bf16_step(&mut opt, &mut w, &g).unwrap());
     let with_master = opt.to_checkpoint_bytes().unwrap();
 
-    let mut loaded = Lamb::new(LambConfig::paper());
+    let mut loaded = Lamb::new(LambConfig::paper()).unwrap();
     loaded.add_layer("w", 4).unwrap();
     loaded.load_checkpoint_bytes(&with_master).unwrap();
-    assert_eq!(loaded.layer(LayerId(0)).storage, None);
-    assert!(loaded.layer(LayerId(0)).master.is_some());
+    assert_eq!(loaded.layer(LayerId(0)).unwrap().storage, None);
+    assert!(loaded.layer(LayerId(0)).unwrap().master.is_some());
     let before = snapshot(&loaded);
     let mut w32 = vec![0.5f32; 4];
     let e = loaded.step(&mut [&mut w32], &[&[0.01; 4]]).unwrap_err();
@@ -235,16 +244,22 @@ fn a_checkpoint_load_frees_the_storage_but_a_loaded_master_needs_half_precision(
             .unwrap()
             .applied
     );
-    assert_eq!(loaded.layer(LayerId(0)).storage, Some(ParamStorage::F16));
+    assert_eq!(
+        loaded.layer(LayerId(0)).unwrap().storage,
+        Some(ParamStorage::F16)
+    );
 
     // Loading into an optimizer whose layer was fixed to f32 frees it.
-    let mut fixed = Lamb::new(LambConfig::paper());
+    let mut fixed = Lamb::new(LambConfig::paper()).unwrap();
     fixed.add_layer("w", 4).unwrap();
     let mut w32 = vec![0.5f32; 4];
-    fixed.step(&mut [&mut w32], &[&[0.01; 4]]).unwrap();
-    assert_eq!(fixed.layer(LayerId(0)).storage, Some(ParamStorage::F32));
+    let _ = fixed.step(&mut [&mut w32], &[&[0.01; 4]]).unwrap();
+    assert_eq!(
+        fixed.layer(LayerId(0)).unwrap().storage,
+        Some(ParamStorage::F32)
+    );
     fixed.load_checkpoint_bytes(&with_master).unwrap();
-    assert_eq!(fixed.layer(LayerId(0)).storage, None);
+    assert_eq!(fixed.layer(LayerId(0)).unwrap().storage, None);
     let mut w2 = w.clone();
     assert!(bf16_step(&mut fixed, &mut w2, &g).unwrap());
     // The same as the source optimizer's next step.

@@ -19,7 +19,7 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 fn optimizer(names: &[usize], threads: usize) -> Lamb {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     for &i in names {
         opt.add_layer(format!("l{i}"), LENS[i]).unwrap();
     }
@@ -30,7 +30,7 @@ fn optimizer(names: &[usize], threads: usize) -> Lamb {
 
 /// Moments and last report of layer `id`.
 fn state(opt: &Lamb, id: usize) -> (Vec<f32>, Vec<f32>, String) {
-    let l = opt.layer(LayerId(id));
+    let l = opt.layer(LayerId(id)).unwrap();
     (l.m.to_vec(), l.v.to_vec(), format!("{:?}", l.last))
 }
 
@@ -102,7 +102,7 @@ fn a_layer_steps_again_when_its_gradient_comes_back() {
     }
     for (i, (a, b)) in p.iter().zip(&before).enumerate() {
         assert_ne!(a, b, "layer {i} was never stepped");
-        assert!(opt.layer(LayerId(i)).last.is_some());
+        assert!(opt.layer(LayerId(i)).unwrap().last.is_some());
     }
 }
 
@@ -157,7 +157,7 @@ fn absent_layers_accept_empty_params_and_present_ones_are_still_checked() {
 fn a_non_finite_present_gradient_still_skips_everything() {
     let mut config = LambConfig::paper();
     config.non_finite = NonFinite::Skip;
-    let mut opt = Lamb::new(config);
+    let mut opt = Lamb::new(config).unwrap();
     opt.add_layer("a", 100).unwrap();
     opt.add_layer("b", 100).unwrap();
     let (mut a, mut b) = (vec![0.1f32; 100], vec![0.1f32; 100]);
@@ -177,7 +177,7 @@ fn a_non_finite_present_gradient_still_skips_everything() {
 
 #[test]
 fn an_absent_half_layer_gets_its_master_copy_at_its_first_step() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.set_precision(lamb_std::GroupId(0), Precision::default())
         .unwrap();
     opt.add_layer("w", 64).unwrap();
@@ -186,22 +186,24 @@ fn an_absent_half_layer_gets_its_master_copy_at_its_first_step() {
     let mut h = vec![bf16::from_f32(0.25); 64];
     let g = vec![0.01f32; 64];
     let gh = vec![bf16::from_f32(0.01); 64];
-    opt.step_mixed_scaled_some(
-        &mut [ParamsIn::F32(&mut w), ParamsIn::Bf16(&mut h)],
-        &[Some(Grads::F32(&g)), None],
-        1.0,
-    )
-    .unwrap();
-    assert!(opt.layer(LayerId(1)).master.is_none());
+    let _ = opt
+        .step_mixed_scaled_some(
+            &mut [ParamsIn::F32(&mut w), ParamsIn::Bf16(&mut h)],
+            &[Some(Grads::F32(&g)), None],
+            1.0,
+        )
+        .unwrap();
+    assert!(opt.layer(LayerId(1)).unwrap().master.is_none());
     // The model changed meanwhile (say, loaded): the master is taken from it when it steps.
     h.fill(bf16::from_f32(0.5));
-    opt.step_mixed_scaled_some(
-        &mut [ParamsIn::F32(&mut w), ParamsIn::Bf16(&mut h)],
-        &[None, Some(Grads::Bf16(&gh))],
-        1.0,
-    )
-    .unwrap();
-    let master = opt.layer(LayerId(1)).master.unwrap();
+    let _ = opt
+        .step_mixed_scaled_some(
+            &mut [ParamsIn::F32(&mut w), ParamsIn::Bf16(&mut h)],
+            &[None, Some(Grads::Bf16(&gh))],
+            1.0,
+        )
+        .unwrap();
+    let master = opt.layer(LayerId(1)).unwrap().master.unwrap();
     assert!(
         master.iter().all(|&x| x < 0.5 && x > 0.4),
         "{:?}",
@@ -213,7 +215,7 @@ fn an_absent_half_layer_gets_its_master_copy_at_its_first_step() {
 /// length, and it neither trips nor fixes the layer's storage.
 #[test]
 fn an_absent_layer_placeholder_is_not_checked_against_its_storage() {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.add_layer("half", 64).unwrap();
     opt.add_layer("plain", 64).unwrap();
     let mut h = vec![bf16::from_f32(0.5); 64];
@@ -221,11 +223,12 @@ fn an_absent_layer_placeholder_is_not_checked_against_its_storage() {
     let g = vec![0.01f32; 64];
     let gh = vec![bf16::from_f32(0.01); 64];
     // The first step fixes "half" as bf16.
-    opt.step_mixed(
-        &mut [ParamsIn::Bf16(&mut h), ParamsIn::F32(&mut p)],
-        &[Grads::Bf16(&gh), Grads::F32(&g)],
-    )
-    .unwrap();
+    let _ = opt
+        .step_mixed(
+            &mut [ParamsIn::Bf16(&mut h), ParamsIn::F32(&mut p)],
+            &[Grads::Bf16(&gh), Grads::F32(&g)],
+        )
+        .unwrap();
     // "half" absent, with an empty f32 placeholder: accepted, and "half" stays bf16.
     let report = opt
         .step_mixed_scaled_some(

@@ -67,7 +67,7 @@ fn allocations(f: impl FnOnce()) -> usize {
 /// A model of `layers` layers (some cut among threads), its optimizer with clipping on, and
 /// the allocations of the second step.
 fn second_step_allocations(layers: usize, threads: usize) -> usize {
-    let mut opt = Lamb::with_decay_split(LambConfig::nvlamb());
+    let mut opt = Lamb::with_decay_split(LambConfig::nvlamb()).unwrap();
     opt.set_threads(threads).unwrap();
     opt.set_max_grad_norm(Some(1.0)).unwrap();
     let mut params = Vec::new();
@@ -103,4 +103,33 @@ fn with_a_pool_only_the_pool_hand_off_allocates() {
         "allocations on the calling thread, 3 threads: {small} (5 layers), {large} (40 layers)"
     );
     assert_eq!(small, large, "a step's allocations grew with the model");
+}
+
+/// A bound step (each tensor with its layer's id) allocates nothing either: the keys are
+/// compared, not looked up.
+#[test]
+fn a_bound_f32_step_allocates_nothing_on_one_thread() {
+    let mut opt = Lamb::new(LambConfig::nvlamb()).unwrap();
+    let (mut params, mut grads, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..10 {
+        let n = 3000 + 517 * i;
+        ids.push(opt.add_layer(format!("l{i}"), n).unwrap());
+        params.push(vec![0.1f32; n]);
+        grads.push(vec![0.01f32; n]);
+    }
+    let mut p: Vec<_> = ids
+        .iter()
+        .copied()
+        .zip(params.iter_mut().map(|x| x.as_mut_slice()))
+        .collect();
+    let g: Vec<_> = ids
+        .iter()
+        .copied()
+        .zip(grads.iter().map(|x| x.as_slice()))
+        .collect();
+    assert!(opt.step_bound(&mut p, &g).unwrap().applied);
+    let mut report = None;
+    let n = allocations(|| report = Some(opt.step_bound(&mut p, &g)));
+    assert!(report.unwrap().unwrap().applied);
+    assert_eq!(n, 0);
 }

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 /// Layers "w" (5 elements) and "b" (2) in one group.
 fn model(config: LambConfig) -> Lamb {
-    let mut opt = Lamb::new(config);
+    let mut opt = Lamb::new(config).unwrap();
     opt.add_layer("w", 5).unwrap();
     opt.add_layer("b", 2).unwrap();
     opt
@@ -49,7 +49,7 @@ fn snapshot(opt: &Lamb) -> String {
         s += &format!(" {:?}", opt.group(GroupId(g)).unwrap());
     }
     for i in 0..opt.layer_count() {
-        let l = opt.layer(LayerId(i));
+        let l = opt.layer(LayerId(i)).unwrap();
         s += &format!(" {:?} {:?} {:?}", l.state, l.master, l.last);
     }
     s
@@ -88,6 +88,7 @@ fn edit(
 /// Fills in the checksum, learning it from the library's own refusal.
 fn sign(mut out: Vec<u8>) -> Vec<u8> {
     let msg = Lamb::new(LambConfig::paper())
+        .unwrap()
         .load_checkpoint_bytes(&out)
         .unwrap_err()
         .to_string();
@@ -171,9 +172,10 @@ fn a_checkpoint_beyond_the_step_limit_is_refused() {
     }
     // An optimizer without layers has no step tensors to disagree with the counter.
     let empty = Lamb::new(LambConfig::paper())
+        .unwrap()
         .to_checkpoint_bytes()
         .unwrap();
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     refused(
         &mut opt,
         &with_step(&empty, u64::MAX),
@@ -325,7 +327,7 @@ fn a_first_moment_that_can_never_step_is_refused_and_the_limit_steps() {
 #[test]
 fn compact_moments_that_can_never_step_are_refused() {
     let compact = |moments| {
-        let mut opt = Lamb::new(LambConfig::paper());
+        let mut opt = Lamb::new(LambConfig::paper()).unwrap();
         let precision = Precision {
             moments,
             compact_min_len: 0,

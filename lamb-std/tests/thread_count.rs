@@ -24,7 +24,7 @@ fn model() -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
 
 /// Two steps on `threads` threads; the params and the f32 moments afterwards.
 fn run(threads: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.set_threads(threads).unwrap();
     assert_eq!(opt.threads(), threads);
     for (i, &n) in LENS.iter().enumerate() {
@@ -37,7 +37,7 @@ fn run(threads: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
         assert!(opt.step(&mut p, &g).unwrap().applied);
     }
     let m = (0..LENS.len())
-        .map(|i| opt.layer(LayerId(i)).m.to_vec())
+        .map(|i| opt.layer(LayerId(i)).unwrap().m.to_vec())
         .collect();
     (params, m)
 }
@@ -74,7 +74,7 @@ fn too_many_threads_are_refused_and_the_setting_stays() {
     let max = Lamb::max_threads();
     assert!(max >= 64);
     assert_eq!(max, Lamb::MAX_THREADS.min(rayon_max()));
-    let mut opt = Lamb::new(LambConfig::paper());
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
     opt.set_threads(3).unwrap();
     opt.add_layer("w", 5000).unwrap();
     for n in [100_000, 65_536, max + 1, usize::MAX] {

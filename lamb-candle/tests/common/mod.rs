@@ -139,9 +139,9 @@ pub fn var_bits(vars: &[(String, Var)]) -> Vec<Vec<u32>> {
 /// both used, as in `SHAPES`).
 pub fn reference(vars: &[(String, Var)], config: &Config) -> Lamb {
     let mut opt = if config.decay_split {
-        Lamb::with_decay_split(config.lamb)
+        Lamb::with_decay_split(config.lamb).unwrap()
     } else {
-        Lamb::new(config.lamb)
+        Lamb::new(config.lamb).unwrap()
     };
     for g in 0..opt.group_count() {
         opt.set_precision(lamb_std::GroupId(g), config.precision)
@@ -184,7 +184,7 @@ pub fn grad_bufs(vars: &[(String, Var)], store: &GradStore) -> Vec<Option<Buf>> 
 /// step counter, printed (`{:?}` of floats round-trips exactly).
 pub fn state(opt: &Lamb) -> Vec<String> {
     let mut out: Vec<String> = (0..opt.layer_count())
-        .map(|i| format!("{:?}", opt.layer(lamb_std::LayerId(i))))
+        .map(|i| format!("{:?}", opt.layer(lamb_std::LayerId(i)).unwrap()))
         .collect();
     out.push(format!("step {}", opt.steps()));
     out

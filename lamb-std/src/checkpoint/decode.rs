@@ -54,7 +54,7 @@ pub(super) fn load(
             Some(src) => {
                 let mut b = AlignedBuf::try_zeroed(src.len() / 4).map_err(|e| {
                     Error::OutOfMemory {
-                        name: lamb.layer(LayerId(i)).name.to_string(),
+                        name: lamb.layer_at(LayerId(i)).name.to_string(),
                         what: "master copy",
                         bytes: e.bytes().unwrap_or(usize::MAX),
                     }
@@ -78,7 +78,7 @@ pub(super) fn load(
         step: d.step,
         groups: d.groups,
         max_grad_norm: d.max_grad_norm,
-        schedule: d.schedule,
+        schedule: Some(d.schedule),
         layers,
     });
     Ok(())
@@ -107,7 +107,7 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8], want_params: bool) -> Result<Decoded
     let mut layers = Vec::with_capacity(meta.layers.len());
     let mut params = Vec::new();
     for (i, lm) in meta.layers.iter().enumerate() {
-        let ours = lamb.layer(LayerId(i));
+        let ours = lamb.layer_at(LayerId(i));
         let rule = rules[ours.group.0].as_ref();
         let tensors = Tensors {
             f: &f,
@@ -241,7 +241,7 @@ fn check_layers(lamb: &Lamb, meta: &Meta) -> Result<(), Refusal> {
     };
     let mut members: Vec<Vec<u64>> = vec![Vec::new(); lamb.group_count()];
     for (i, lm) in meta.layers.iter().enumerate() {
-        let l = lamb.layer(LayerId(i));
+        let l = lamb.layer_at(LayerId(i));
         if lm.name != l.name {
             return Err(format!(
                 "layer #{i}: checkpoint has '{}', the optimizer has '{}'",

@@ -96,7 +96,7 @@ pub(super) fn encode(lamb: &Lamb, params: Option<&[&[f32]]>) -> Result<Vec<u8>, 
     let mut layers = Vec::with_capacity(lamb.layer_count());
     let mut tensors: Vec<(String, Out<'_>)> = Vec::with_capacity(5 * lamb.layer_count());
     for i in 0..lamb.layer_count() {
-        let l = lamb.layer(LayerId(i));
+        let l = lamb.layer_at(LayerId(i));
         groups[l.group.0].params.push(i as u64);
         layers.push(layer_meta(&l));
         push_layer_tensors(&mut tensors, i, &l, step_bytes);
@@ -245,7 +245,7 @@ pub(super) fn check_params(
         ));
     }
     for (i, len) in lens.enumerate() {
-        let layer = lamb.layer(LayerId(i));
+        let layer = lamb.layer_at(LayerId(i));
         if len != layer.len {
             return Err(Error::Layer {
                 index: i,

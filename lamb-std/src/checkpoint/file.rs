@@ -97,7 +97,7 @@ fn open_regular(path: &Path) -> Result<(File, u64), Error> {
 /// it is read is refused, not read on).
 pub(super) fn read_bounded(lamb: &Lamb, path: &Path) -> Result<Vec<u8>, Error> {
     let elements: u64 = (0..lamb.layer_count())
-        .map(|i| lamb.layer(LayerId(i)).len as u64)
+        .map(|i| lamb.layer_at(LayerId(i)).len as u64)
         .fold(0, u64::saturating_add);
     // At most: m, v, a master copy and the params in f32 (16 bytes per element), a step
     // tensor of 8 bytes per layer, the header limit.

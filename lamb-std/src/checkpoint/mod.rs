@@ -12,7 +12,7 @@
 //! ```
 //! use lamb_std::{Lamb, lamb_core::LambConfig};
 //!
-//! let mut opt = Lamb::with_decay_split(LambConfig::timm());
+//! let mut opt = Lamb::with_decay_split(LambConfig::timm())?;
 //! opt.add_param("fc.weight", &[4, 3])?;
 //! opt.add_param("fc.bias", &[4])?;
 //! let (mut w, mut b) = (vec![0.5f32; 12], vec![0.0f32; 4]);
@@ -20,14 +20,14 @@
 //!
 //! let bytes = opt.to_checkpoint_bytes()?; // Lamb::save(path) writes these atomically
 //!
-//! let mut resumed = Lamb::with_decay_split(LambConfig::timm());
+//! let mut resumed = Lamb::with_decay_split(LambConfig::timm())?;
 //! resumed.add_param("fc.weight", &[4, 3])?;
 //! resumed.add_param("fc.bias", &[4])?;
 //! resumed.load_checkpoint_bytes(&bytes)?;
 //! assert_eq!(resumed.steps(), 1);
 //!
 //! // Another model is refused, and the optimizer is left as it was.
-//! let mut other = Lamb::new(LambConfig::timm());
+//! let mut other = Lamb::new(LambConfig::timm())?;
 //! other.add_layer("fc.weight", 13)?;
 //! other.add_layer("fc.bias", 4)?;
 //! let err = other.load_checkpoint_bytes(&bytes).unwrap_err();
@@ -203,6 +203,7 @@ impl Lamb {
     /// file at `path` is either the previous one or this one, whatever happens.
     ///
     /// Refused: a poisoned optimizer ([`Error::Poisoned`]; its state is inconsistent), a
+    /// custom learning-rate schedule ([`Lamb::set_lr_schedule`]: a closure is not data), a
     /// group whose configuration does not validate (it could not be loaded back), and a
     /// path that holds anything but a regular file or a symbolic link to one (see
     /// [`write_atomic`]).
@@ -218,12 +219,29 @@ impl Lamb {
 
     /// The bytes [`Lamb::save`] writes.
     pub fn to_checkpoint_bytes(&self) -> Result<Vec<u8>, Error> {
+        self.check_schedule_saveable()?;
         encode::encode(self, None)
     }
 
     /// The bytes [`Lamb::save_with_params`] writes.
     pub fn to_checkpoint_bytes_with_params(&self, params: &[&[f32]]) -> Result<Vec<u8>, Error> {
+        self.check_schedule_saveable()?;
         encode::encode(self, Some(params))
+    }
+
+    /// A custom schedule is code, not data: a checkpoint cannot hold it, and one that
+    /// recorded a built-in schedule instead would resume on the wrong rate.
+    fn check_schedule_saveable(&self) -> Result<(), Error> {
+        if self.has_custom_schedule() {
+            return Err(Error::Checkpoint {
+                path: None,
+                what: "not saved: the learning-rate schedule is a closure (set_lr_schedule), \
+                       which a checkpoint cannot hold; save under a built-in schedule \
+                       (set_schedule) and set the closure again after loading"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     /// Loads a checkpoint written by [`Lamb::save`] (or `save_with_params`; the
@@ -299,11 +317,11 @@ mod tests {
     /// checkpoint (with its parameters) is a way back.
     #[test]
     fn a_poisoned_optimizer_is_not_saved_and_a_load_recovers_it() {
-        let mut opt = Lamb::new(LambConfig::paper());
+        let mut opt = Lamb::new(LambConfig::paper()).unwrap();
         opt.add_layer("a", 3000).unwrap();
         opt.add_layer("b", 10).unwrap();
         let mut p = vec![vec![0.5f32; 3000], vec![0.1f32; 10]];
-        do_step(&mut opt, &mut p).unwrap();
+        let _ = do_step(&mut opt, &mut p).unwrap();
         let pr: Vec<&[f32]> = p.iter().map(|x| x.as_slice()).collect();
         let good = opt.to_checkpoint_bytes_with_params(&pr).unwrap();
         let saved_params = p.clone();

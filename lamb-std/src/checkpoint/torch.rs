@@ -42,12 +42,11 @@ pub(super) fn load(lamb: &mut Lamb, bytes: &[u8]) -> Result<(), Refusal> {
         });
         (moments, None)
     });
-    let schedule = lamb.schedule();
     lamb.restore(Snapshot {
         step: d.step,
         groups: d.groups,
         max_grad_norm: d.max_grad_norm,
-        schedule,
+        schedule: None,
         layers: layers.collect(),
     });
     Ok(())
@@ -105,7 +104,7 @@ fn decode<'a>(lamb: &Lamb, bytes: &'a [u8]) -> Result<Decoded<'a>, Refusal> {
 fn check_layers_take_torch_state(lamb: &Lamb, groups: &[TorchGroup<'_>]) -> Result<(), Refusal> {
     let nl = lamb.layer_count();
     for i in 0..nl {
-        let l = lamb.layer(LayerId(i));
+        let l = lamb.layer_at(LayerId(i));
         if l.state.format() != StateFormat::F32 {
             return Err(format!(
                 "layer '{}' stores its moments compactly (its group's precision); a PyTorch \
@@ -154,10 +153,10 @@ fn state_tensors<'a>(
                 "tensor '{name}': parameter index {id} is in no param_groups entry"
             ));
         };
-        let lname = lamb.layer(LayerId(layer)).name;
+        let lname = lamb.layer_at(LayerId(layer)).name;
         match key {
             "exp_avg" | "exp_avg_sq" => {
-                let data = moment(t, name, lname, lamb.layer(LayerId(layer)).len)?;
+                let data = moment(t, name, lname, lamb.layer_at(LayerId(layer)).len)?;
                 moments[layer][usize::from(key == "exp_avg_sq")] = Some(data);
             }
             "step" => steps.push((step_value(t, name)?, format!("tensor '{name}'"))),
@@ -180,7 +179,7 @@ fn paired_moments<'a>(
 ) -> Result<Vec<LayerMoments<'a>>, Refusal> {
     let mut out = Vec::with_capacity(found.len());
     for (layer, mv) in found.iter().enumerate() {
-        let lname = lamb.layer(LayerId(layer)).name;
+        let lname = lamb.layer_at(LayerId(layer)).name;
         out.push(match *mv {
             [Some(m), Some(v)] => {
                 check_moment(lname, "exp_avg", m)?;
@@ -298,7 +297,7 @@ fn check_next_step(
 ) -> Result<(), Refusal> {
     if let Ok(t) = crate::domain::next_step(step) {
         for (layer, mv) in moments.iter().enumerate() {
-            let l = lamb.layer(LayerId(layer));
+            let l = lamb.layer_at(LayerId(layer));
             if let (Some((m, v)), Some(rule)) = (mv, NextStep::new(&configs[l.group.0].0, t)) {
                 rule.check_m(f32s(m))
                     .and_then(|()| rule.check_v(f32s(v)))
@@ -352,7 +351,7 @@ fn map_params(lamb: &Lamb, groups: &[TorchGroup<'_>]) -> Result<Mapping, Refusal
     let lamb_groups: Vec<Vec<usize>> = (0..lamb.group_count())
         .map(|g| {
             (0..lamb.layer_count())
-                .filter(|&i| lamb.layer(LayerId(i)).group.0 == g)
+                .filter(|&i| lamb.layer_at(LayerId(i)).group.0 == g)
                 .collect()
         })
         .collect();
@@ -378,7 +377,7 @@ fn map_params(lamb: &Lamb, groups: &[TorchGroup<'_>]) -> Result<Mapping, Refusal
             if let Some(other) = torch_of_layer[layer].replace(id) {
                 return Err(format!(
                     "PyTorch parameters {other} and {id} both map to layer '{}'",
-                    lamb.layer(LayerId(layer)).name
+                    lamb.layer_at(LayerId(layer)).name
                 ));
             }
         }
@@ -436,7 +435,7 @@ fn lamb_group_of_layers(
     layers: &[usize],
     by_name: bool,
 ) -> Result<Option<usize>, Refusal> {
-    let mut lgs = layers.iter().map(|&l| lamb.layer(LayerId(l)).group.0);
+    let mut lgs = layers.iter().map(|&l| lamb.layer_at(LayerId(l)).group.0);
     match lgs.next() {
         None if by_name => Ok(None),
         None => Ok(Some(g)),

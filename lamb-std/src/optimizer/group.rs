@@ -2,6 +2,8 @@
 //! one enum of how moments are stored (the layer state, its views and checkpoints all
 //! follow it).
 
+use std::sync::Arc;
+
 use lamb_core::LambConfig;
 use lamb_core::layer::Rounding;
 
@@ -47,7 +49,7 @@ pub enum StateFormat {
 ///
 /// ```
 /// use lamb_std::{Lamb, ParamsIn, Precision, StateFormat, lamb_core::{LambConfig, half::bf16, layer::Grads}};
-/// let mut opt = Lamb::new(LambConfig::paper());
+/// let mut opt = Lamb::new(LambConfig::paper())?;
 /// opt.set_precision(lamb_std::GroupId(0), Precision { moments: StateFormat::Q8, ..Precision::default() })?;
 /// opt.add_layer("w", 8192)?;
 /// let mut w = vec![bf16::from_f32(0.1); 8192];
@@ -82,3 +84,7 @@ impl Default for Precision {
         }
     }
 }
+
+/// A schedule of [`Lamb::set_lr_schedule`](super::Lamb::set_lr_schedule): shared by clones, which step alike.
+#[derive(Clone)]
+pub(super) struct CustomSchedule(pub(super) Arc<dyn Fn(u64) -> f64 + Send + Sync>);

@@ -6,9 +6,12 @@
 //! reuses), and [`step`] (the step itself, from the checks to phase 2). Imports point that
 //! way: nothing here imports `step`.
 
+mod bind;
+mod clone;
 mod cut;
 mod group;
 mod phases;
+mod schedule;
 mod scratch;
 mod state;
 mod step;
@@ -20,6 +23,8 @@ use std::collections::HashMap;
 
 use lamb_core::{BLOCK, Backend, LambConfig, LambError, LayerReport, Schedule};
 
+pub use bind::LayerKey;
+use group::CustomSchedule;
 pub use group::{Group, GroupId, LayerId, Precision, StateFormat};
 pub(crate) use state::StateBytes;
 pub use views::{LayerView, ParamStorage, ParamsIn, SkippedLayer, StateView, StepReport};
@@ -31,6 +36,7 @@ use state::LayerState;
 
 /// A layer's registration (its state lives apart, in `Lamb::states`, so that a step can
 /// lend the states to threads while reading this).
+#[derive(Clone)]
 struct Layer {
     name: String,
     group: usize,
@@ -55,7 +61,7 @@ impl Layer {
 /// ```
 /// use lamb_std::{Lamb, lamb_core::LambConfig};
 ///
-/// let mut opt = Lamb::new(LambConfig::paper());
+/// let mut opt = Lamb::new(LambConfig::paper())?;
 /// opt.add_layer("dense.weight", 6)?;
 /// opt.add_layer("dense.bias", 2)?;
 ///
@@ -82,6 +88,9 @@ pub struct Lamb {
     backend: Result<Backend, Error>,
     max_grad_norm: Option<f64>,
     schedule: Schedule,
+    /// A schedule given as a closure ([`Lamb::set_lr_schedule`]); replaces `schedule` while
+    /// set.
+    custom_schedule: Option<CustomSchedule>,
     poisoned: bool,
     no_decay_group: Option<usize>,
     /// The plan among threads, the block sums and the buffers every step reuses.
@@ -95,8 +104,26 @@ pub struct Lamb {
 
 impl Lamb {
     /// An optimizer with one group, `"default"`, of configuration `config`, one thread, and
-    /// the backend named by the `LAMB_BACKEND` environment variable if set, else the fastest.
-    pub fn new(config: LambConfig) -> Lamb {
+    /// the backend named by the `LAMB_BACKEND` environment variable if set, else the fastest
+    /// (a bad `LAMB_BACKEND` is reported by [`Lamb::backend`] and the first step, so that
+    /// [`Lamb::set_backend`] can still choose one).
+    ///
+    /// The configuration is checked now, by the rules of [`Lamb::add_group`]
+    /// ([`domain`](crate::domain)): a bad one is refused here, not at the first step.
+    ///
+    /// ```
+    /// use lamb_std::{Error, Lamb, lamb_core::LambConfig};
+    /// let e = Lamb::new(LambConfig { beta2: 1.5, ..LambConfig::paper() }).unwrap_err();
+    /// assert!(matches!(e, Error::Config { group: Some(ref g), .. } if g == "default"));
+    /// ```
+    pub fn new(config: LambConfig) -> Result<Lamb, Error> {
+        let opt = Lamb::unchecked(config);
+        opt.groups.iter().try_for_each(validate_group)?;
+        Ok(opt)
+    }
+
+    /// [`Lamb::new`] without the check of `config`.
+    fn unchecked(config: LambConfig) -> Lamb {
         Lamb {
             groups: vec![Group {
                 name: "default".into(),
@@ -114,6 +141,7 @@ impl Lamb {
             backend: backend_from_env(),
             max_grad_norm: None,
             schedule: Schedule::Constant,
+            custom_schedule: None,
             poisoned: false,
             no_decay_group: None,
             scratch: Scratch::default(),
@@ -130,15 +158,17 @@ impl Lamb {
     ///
     /// ```
     /// use lamb_std::{GroupId, Lamb, lamb_core::LambConfig};
-    /// let mut opt = Lamb::with_decay_split(LambConfig::paper());
+    /// let mut opt = Lamb::with_decay_split(LambConfig::paper())?;
     /// let w = opt.add_param("fc.weight", &[4, 3])?;
     /// let b = opt.add_param("fc.bias", &[4])?;
-    /// assert_eq!(opt.layer(w).group, GroupId(0));
-    /// assert_eq!(opt.layer(b).group, GroupId(1));
+    /// assert_eq!(opt.layer(w)?.group, GroupId(0));
+    /// assert_eq!(opt.layer(b)?.group, GroupId(1));
     /// # Ok::<(), lamb_std::Error>(())
     /// ```
-    pub fn with_decay_split(config: LambConfig) -> Lamb {
-        let mut opt = Lamb::new(config);
+    ///
+    /// `config` is checked now, as by [`Lamb::new`], and so is the `"no_decay"` group's.
+    pub fn with_decay_split(config: LambConfig) -> Result<Lamb, Error> {
+        let mut opt = Lamb::unchecked(config);
         opt.groups[0].name = "decay".into();
         let no_decay = LambConfig {
             weight_decay: 0.0,
@@ -153,7 +183,8 @@ impl Lamb {
         });
         opt.group_layers.push(0);
         opt.no_decay_group = Some(1);
-        opt
+        opt.groups.iter().try_for_each(validate_group)?;
+        Ok(opt)
     }
 
     /// Adds a parameter group and returns its id. Its configuration is validated at once.
@@ -295,7 +326,7 @@ impl Lamb {
     ///
     /// ```
     /// use lamb_std::{Error, Lamb, lamb_core::LambConfig};
-    /// let mut opt = Lamb::new(LambConfig::paper());
+    /// let mut opt = Lamb::new(LambConfig::paper())?;
     /// opt.set_threads(3)?;
     /// assert_eq!(opt.threads(), 3);
     /// let e = opt.set_threads(100_000).unwrap_err();
@@ -312,17 +343,7 @@ impl Lamb {
             }
             n => n,
         };
-        let pool = if threads == 1 {
-            None
-        } else {
-            Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .thread_name(|i| format!("lamb-{i}"))
-                    .build()
-                    .map_err(|e| Error::ThreadPool(e.to_string()))?,
-            )
-        };
+        let pool = build_pool(threads)?;
         // What the pool has, not what was asked: the plan gives work to these threads only.
         self.threads = pool.as_ref().map_or(1, |p| p.current_num_threads());
         self.pool = pool;
@@ -361,13 +382,15 @@ impl Lamb {
         Ok(())
     }
 
-    /// The learning-rate schedule (a factor on every group's lr).
+    /// The learning-rate schedule (a factor on every group's lr). Replaces a custom
+    /// schedule set by [`Lamb::set_lr_schedule`].
     pub fn set_schedule(&mut self, schedule: Schedule) -> Result<(), Error> {
         schedule.validate().map_err(|source| Error::Config {
             group: None,
             source,
         })?;
         self.schedule = schedule;
+        self.custom_schedule = None;
         Ok(())
     }
 
@@ -411,24 +434,27 @@ impl Lamb {
         self.layers.len()
     }
 
-    /// A layer's registration, moments and last report.
+    /// A layer's registration, moments and last report; [`Error::UnknownLayer`] for an id
+    /// this optimizer did not hand out (like [`Lamb::group`]).
     ///
-    /// # Panics
-    /// If `id` was not returned by this optimizer (like slice indexing).
-    pub fn layer(&self, id: LayerId) -> LayerView<'_> {
-        let (l, s) = (&self.layers[id.0], &self.states[id.0]);
-        let (m, v) = s.f32_moments();
-        LayerView {
-            name: &l.name,
-            len: l.len,
-            group: GroupId(l.group),
-            m,
-            v,
-            state: s.view(),
-            master: s.master(),
-            storage: s.storage(),
-            last: l.last,
+    /// ```
+    /// use lamb_std::{Error, Lamb, LayerId, lamb_core::LambConfig};
+    /// let mut opt = Lamb::new(LambConfig::paper())?;
+    /// let w = opt.add_layer("w", 4)?;
+    /// assert_eq!(opt.layer(w)?.name, "w");
+    /// assert_eq!(opt.layer(LayerId(7)).unwrap_err(), Error::UnknownLayer(7));
+    /// # Ok::<(), lamb_std::Error>(())
+    /// ```
+    pub fn layer(&self, id: LayerId) -> Result<LayerView<'_>, Error> {
+        match (self.layers.get(id.0), self.states.get(id.0)) {
+            (Some(l), Some(s)) => Ok(layer_view(l, s)),
+            _ => Err(Error::UnknownLayer(id.0)),
         }
+    }
+
+    /// [`Lamb::layer`] for the crate's loops over `0..layer_count()`, whose ids are known.
+    pub(crate) fn layer_at(&self, id: LayerId) -> LayerView<'_> {
+        layer_view(&self.layers[id.0], &self.states[id.0])
     }
 
     /// Finds a layer by name.
@@ -464,6 +490,34 @@ impl Lamb {
         } else {
             bytes as f64 / params as f64
         }
+    }
+}
+
+/// The pool for `threads` threads (`None` for one: the caller's thread).
+fn build_pool(threads: usize) -> Result<Option<rayon::ThreadPool>, Error> {
+    if threads == 1 {
+        return Ok(None);
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("lamb-{i}"))
+        .build()
+        .map(Some)
+        .map_err(|e| Error::ThreadPool(e.to_string()))
+}
+
+fn layer_view<'a>(l: &'a Layer, s: &'a LayerState) -> LayerView<'a> {
+    let (m, v) = s.f32_moments();
+    LayerView {
+        name: &l.name,
+        len: l.len,
+        group: GroupId(l.group),
+        m,
+        v,
+        state: s.view(),
+        master: s.master(),
+        storage: s.storage(),
+        last: l.last,
     }
 }
 
@@ -533,7 +587,10 @@ impl Lamb {
         }
         self.step = step;
         self.max_grad_norm = max_grad_norm;
-        self.schedule = schedule;
+        if let Some(schedule) = schedule {
+            self.schedule = schedule;
+            self.custom_schedule = None;
+        }
         self.poisoned = false;
     }
 }
@@ -544,7 +601,8 @@ pub(crate) struct Snapshot<'a> {
     /// Per group: configuration and lr multiplier.
     pub(crate) groups: Vec<(LambConfig, f64)>,
     pub(crate) max_grad_norm: Option<f64>,
-    pub(crate) schedule: Schedule,
+    /// The file's schedule (`None`: keep the optimizer's, a custom one included).
+    pub(crate) schedule: Option<Schedule>,
     /// Per layer: the moments (`None`: zeros) and the master copy.
     pub(crate) layers: Vec<(Option<StateBytes<'a>>, Option<AlignedBuf>)>,
 }

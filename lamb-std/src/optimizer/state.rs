@@ -81,6 +81,29 @@ impl LayerState {
         })
     }
 
+    /// A deep copy (every buffer, the master copy, the fixed storage), or the size of the
+    /// allocation that failed.
+    pub(crate) fn try_clone(&self) -> Result<LayerState, AllocError> {
+        fn dup<T: Element>(a: &Aligned<T>) -> Result<Aligned<T>, AllocError> {
+            let mut b = Aligned::try_zeroed(a.len())?;
+            b.copy_from_slice(a);
+            Ok(b)
+        }
+        Ok(LayerState {
+            format: self.format,
+            m: dup(&self.m)?,
+            v: dup(&self.v)?,
+            m_bf16: dup(&self.m_bf16)?,
+            v_bf16: dup(&self.v_bf16)?,
+            m_q8: dup(&self.m_q8)?,
+            v_q8: dup(&self.v_q8)?,
+            m_absmax: dup(&self.m_absmax)?,
+            v_absmax: dup(&self.v_absmax)?,
+            master: self.master.as_ref().map(dup).transpose()?,
+            storage: self.storage,
+        })
+    }
+
     /// Zero moments, no master copy, the parameter storage free again.
     pub(crate) fn reset(&mut self) {
         self.m.fill(0.0);

@@ -30,7 +30,13 @@ use crate::parallel::partition::partition;
 use crate::parallel::run::{Lists, Work, recycle};
 
 impl Lamb {
-    /// One step over every layer: `params[i]` and `grads[i]` belong to layer `i`.
+    /// One step over every layer, bound **by position**: `params[i]` and `grads[i]` belong
+    /// to layer `i`, in registration order. A tensor whose length is not its layer's is
+    /// refused, but two layers of the same length passed in swapped order cannot be told
+    /// apart by position: the step is applied, each with the other's moments. Prefer
+    /// [`Lamb::step_bound`], which takes each tensor with its layer's id or name and refuses
+    /// such a swap; the positional calls suit adapters that bind tensors to layers
+    /// themselves.
     pub fn step(
         &mut self,
         params: &mut [&mut [f32]],
@@ -82,7 +88,7 @@ impl Lamb {
     ///
     /// ```
     /// use lamb_std::{Lamb, ParamsIn, lamb_core::{LambConfig, layer::Grads}};
-    /// let mut opt = Lamb::new(LambConfig::paper());
+    /// let mut opt = Lamb::new(LambConfig::paper())?;
     /// opt.add_layer("trained", 4)?;
     /// opt.add_layer("frozen", 2)?;
     /// let (mut w, mut f) = (vec![0.5f32; 4], vec![0.5f32; 2]);
@@ -116,7 +122,7 @@ impl Lamb {
     }
 
     /// A step of the layers whose gradient is present.
-    fn step_slots<P: ParamSlot, G: GradSlot>(
+    pub(super) fn step_slots<P: ParamSlot, G: GradSlot>(
         &mut self,
         params: &mut [P],
         grads: &[G],
@@ -141,7 +147,7 @@ impl Lamb {
             });
         }
         let t = crate::domain::next_step(self.step)?;
-        let lr_factor = self.schedule.factor(t);
+        let lr_factor = self.lr_factor(t)?;
         self.step_configs(lr_factor)?;
         self.ensure_plan();
         let made = self.make_masters(params, grads)?;

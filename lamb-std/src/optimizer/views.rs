@@ -50,13 +50,13 @@ impl ParamsIn<'_> {
 ///
 /// ```
 /// use lamb_std::{Error, Lamb, LayerId, ParamStorage, ParamsIn, lamb_core::{LambConfig, half::bf16, layer::Grads}};
-/// let mut opt = Lamb::new(LambConfig::paper());
+/// let mut opt = Lamb::new(LambConfig::paper())?;
 /// opt.add_layer("w", 4)?;
-/// assert_eq!(opt.layer(LayerId(0)).storage, None); // free until the first step
+/// assert_eq!(opt.layer(LayerId(0))?.storage, None); // free until the first step
 /// let mut w = vec![bf16::from_f32(0.5); 4];
 /// let g = vec![bf16::from_f32(0.01); 4];
 /// opt.step_mixed(&mut [ParamsIn::Bf16(&mut w)], &[Grads::Bf16(&g)])?;
-/// assert_eq!(opt.layer(LayerId(0)).storage, Some(ParamStorage::Bf16));
+/// assert_eq!(opt.layer(LayerId(0))?.storage, Some(ParamStorage::Bf16));
 ///
 /// let mut w32 = vec![0.5f32; 4];
 /// let e = opt.step(&mut [&mut w32], &[&[0.01; 4]]).unwrap_err();
@@ -159,6 +159,21 @@ pub struct SkippedLayer {
 }
 
 /// What a call to [`Lamb::step`] did.
+///
+/// `#[must_use]`: a step can be skipped (`applied == false`, a non-finite value under
+/// [`NonFinite::Skip`](lamb_core::NonFinite::Skip), or an overflow under loss
+/// scaling) and still return `Ok`, so `opt.step(..)?;` alone would hide it. Read the
+/// report, or drop it on purpose with `let _report = ..`.
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// use lamb_std::{Lamb, lamb_core::LambConfig};
+/// fn train(opt: &mut Lamb, w: &mut [f32], g: &[f32]) -> Result<(), lamb_std::Error> {
+///     opt.step(&mut [w], &[g])?; // error: unused `StepReport` that must be used
+///     Ok(())
+/// }
+/// ```
+#[must_use = "a step may be skipped (`applied == false`) and still return Ok"]
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepReport {
     /// The step number (1-based) this call took, or would have taken if skipped.
