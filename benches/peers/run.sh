@@ -3,6 +3,9 @@
 #
 #   benches/peers/run.sh [--torch] [peers.py options...]   measure; writes docs/perf/peers.json
 #   benches/peers/run.sh report [report.py options...]      docs/perf/report.{md,png}
+#   benches/peers/run.sh --torch interleaved [interleaved.py options...]
+#        lamb-std, torch, timm and optax alternating round by round, with and without
+#        global clipping; writes docs/perf/<date>-<cpu>.{json,md}, prints the README table
 #
 # Creates benches/peers/.venv (git-ignored) on first use: jax[cpu], optax, numpy,
 # matplotlib; with --torch also torch and timm. torch from PyPI is the CUDA build: its
@@ -41,6 +44,13 @@ if [[ $want_torch == 1 ]] && ! "$py" -c "import torch, timm" 2>/dev/null; then
 fi
 
 cd "$root"
+args=()
+for a in "$@"; do
+    [[ "$a" == "--torch" ]] || args+=("$a")
+done
+if [[ "${args[0]:-}" == "interleaved" ]]; then
+    exec "$py" "$here/interleaved.py" "${args[@]:1}"
+fi
 if [[ "${1:-}" == "report" ]]; then
     shift
     exec "$py" "$here/report.py" "$@"
