@@ -1,7 +1,40 @@
-//! The phases of one step over its piece lists: clipping (Σg²), phase 1 (norms, nothing
-//! written), the plan of each layer, phase 2 (apply, each thread backwards). See the
-//! [step's module docs](super::step) for why a step is all or nothing.
-
+//! The phases of one step over its piece lists: clipping (Σg², each thread backwards),
+//! phase 1 (norms, nothing written), the plan of each layer, phase 2 (apply, each thread
+//! backwards). See the [step's module docs](super::step) for why a step is all or nothing.
+//!
+//! # Directions
+//!
+//! Each pass visits a thread's pieces in the direction that starts where the previous pass
+//! ended, so that what is still in cache is read first: the clipping pass walks backwards
+//! (ending at the thread's first piece), phase 1 forwards (starting there, with that
+//! gradient still in cache), phase 2 backwards. Block sums are added in block order
+//! afterwards, never in completion order, so the direction changes no bit.
+//!
+//! # Why phase 1 writes nothing, even when the gradients are known to be finite
+//!
+//! Phase 1 could write the new m and v when it computes them (phase 2 would then read m, v,
+//! p and write p: 40 B per f32 element instead of 44; with clipping 44 instead of 48), and a
+//! layer that fits in cache could run its two phases back to back. Both are valid only if
+//! nothing after the write can refuse the step, or if the old m and v can be restored. What
+//! can refuse a step after phase 1 of a layer has run:
+//!
+//! 1. a non-finite g in any *later* layer (the clipping pass, or a loss-scale check, rules
+//!    this out: after it, Σg² of every layer is finite, so every g is; without clipping
+//!    nothing has looked at g yet);
+//! 2. a non-finite ‖p‖ or ‖u‖ of any layer, including the ones already written: p may hold
+//!    a NaN or an infinity the caller put there, and a finite g does not make u or the
+//!    norms finite (m/(√v+ε) + λp overflows f32 for large but finite m, p or λ);
+//! 3. the range of a half-precision parameter format (`ParamFormat`): a step that could take
+//!    a parameter past bf16/f16 range is refused, which depends on the step size, which
+//!    depends on ‖p‖ and ‖u‖ of the layer;
+//! 4. for a layer's own back-to-back phases: nothing new, but 2 and 3 of every *later* layer.
+//!
+//! A finite Σg² settles only 1. Items 2 and 3 are known only once phase 1 has read p, m and
+//! v of every layer, which is the pass that would write. And the old moments cannot be
+//! restored from the new ones: m' = β1·m + (1−β1)·g is rounded, so m is not a function of
+//! m' and g; keeping a copy costs the bytes the write saved. So writing in phase 1 would
+//! trade "a refused step changes nothing" for 4 B per element, and is not done: phase 1
+//! writes only its block sums, whatever was checked before it.
 use lamb_core::{Backend, LambConfig, LambError, LayerNorms, LayerReport, NonFinite, StepScalars};
 
 use super::Layer;
@@ -101,7 +134,8 @@ impl<G: GradSlot> Phases<'_, G> {
         let Some(max_norm) = self.max_grad_norm else {
             return Ok(Clip::Scale(None, s.inv_loss_scale));
         };
-        self.phase(lists, "grad_norm", "norms", false, |w| w.grad_sq(s.backend))?;
+        // Backwards, so that phase 1 (forwards) starts on gradients still in cache.
+        self.phase(lists, "grad_norm", "norms", true, |w| w.grad_sq(s.backend))?;
         // Per layer in block order, then layers in order: independent of the thread count.
         grad_sq.clear();
         grad_sq.resize(self.layers.len(), 0.0);
