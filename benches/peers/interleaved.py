@@ -32,7 +32,7 @@ README table. Usage (benches/peers/run.sh --torch interleaved [options] installs
 
   interleaved.py [--workloads bert_base,uniform_1000x1024] [--threads 1,2] [--rounds 7]
                  [--steps 3] [--warmup 2] [--impls lamb,torch,timm,optax] [--note TEXT]
-                 [--lamb-bin PATH] [--out-dir docs/perf]
+                 [--lamb-bin PATH] [--out-dir docs/perf] [--suffix -bert-t1]
 """
 
 import argparse
@@ -302,6 +302,7 @@ def main():
     ap.add_argument("--note", default="")
     ap.add_argument("--lamb-bin", default="target/release/step-worker")
     ap.add_argument("--out-dir", default="docs/perf")
+    ap.add_argument("--suffix", default="", help="appended to the file name (a second run the same day)")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build first")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
@@ -342,7 +343,7 @@ def main():
            "loadavg_end": os.getloadavg(), "results": results}
     md = tables(doc)
     base = os.path.join(args.out_dir, f"{time.strftime('%Y-%m-%d', time.gmtime())}-"
-                                      f"{slug(doc['cpu'])}")
+                                      f"{slug(doc['cpu'])}{args.suffix}")
     os.makedirs(args.out_dir, exist_ok=True)
     with open(base + ".json", "w") as f:
         json.dump(doc, f, indent=1)
