@@ -32,13 +32,14 @@ README table. Usage (benches/peers/run.sh --torch interleaved [options] installs
 
   interleaved.py [--workloads bert_base,uniform_1000x1024] [--threads 1,2] [--rounds 7]
                  [--steps 3] [--warmup 2] [--impls lamb,torch,timm,optax] [--note TEXT]
-                 [--lamb-bin PATH] [--out-dir docs/perf] [--suffix -bert-t1]
+                 [--lamb-bin PATH] [--out-dir docs/perf] [--suffix=-bert-t1]
 """
 
 import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -338,7 +339,7 @@ def main():
            "cpus_available": len(os.sched_getaffinity(0)), "python": platform.python_version(),
            "versions": versions, "rounds": args.rounds, "steps": args.steps,
            "warmup": args.warmup, "note": args.note,
-           "command": " ".join(["benches/peers/interleaved.py"] + sys.argv[1:]),
+           "command": shlex.join(["benches/peers/interleaved.py"] + sys.argv[1:]),
            "loadavg_start": load_start,
            "loadavg_end": os.getloadavg(), "results": results}
     md = tables(doc)
