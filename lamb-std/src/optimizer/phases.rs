@@ -31,10 +31,12 @@
 //!
 //! A finite Σg² settles only 1. Items 2 and 3 are known only once phase 1 has read p, m and
 //! v of every layer, which is the pass that would write. And the old moments cannot be
-//! restored from the new ones: m' = β1·m + (1−β1)·g is rounded, so m is not a function of
-//! m' and g; keeping a copy costs the bytes the write saved. So writing in phase 1 would
-//! trade "a refused step changes nothing" for 4 B per element, and is not done: phase 1
-//! writes only its block sums, whatever was checked before it.
+//! restored from the new ones: m' = β1·m + (1−β1)·g is rounded, so two old values of m
+//! can give the same m' and g cannot tell them apart; keeping a copy costs more bytes than
+//! the write saves. So writing in phase 1 would trade "a refused step changes nothing" for
+//! 4 B per element, and is not done: phase 1 writes only its block sums, whatever was
+//! checked before it.
+
 use lamb_core::{Backend, LambConfig, LambError, LayerNorms, LayerReport, NonFinite, StepScalars};
 
 use super::Layer;
