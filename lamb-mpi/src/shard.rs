@@ -62,7 +62,7 @@ impl Shards {
             let mine = lens.iter().enumerate().filter_map(|(layer, &len)| {
                 let s = layer_flat[layer];
                 let (lo, hi) = (a.max(s), b.min(s + len));
-                (lo < hi).then_some(Piece {
+                (lo < hi).then(|| Piece {
                     layer,
                     start: lo - s,
                     len: hi - lo,
