@@ -78,7 +78,10 @@ pub fn init_params(compact: bool) -> Vec<Tensor> {
         .iter()
         .enumerate()
         .map(|(i, &n)| {
-            let x: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+            // Layer 0's blocks span 2^60 in p², so that the f64 sum of its blocks rounds
+            // (its bits depend on the order of the blocks).
+            let scale = |k: usize| if i == 0 { (2.0f32).powi(10 * (k / 1024 % 4) as i32 - 15) } else { 1.0 };
+            let x: Vec<f32> = (0..n).map(|k| rng.random_range(-0.5f32..0.5) * scale(k)).collect();
             if is_bf16(compact, i) {
                 Tensor::Bf16(x.iter().map(|&v| bf16::from_f32(v)).collect())
             } else {
@@ -142,9 +145,10 @@ pub fn averaged_grads(compact: bool, step: u64) -> Vec<Vec<f32>> {
     let mut rng = SmallRng::seed_from_u64(1000 + step);
     let mut g: Vec<Vec<f32>> = lens(compact)
         .iter()
-        .map(|&n| {
+        .enumerate()
+        .map(|(i, &n)| {
             (0..n)
-                .map(|_| rng.random_range(-1000i32..1000) as f32 / 4096.0)
+                .map(|k| rng.random_range(-1000i32..1000) as f32 / 4096.0 * grad_scale(i, k))
                 .collect()
         })
         .collect();
@@ -152,6 +156,12 @@ pub fn averaged_grads(compact: bool, step: u64) -> Vec<Vec<f32>> {
         g[2][5] = f32::NAN;
     }
     g
+}
+
+/// The scale of gradient element `k` of layer `i`: layer 0's blocks span 2^-30..1, so
+/// that the f64 sum of their Σg² rounds (its bits depend on the order of the blocks).
+fn grad_scale(i: usize, k: usize) -> f32 {
+    if i == 0 { (2.0f32).powi(-10 * (k / 1024 % 4) as i32) } else { 1.0 }
 }
 
 /// The step whose gradients hold a NaN (on one rank only, in the MPI jobs).
@@ -168,7 +178,7 @@ pub fn rank_grads(compact: bool, step: u64, rank: usize, world: usize) -> Vec<Ve
             if step == NAN_STEP && i == 2 && k == 5 {
                 *x = if rank + 1 == world { f32::NAN } else { 0.25 };
             } else {
-                *x += d;
+                *x += d * grad_scale(i, k);
             }
         }
     }
