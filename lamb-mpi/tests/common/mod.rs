@@ -80,8 +80,16 @@ pub fn init_params(compact: bool) -> Vec<Tensor> {
         .map(|(i, &n)| {
             // Layer 0's blocks span 2^60 in p², so that the f64 sum of its blocks rounds
             // (its bits depend on the order of the blocks).
-            let scale = |k: usize| if i == 0 { (2.0f32).powi(10 * (k / 1024 % 4) as i32 - 15) } else { 1.0 };
-            let x: Vec<f32> = (0..n).map(|k| rng.random_range(-0.5f32..0.5) * scale(k)).collect();
+            let scale = |k: usize| {
+                if i == 0 {
+                    (2.0f32).powi(10 * (k / 1024 % 4) as i32 - 15)
+                } else {
+                    1.0
+                }
+            };
+            let x: Vec<f32> = (0..n)
+                .map(|k| rng.random_range(-0.5f32..0.5) * scale(k))
+                .collect();
             if is_bf16(compact, i) {
                 Tensor::Bf16(x.iter().map(|&v| bf16::from_f32(v)).collect())
             } else {
@@ -161,7 +169,11 @@ pub fn averaged_grads(compact: bool, step: u64) -> Vec<Vec<f32>> {
 /// The scale of gradient element `k` of layer `i`: layer 0's blocks span 2^-30..1, so
 /// that the f64 sum of their Σg² rounds (its bits depend on the order of the blocks).
 fn grad_scale(i: usize, k: usize) -> f32 {
-    if i == 0 { (2.0f32).powi(-10 * (k / 1024 % 4) as i32) } else { 1.0 }
+    if i == 0 {
+        (2.0f32).powi(-10 * (k / 1024 % 4) as i32)
+    } else {
+        1.0
+    }
 }
 
 /// The step whose gradients hold a NaN (on one rank only, in the MPI jobs).
