@@ -6,6 +6,8 @@ use mpi::collective::SystemOperation;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 
+use crate::error::Error;
+
 /// Agrees on the outcomes of all ranks: `Ok` if every rank's `local` is `Ok`, else the
 /// lowest failing rank and its message, on every rank.
 pub(crate) fn agree(
@@ -50,4 +52,19 @@ pub(crate) fn digest(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// Agrees on a local result: the value where every rank succeeded, else the same
+/// [`Error::Refused`] on every rank.
+pub(crate) fn agreed<T>(comm: &SimpleCommunicator, local: Result<T, String>) -> Result<T, Error> {
+    let flag = local.as_ref().map(|_| ()).map_err(Clone::clone);
+    match (agree(comm, flag), local) {
+        (Ok(()), Ok(v)) => Ok(v),
+        (Err((rank, what)), _) => Err(Error::Refused { rank, what }),
+        // `agree` is Ok only if every rank's result, this one's included, is Ok.
+        (Ok(()), Err(what)) => Err(Error::Refused {
+            rank: comm.rank() as usize,
+            what,
+        }),
+    }
 }

@@ -9,11 +9,11 @@ use mpi::datatype::PartitionMut;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 
-use crate::agree::{agree, broadcast_bytes, digest};
+use crate::agree::{agree, agreed, broadcast_bytes, digest};
 use crate::error::Error;
 use crate::model::Model;
 use crate::shard::Shards;
-use crate::state::{LayerAssembly, PieceState, layer_format};
+use crate::state::{LayerAssembly, PieceState, layer_format, oom};
 
 /// Data-parallel LAMB over an MPI communicator, with the optimizer state sharded across
 /// ranks (ZeRO stage 1). See the [crate docs](crate).
@@ -37,7 +37,9 @@ pub struct DistLamb {
     pub(crate) backend: Backend,
     /// Bytes this rank sent in the collectives of steps (see [`DistLamb::bytes_sent`]).
     pub(crate) bytes_sent: u64,
-    pub(crate) scratch: crate::step::Scratch,
+    /// Time in the steps' bulk collectives (see [`DistLamb::comm_seconds`]).
+    pub(crate) comm_time: std::time::Duration,
+    pub(crate) scratch: crate::state::Scratch,
 }
 
 impl DistLamb {
@@ -75,6 +77,7 @@ impl DistLamb {
             threads: 1,
             backend: Backend::detect(),
             bytes_sent: 0,
+            comm_time: std::time::Duration::ZERO,
             scratch: Default::default(),
         })
     }
@@ -136,6 +139,14 @@ impl DistLamb {
     /// that).
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent
+    }
+
+    /// Seconds this rank has spent in the bulk collectives of all steps so far (the
+    /// gradients' reduce-scatter, the gathers of the block partials and of the parameters),
+    /// waiting for slower ranks included: a step's time less this is its computation and
+    /// copies.
+    pub fn comm_seconds(&self) -> f64 {
+        self.comm_time.as_secs_f64()
     }
 
     /// The groups' current settings (lamb-std's view, without layers): configurations, lr
@@ -274,21 +285,6 @@ impl DistLamb {
     }
 }
 
-/// Agrees on a local result: the value where every rank succeeded, else the same
-/// [`Error::Refused`] on every rank.
-pub(crate) fn agreed<T>(comm: &SimpleCommunicator, local: Result<T, String>) -> Result<T, Error> {
-    let flag = local.as_ref().map(|_| ()).map_err(Clone::clone);
-    match (agree(comm, flag), local) {
-        (Ok(()), Ok(v)) => Ok(v),
-        (Err((rank, what)), _) => Err(Error::Refused { rank, what }),
-        // `agree` is Ok only if every rank's result, this one's included, is Ok.
-        (Ok(()), Err(what)) => Err(Error::Refused {
-            rank: comm.rank() as usize,
-            what,
-        }),
-    }
-}
-
 /// This rank's checks of its model, as lamb-std would make them.
 fn check_model(model: &Model) -> Result<Lamb, String> {
     let settings = model.settings().map_err(|e| e.to_string())?;
@@ -375,14 +371,6 @@ fn allocate(
         states.push(s);
     }
     Ok(states)
-}
-
-pub(crate) fn oom(name: &str, bytes: usize) -> lamb_std::Error {
-    lamb_std::Error::OutOfMemory {
-        name: name.to_string(),
-        what: "sharded state",
-        bytes,
-    }
 }
 
 /// Bytes padded to 8 and read as little-endian u64 words (MPI counts are `i32`: words

@@ -293,3 +293,23 @@ fn read_f32s(dst: &mut [f32], src: &[u8]) {
         *d = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
     }
 }
+
+/// The error of a failed allocation of `bytes` for layer `name`'s shard.
+pub(crate) fn oom(name: &str, bytes: usize) -> lamb_std::Error {
+    lamb_std::Error::OutOfMemory {
+        name: name.to_string(),
+        what: "sharded state",
+        bytes,
+    }
+}
+
+/// The step's buffers, kept from one step to the next.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// Reduce-scatter: N chunks of the largest shard, and this rank's chunk.
+    pub(crate) send: Vec<f32>,
+    pub(crate) recv: Vec<f32>,
+    /// The parameters' all-gather, in 16-bit units (an f32 is two).
+    pub(crate) out: Vec<u16>,
+    pub(crate) all_params: Vec<u16>,
+}

@@ -16,8 +16,10 @@ use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
 use mpi::traits::CommunicatorCollectives;
 use rayon::prelude::*;
+use std::time::Instant;
 
-use crate::dist::{DistLamb, agreed};
+use crate::agree::agreed;
+use crate::dist::DistLamb;
 use crate::error::Error;
 use crate::shard::Piece;
 use crate::state::zeros;
@@ -32,17 +34,6 @@ pub enum Gradients {
     /// Already averaged across ranks by the caller's framework (all-reduced), the same on
     /// every rank: each rank reads its shard in place, and nothing is sent for them.
     Averaged,
-}
-
-/// The step's buffers, kept from one step to the next.
-#[derive(Default)]
-pub(crate) struct Scratch {
-    /// Reduce-scatter: N chunks of the largest shard, and this rank's chunk.
-    send: Vec<f32>,
-    recv: Vec<f32>,
-    /// The parameters' all-gather, in 16-bit units (an f32 is two).
-    out: Vec<u16>,
-    all_params: Vec<u16>,
 }
 
 /// One block-aligned part of this rank's shard, stepped by one thread.
@@ -214,7 +205,7 @@ impl DistLamb {
             let largest = self.shards.elems.iter().map(|e| e.1).max().unwrap_or(0);
             let s = &mut self.scratch;
             if s.recv.len() != largest {
-                let oom = |b| crate::dist::oom("(reduce-scatter buffers)", b).to_string();
+                let oom = |b| crate::state::oom("(reduce-scatter buffers)", b).to_string();
                 s.send = zeros(largest * self.world).map_err(oom)?;
                 s.recv = zeros(largest).map_err(oom)?;
             }
@@ -243,7 +234,7 @@ impl DistLamb {
                 continue;
             }
             let mut master: Vec<f32> =
-                zeros(p.len).map_err(|b| crate::dist::oom(name, b).to_string())?;
+                zeros(p.len).map_err(|b| crate::state::oom(name, b).to_string())?;
             let r = p.start..p.start + p.len;
             match &params[p.layer] {
                 ParamsIn::F32(x) => master.copy_from_slice(&x[r]),
@@ -332,8 +323,10 @@ impl DistLamb {
             pool,
             backend,
             bytes_sent,
+            comm_time,
             ..
         } = self;
+        let comm_time = std::cell::Cell::from_mut(comm_time);
         let backend = *backend;
         let pool = pool.as_ref();
         let recv = &scratch.recv;
@@ -365,7 +358,9 @@ impl DistLamb {
             let c: Vec<i32> = counts.iter().map(|c| c * per).collect();
             let d: Vec<i32> = displs.iter().map(|d| d * per).collect();
             let mut part = PartitionMut::new(&mut all[..], &c[..], &d[..]);
+            let t = Instant::now();
             comm.all_gather_varcount_into(mine, &mut part);
+            comm_time.set(comm_time.get() + t.elapsed());
             *sent += (world as u64 - 1) * mine.len() as u64 * 8;
         };
         let mut all = Vec::new();
@@ -459,7 +454,9 @@ impl DistLamb {
         all_params.resize(counts.iter().map(|&c| c as usize).sum(), 0);
         {
             let mut part = PartitionMut::new(&mut all_params[..], &counts[..], &displs[..]);
+            let t = Instant::now();
             comm.all_gather_varcount_into(&out[..], &mut part);
+            comm_time.set(comm_time.get() + t.elapsed());
         }
         *bytes_sent += (world as u64 - 1) * out.len() as u64 * 2;
         let mut at = 0;
@@ -721,8 +718,10 @@ impl DistLamb {
                 s.send[at..at + p.len].copy_from_slice(&grads[p.layer][p.start..p.start + p.len]);
             }
         }
+        let t = Instant::now();
         self.comm
             .reduce_scatter_block_into(&s.send[..], &mut s.recv[..], SystemOperation::sum());
+        self.comm_time += t.elapsed();
         self.bytes_sent += (self.world as u64 - 1) * largest as u64 * 4;
         let n = self.world as f32;
         let mine = self.shards.elems[self.rank].1;
