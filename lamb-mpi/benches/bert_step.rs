@@ -76,6 +76,9 @@ fn launch(quick: bool) {
             .args(if quick { &["--test"][..] } else { &[][..] })
             .env(WORKER, "1")
             .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+            // Ranks that wait yield the core: on a machine with fewer free cores than ranks,
+            // a spinning rank would otherwise slow the one it waits for.
+            .env("OMPI_MCA_mpi_yield_when_idle", "1")
             .output();
         let out = match out {
             Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),

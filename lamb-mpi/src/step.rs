@@ -201,7 +201,7 @@ impl DistLamb {
             })?;
             configs.push(c);
         }
-        if gradients == Gradients::Local {
+        if gradients == Gradients::Local && self.world > 1 {
             let largest = self.shards.elems.iter().map(|e| e.1).max().unwrap_or(0);
             let s = &mut self.scratch;
             if s.recv.len() != largest {
@@ -267,7 +267,11 @@ impl DistLamb {
             configs,
         } = prepared;
         let (me, world) = (self.rank, self.world);
-        if gradients == Gradients::Local {
+        // One rank: the average is the rank's own gradients (x / 1 = x), and phase 2 wrote
+        // the caller's parameters in place: nothing to exchange.
+        let exchange = world > 1;
+        let reduced = gradients == Gradients::Local && exchange;
+        if reduced {
             self.reduce_scatter(grads);
         }
         let all_pieces = self.shards.pieces.clone();
@@ -333,12 +337,13 @@ impl DistLamb {
         // The pieces' gradients: this rank's chunk of the reduce-scatter, or the caller's.
         let piece_grads: Vec<&[f32]> = pieces
             .iter()
-            .map(|p| match gradients {
-                Gradients::Local => {
+            .map(|p| {
+                if reduced {
                     let at = layer_flat[p.layer] + p.start - shard_start;
                     &recv[at..at + p.len]
+                } else {
+                    &grads[p.layer][p.start..p.start + p.len]
                 }
-                Gradients::Averaged => &grads[p.layer][p.start..p.start + p.len],
             })
             .collect();
         let built = build_works(
@@ -441,29 +446,31 @@ impl DistLamb {
                 1
             }
         };
-        let out = &mut scratch.out;
-        out.clear();
-        for p in &pieces {
-            pack(&params[p.layer], p.start..p.start + p.len, out);
-        }
-        let counts: Vec<i32> = (all_pieces.iter())
-            .map(|ps| ps.iter().map(|p| p.len * units(p.layer)).sum::<usize>() as i32)
-            .collect();
-        let displs: Vec<i32> = prefix_sums(&counts);
-        let all_params = &mut scratch.all_params;
-        all_params.resize(counts.iter().map(|&c| c as usize).sum(), 0);
-        {
-            let mut part = PartitionMut::new(&mut all_params[..], &counts[..], &displs[..]);
-            let t = Instant::now();
-            comm.all_gather_varcount_into(&out[..], &mut part);
-            comm_time.set(comm_time.get() + t.elapsed());
-        }
-        *bytes_sent += (world as u64 - 1) * out.len() as u64 * 2;
-        let mut at = 0;
-        for (l, p) in params.iter_mut().enumerate() {
-            let n = layers[l].0 * units(l);
-            unpack(p, &all_params[at..at + n]);
-            at += n;
+        if exchange {
+            let out = &mut scratch.out;
+            out.clear();
+            for p in &pieces {
+                pack(&params[p.layer], p.start..p.start + p.len, out);
+            }
+            let counts: Vec<i32> = (all_pieces.iter())
+                .map(|ps| ps.iter().map(|p| p.len * units(p.layer)).sum::<usize>() as i32)
+                .collect();
+            let displs: Vec<i32> = prefix_sums(&counts);
+            let all_params = &mut scratch.all_params;
+            all_params.resize(counts.iter().map(|&c| c as usize).sum(), 0);
+            {
+                let mut part = PartitionMut::new(&mut all_params[..], &counts[..], &displs[..]);
+                let t = Instant::now();
+                comm.all_gather_varcount_into(&out[..], &mut part);
+                comm_time.set(comm_time.get() + t.elapsed());
+            }
+            *bytes_sent += (world as u64 - 1) * out.len() as u64 * 2;
+            let mut at = 0;
+            for (l, p) in params.iter_mut().enumerate() {
+                let n = layers[l].0 * units(l);
+                unpack(p, &all_params[at..at + n]);
+                at += n;
+            }
         }
         for (l, &(_, group)) in layers.iter().enumerate() {
             self.storage[l] = Some(storages[l]);

@@ -188,3 +188,119 @@ fn le_bytes(state: &StateView<'_>) -> [Vec<u8>; 4] {
         } => [m.to_vec(), v.to_vec(), f32s(m_absmax), f32s(v_absmax)],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lamb_core::LambConfig;
+
+    use crate::{Error, GroupId, Lamb, LayerId, Precision, StateFormat, StateView};
+
+    /// Two layers, 8-bit moments for the long one, after two steps.
+    fn stepped() -> Lamb {
+        let mut opt = Lamb::new(LambConfig::paper()).unwrap();
+        let q8 = Precision {
+            moments: StateFormat::Q8,
+            ..Precision::default()
+        };
+        opt.set_precision(GroupId(0), q8).unwrap();
+        opt.add_layer("a", 5000).unwrap();
+        opt.add_layer("b", 10).unwrap();
+        let mut p = [vec![0.5f32; 5000], vec![0.1f32; 10]];
+        for _ in 0..2 {
+            let mut ps: Vec<&mut [f32]> = p.iter_mut().map(|x| x.as_mut_slice()).collect();
+            let _ = opt.step(&mut ps, &[&[0.01; 5000], &[-0.02; 10]]).unwrap();
+        }
+        opt
+    }
+
+    /// The state of one optimizer installed in a fresh one saves as the same file.
+    #[test]
+    fn installed_state_saves_as_the_original() {
+        let original = stepped();
+        let mut copy = stepped();
+        copy.reset();
+        let views: Vec<(StateView<'_>, Option<&[f32]>)> = (0..2)
+            .map(|i| {
+                let l = original.layer(LayerId(i)).unwrap();
+                (l.state, l.master)
+            })
+            .collect();
+        copy.set_state(original.steps(), &views).unwrap();
+        let (a, b) = (
+            original.to_checkpoint_bytes().unwrap(),
+            copy.to_checkpoint_bytes().unwrap(),
+        );
+        let mut reloaded = stepped();
+        reloaded.load_checkpoint_bytes(&b).unwrap();
+        assert_eq!(reloaded.steps(), 2);
+        for i in 0..2 {
+            let (x, y) = (
+                original.layer(LayerId(i)).unwrap(),
+                reloaded.layer(LayerId(i)).unwrap(),
+            );
+            assert_eq!(
+                format!("{:?}", x.state),
+                format!("{:?}", y.state),
+                "layer {i}"
+            );
+        }
+        assert_eq!(a.len(), b.len());
+    }
+
+    /// A state of the wrong format or length, or non-finite, is refused and nothing changes.
+    #[test]
+    fn bad_states_are_refused_whole() {
+        let mut opt = stepped();
+        let reference = stepped();
+        let (m, v) = (vec![0.0f32; 5000], vec![0.0f32; 5000]);
+        let (m10, v10) = (vec![0.0f32; 10], vec![f32::NAN; 10]);
+        let q = {
+            let l = opt.layer(LayerId(0)).unwrap();
+            l.state
+        };
+        let q = match q {
+            StateView::Q8 {
+                m,
+                v,
+                m_absmax,
+                v_absmax,
+            } => (m.to_vec(), v.to_vec(), m_absmax.to_vec(), v_absmax.to_vec()),
+            _ => panic!("8-bit moments"),
+        };
+        let q8 = StateView::Q8 {
+            m: &q.0,
+            v: &q.1,
+            m_absmax: &q.2,
+            v_absmax: &q.3,
+        };
+        let f32_a = StateView::F32 { m: &m, v: &v };
+        let nan_b = StateView::F32 { m: &m10, v: &v10 };
+        for (layers, what) in [
+            (vec![(f32_a, None), (nan_b, None)], "moments are F32"),
+            (vec![(q8, None), (nan_b, None)], "v element 0 is not finite"),
+            (vec![(q8, None)], "1 layer states for 2 layers"),
+            (
+                vec![(q8, Some(&m10[..])), (nan_b, None)],
+                "master copy has 10 elements",
+            ),
+        ] {
+            let e = opt.set_state(9, &layers).unwrap_err();
+            assert!(
+                matches!(&e, Error::Checkpoint { what: w, .. } if w.contains(what)),
+                "{e}"
+            );
+            assert_eq!(opt.steps(), 2);
+        }
+        for i in 0..2 {
+            let (x, y) = (
+                reference.layer(LayerId(i)).unwrap(),
+                opt.layer(LayerId(i)).unwrap(),
+            );
+            assert_eq!(
+                format!("{:?}", x.state),
+                format!("{:?}", y.state),
+                "layer {i}"
+            );
+        }
+    }
+}
