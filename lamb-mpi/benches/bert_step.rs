@@ -57,7 +57,7 @@ fn launch(quick: bool) {
         params as f64 / 1e6
     );
     println!(
-        "| N | ranks on cores | step time | of which outside the collectives | bytes sent per rank per step | model: 2(N-1)/N*4 B/param + 48 B/block*(N-1) | counted / model |"
+        "| N | ranks on cores | step time | of which outside the collectives | bytes sent per rank per step | model: 2(N-1)/N*4 B*P + 48 B*blocks*(N-1)/N | counted / model |"
     );
     println!("|---:|---|---:|---:|---:|---:|---:|");
     let worlds: &[usize] = if quick { &[1, 2] } else { &[1, 2, 4] };

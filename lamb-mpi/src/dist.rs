@@ -386,4 +386,5 @@ fn to_words(bytes: &[u8]) -> Vec<u64> {
         .collect()
 }
 
-const _: () = assert!(BLOCK % lamb_std::lamb_core::codec::QBLOCK == 0);
+// Shards start on blocks, which must start on the 8-bit scales' blocks of QBLOCK elements.
+const _: () = assert!(BLOCK.is_multiple_of(lamb_std::lamb_core::codec::QBLOCK));

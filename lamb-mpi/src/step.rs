@@ -416,7 +416,7 @@ impl DistLamb {
         agreed(comm, r.map_err(|(l, e)| layer_error(&names, l, e)))?;
         let mine: Vec<u64> = works
             .iter()
-            .flat_map(|w| w.norms.iter().flat_map(|n| encode(n)))
+            .flat_map(|w| w.norms.iter().flat_map(encode))
             .collect();
         gathered(&mine, 5, &mut all, bytes_sent);
         let mut reports: Vec<LayerReport> = Vec::with_capacity(layers.len());
