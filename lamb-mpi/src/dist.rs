@@ -132,11 +132,9 @@ impl DistLamb {
     }
 
     /// Bytes this rank has sent in the collectives of all steps so far, counted at the
-    /// calls as the bytes a bandwidth-optimal algorithm sends per rank: for a
-    /// reduce-scatter of N chunks of c bytes and an all-gather of chunks c_r, (N−1)·c and
-    /// Σ_{r≠self} c_r... of which each rank sends its own chunk to the N−1 others, i.e.
-    /// (N−1)·c_self. Not measured on the wire (MPI's algorithm and its headers decide
-    /// that).
+    /// calls as a bandwidth-optimal (ring or direct) algorithm sends them: (N−1) chunks of
+    /// the reduce-scatter's buffer, and this rank's part of each all-gather to the N−1
+    /// others. Not measured on the wire, where MPI's algorithm and headers decide.
     pub fn bytes_sent(&self) -> u64 {
         self.bytes_sent
     }

@@ -85,6 +85,7 @@ mod model;
 mod shard;
 mod state;
 mod step;
+mod wire;
 
 pub use dist::DistLamb;
 pub use error::Error;

@@ -5,7 +5,7 @@
 //! this rank's shard; the parameters all-gathered.
 
 use lamb_std::lamb_core::fpenv::DefaultFpMode;
-use lamb_std::lamb_core::layer::{CompactLayer, Grads, HalfMut, ParamFormat, Params};
+use lamb_std::lamb_core::layer::{CompactLayer, Grads, HalfMut, Params};
 use lamb_std::lamb_core::{
     BLOCK, Backend, Buffer, LambConfig, LambError, LayerNorms, LayerReport, NonFinite, StepScalars,
 };
@@ -23,6 +23,7 @@ use crate::dist::DistLamb;
 use crate::error::Error;
 use crate::shard::Piece;
 use crate::state::zeros;
+use crate::wire::{decode, encode, pack, params_len, prefix_sums, storage_digest, unpack};
 
 /// How the gradients given to [`DistLamb::step`] were reduced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,7 +77,17 @@ impl DistLamb {
         let prepared = self.prepare(params, grads, gradients, mine == all[0]);
         let prepared = agreed(&self.comm, prepared)?;
         let made = self.make_masters(params);
-        let made = agreed(&self.comm, made)?;
+        let mine = made.clone().unwrap_or_default();
+        let made = match agreed(&self.comm, made) {
+            Ok(made) => made,
+            Err(e) => {
+                // Another rank could not make its copies: drop this rank's.
+                for k in mine {
+                    self.states[k].master = None;
+                }
+                return Err(e);
+            }
+        };
         let result = self.run(params, grads, gradients, prepared);
         if !matches!(result, Ok(StepReport { applied: true, .. })) {
             for &k in &made {
@@ -218,23 +229,31 @@ impl DistLamb {
     }
 
     /// Makes the master copies of this rank's pieces of half-precision layers that keep
-    /// one and have none yet; returns the pieces it made them for.
+    /// one and have none yet; returns the pieces it made them for. On a failed
+    /// allocation the copies made are dropped again.
     fn make_masters(&mut self, params: &[ParamsIn<'_>]) -> Result<Vec<usize>, String> {
-        let mut made = Vec::new();
-        let pieces = &self.shards.pieces[self.rank];
-        for (k, (p, state)) in pieces.iter().zip(&mut self.states).enumerate() {
-            let (name, _, group) = &self.model.layers()[p.layer];
-            let keeps = self
+        let mut wanted = Vec::new();
+        for (k, p) in self.shards.pieces[self.rank].iter().enumerate() {
+            let group = self.model.layers()[p.layer].2;
+            let keeps = (self
                 .settings
-                .group(GroupId(*group))
-                .map_err(|e| e.to_string())?
-                .precision
-                .master;
-            if !keeps || self.masters[p.layer] || params[p.layer].storage() == ParamStorage::F32 {
-                continue;
+                .group(GroupId(group))
+                .map_err(|e| e.to_string())?)
+            .precision
+            .master;
+            if keeps && !self.masters[p.layer] && params[p.layer].storage() != ParamStorage::F32 {
+                wanted.push(k);
             }
-            let mut master: Vec<f32> =
-                zeros(p.len).map_err(|b| crate::state::oom(name, b).to_string())?;
+        }
+        for (n, &k) in wanted.iter().enumerate() {
+            let p = self.shards.pieces[self.rank][k];
+            let Ok(mut master) = zeros::<f32>(p.len) else {
+                for &j in &wanted[..n] {
+                    self.states[j].master = None;
+                }
+                let name = &self.model.layers()[p.layer].0;
+                return Err(crate::state::oom(name, 4 * p.len).to_string());
+            };
             let r = p.start..p.start + p.len;
             match &params[p.layer] {
                 ParamsIn::F32(x) => master.copy_from_slice(&x[r]),
@@ -247,10 +266,9 @@ impl DistLamb {
                     .zip(&x[r])
                     .for_each(|(o, h)| *o = h.to_f32()),
             }
-            state.master = Some(master);
-            made.push(k);
+            self.states[k].master = Some(master);
         }
-        Ok(made)
+        Ok(wanted)
     }
 
     /// The step after the checks: gradients, norms, plans, apply, gather.
@@ -605,109 +623,6 @@ fn layer_error(names: &[String], l: usize, source: LambError) -> String {
         source,
     }
     .to_string()
-}
-
-/// A block's sums as five words, exactly: Σp², Σu², the ranges of p and u (f32 pairs),
-/// the parameter format.
-fn encode(n: &LayerNorms) -> [u64; 5] {
-    let pair = |a: f32, b: f32| (a.to_bits() as u64) << 32 | b.to_bits() as u64;
-    let format = match n.param_format {
-        ParamFormat::F32 => 0,
-        ParamFormat::F16 => 1,
-        ParamFormat::Bf16 => 2,
-        ParamFormat::Bf16Stochastic => 3,
-    };
-    [
-        n.param_sq.to_bits(),
-        n.update_sq.to_bits(),
-        pair(n.param_min, n.param_max),
-        pair(n.update_min, n.update_max),
-        format,
-    ]
-}
-
-/// [`encode`]'s inverse.
-fn decode(w: &[u64]) -> LayerNorms {
-    let hi = |x: u64| f32::from_bits((x >> 32) as u32);
-    let lo = |x: u64| f32::from_bits(x as u32);
-    LayerNorms {
-        param_sq: f64::from_bits(w[0]),
-        update_sq: f64::from_bits(w[1]),
-        param_min: hi(w[2]),
-        param_max: lo(w[2]),
-        update_min: hi(w[3]),
-        update_max: lo(w[3]),
-        param_format: match w[4] {
-            1 => ParamFormat::F16,
-            2 => ParamFormat::Bf16,
-            3 => ParamFormat::Bf16Stochastic,
-            _ => ParamFormat::F32,
-        },
-    }
-}
-
-/// Elements `r` of a layer's parameters in 16-bit units (an f32 as low, high half).
-fn pack(p: &ParamsIn<'_>, r: std::ops::Range<usize>, out: &mut Vec<u16>) {
-    match p {
-        ParamsIn::F32(x) => out.extend(x[r].iter().flat_map(|v| {
-            let b = v.to_bits();
-            [b as u16, (b >> 16) as u16]
-        })),
-        ParamsIn::Bf16(x) => out.extend(x[r].iter().map(|h| h.to_bits())),
-        ParamsIn::F16(x) => out.extend(x[r].iter().map(|h| h.to_bits())),
-    }
-}
-
-/// [`pack`]'s inverse over a whole layer.
-fn unpack(p: &mut ParamsIn<'_>, units: &[u16]) {
-    use lamb_std::lamb_core::half::{bf16, f16};
-    match p {
-        ParamsIn::F32(x) => {
-            for (d, u) in x.iter_mut().zip(units.chunks_exact(2)) {
-                *d = f32::from_bits(u[0] as u32 | (u[1] as u32) << 16);
-            }
-        }
-        ParamsIn::Bf16(x) => x
-            .iter_mut()
-            .zip(units)
-            .for_each(|(d, &u)| *d = bf16::from_bits(u)),
-        ParamsIn::F16(x) => x
-            .iter_mut()
-            .zip(units)
-            .for_each(|(d, &u)| *d = f16::from_bits(u)),
-    }
-}
-
-fn params_len(p: &ParamsIn<'_>) -> usize {
-    match p {
-        ParamsIn::F32(x) => x.len(),
-        ParamsIn::Bf16(x) => x.len(),
-        ParamsIn::F16(x) => x.len(),
-    }
-}
-
-/// A digest of the layers' parameter storage (and their count).
-fn storage_digest(params: &[ParamsIn<'_>]) -> u64 {
-    let text: String = params
-        .iter()
-        .map(|p| match p.storage() {
-            ParamStorage::F32 => '4',
-            ParamStorage::Bf16 => 'b',
-            ParamStorage::F16 => 'h',
-        })
-        .collect();
-    crate::agree::digest(&text)
-}
-
-pub(crate) fn prefix_sums(counts: &[i32]) -> Vec<i32> {
-    counts
-        .iter()
-        .scan(0i32, |a, &c| {
-            let d = *a;
-            *a += c;
-            Some(d)
-        })
-        .collect()
 }
 
 impl DistLamb {
