@@ -28,7 +28,15 @@ fn mpi_worker() {
     match args.next() {
         Some("steps") => steps(&world, &dir, args.next() == Some("compact")),
         Some("resume-a") => resume(&world, &dir, None),
-        Some("resume-b") => resume(&world, &dir, Some("a.safetensors")),
+        Some("resume-b") => resume(&world, &dir, Some(args.next().unwrap_or("a.safetensors"))),
+        Some("panic") => {
+            // Rank 1 panics before the first collective; the others wait in it.
+            if mpi::traits::Communicator::rank(&world) == 1 {
+                panic!("injected panic on rank 1");
+            }
+            let _ = DistLamb::new(&world, model(false));
+            unreachable!("rank 1 never joins the set-up");
+        }
         Some("bad") => bad_input(&world, args.next().unwrap_or("")),
         other => panic!("unknown scenario {other:?}"),
     }
@@ -103,6 +111,7 @@ fn resume(world: &mpi::topology::SimpleCommunicator, dir: &Path, resume: Option<
         None => (init_params(compact), 1..=2, ("a.safetensors", "params")),
         Some(file) => {
             opt.load(dir.join(file)).expect("load");
+            assert_eq!(opt.steps(), 2);
             let bytes = std::fs::read(dir.join("params.0")).expect("params");
             (
                 params_from_bytes(compact, &bytes),
@@ -278,8 +287,8 @@ fn compact_state_is_bit_identical_to_lamb_std_at_1_to_4_ranks() {
     }
 }
 
-/// A checkpoint of 3 ranks resumes at 2 ranks and in single-process lamb-std, both
-/// bit-identical to a run that never stopped.
+/// A checkpoint of 3 ranks resumes at 2 ranks and in single-process lamb-std, and one of
+/// lamb-std resumes at 2 ranks, all bit-identical to a run that never stopped.
 #[test]
 fn a_checkpoint_saved_at_3_ranks_resumes_at_2_and_in_lamb_std() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -287,22 +296,34 @@ fn a_checkpoint_saved_at_3_ranks_resumes_at_2_and_in_lamb_std() {
         return;
     };
     assert!(ok, "job a failed:\n{out}");
-    let (ok, out) = mpirun(2, "resume-b", dir.path(), LIMIT).expect("mpirun");
-    assert!(ok, "job b failed:\n{out}");
     let compact = true;
+    // lamb-std's own checkpoint after the same two steps.
+    let mut two = model(compact).to_lamb().expect("reference");
+    let mut p2 = init_params(compact);
+    reference_steps(&mut two, &mut p2, compact, 1..=2);
+    two.save(dir.path().join("lamb.safetensors"))
+        .expect("lamb-std saves");
+    let a = std::fs::read(dir.path().join("a.safetensors")).expect("a");
+    let lamb_file = std::fs::read(dir.path().join("lamb.safetensors")).expect("lamb");
+    same_checkpoint(&a, &lamb_file).expect("the 3-rank checkpoint is lamb-std's");
     // Never stopped: steps 1..=5 in one process.
     let mut straight = model(compact).to_lamb().expect("reference");
     let mut params = init_params(compact);
     reference_steps(&mut straight, &mut params, compact, 1..=5);
     let expected = straight.to_checkpoint_bytes().expect("checkpoint");
-    let b = std::fs::read(dir.path().join("b.safetensors")).expect("b");
-    same_checkpoint(&b, &expected).expect("resumed at N = 2: the checkpoint");
-    for rank in 0..2 {
-        let p = std::fs::read(dir.path().join(format!("params.b.{rank}"))).expect("params");
-        assert!(
-            p == param_bytes(&params),
-            "resumed at N = 2: rank {rank}'s parameters differ"
-        );
+    for file in ["a.safetensors", "lamb.safetensors"] {
+        let scenario = format!("resume-b:{file}");
+        let (ok, out) = mpirun(2, &scenario, dir.path(), LIMIT).expect("mpirun");
+        assert!(ok, "job b from {file} failed:\n{out}");
+        let b = std::fs::read(dir.path().join("b.safetensors")).expect("b");
+        same_checkpoint(&b, &expected).expect("resumed at N = 2: the checkpoint");
+        for rank in 0..2 {
+            let p = std::fs::read(dir.path().join(format!("params.b.{rank}"))).expect("params");
+            assert!(
+                p == param_bytes(&params),
+                "{file} resumed at N = 2: rank {rank}'s parameters differ"
+            );
+        }
     }
     // Resumed in lamb-std from the 3-rank file.
     let mut resumed = model(compact).to_lamb().expect("lamb");
@@ -413,4 +434,15 @@ fn same_checkpoint(a: &[u8], b: &[u8]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A rank that panics takes the job down (`abort_on_panic`: MPI_Abort) instead of leaving
+/// the others waiting in a collective: mpirun fails, within the time limit.
+#[test]
+fn a_panic_on_one_rank_ends_the_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((ok, out)) = mpirun(3, "panic", dir.path(), Duration::from_secs(60)) else {
+        return;
+    };
+    assert!(!ok, "the job should have failed:\n{out}");
 }
