@@ -33,7 +33,10 @@ pub enum Gradients {
     /// by N).
     Local,
     /// Already averaged across ranks by the caller's framework (all-reduced), the same on
-    /// every rank: each rank reads its shard in place, and nothing is sent for them.
+    /// every rank: each rank reads its shard in place, and nothing is sent for them. The
+    /// ranks' copies are taken to be equal: a non-finite value is found by the rank that
+    /// owns its element (and then skips the step on every rank), a difference outside a
+    /// rank's shard is not seen.
     Averaged,
 }
 
@@ -318,6 +321,13 @@ impl DistLamb {
         }
         let max_grad_norm = self.settings.max_grad_norm();
         let names: Vec<String> = self.model.layers().iter().map(|l| l.0.clone()).collect();
+        let group_names: Vec<String> = (0..self.settings.group_count())
+            .map(|g| {
+                self.settings
+                    .group(GroupId(g))
+                    .map_or_else(|_| format!("{g}"), |x| x.name.clone())
+            })
+            .collect();
         let skip =
             |index: usize, grad_norm: Option<f64>, grad_scale: f32| -> Result<StepReport, Error> {
                 let group = layers.get(index).map_or(0, |l| l.1);
@@ -423,7 +433,7 @@ impl DistLamb {
         for (g, c) in configs.iter().enumerate() {
             let s = StepScalars::new(c, t, grad_scale).map_err(|source| {
                 Error::Optimizer(lamb_std::Error::Config {
-                    group: Some(format!("group {g}")),
+                    group: group_names.get(g).cloned(),
                     source,
                 })
             })?;
