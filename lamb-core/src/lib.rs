@@ -36,9 +36,11 @@
 //!
 //! Every [`Backend`] computes each element with the same f32 operations in the same order,
 //! with separate multiplies and adds (never FMA) and IEEE `sqrt` and `/`. Sums of squares are
-//! exact f64 products added into [`LANES`] lanes (element `i` of a block to lane `i % 16`),
-//! folded in a fixed tree, and blocks of [`BLOCK`] elements are added in index order, so a
-//! layer cut into block-aligned pieces (one per thread) sums to the same bits as the whole.
+//! f32 products added into [`LANES`] f32 lanes (element `i` of a block to lane `i % 16`),
+//! folded in a fixed tree, and blocks of [`BLOCK`] elements are added in f64 in index order,
+//! so a layer cut into block-aligned pieces (one per thread) sums to the same bits as the
+//! whole. (f32 lanes because a microcontroller's FPU has no f64; a block sum that overflows
+//! f32 refuses the step like any other non-finite value.)
 //! The arithmetic runs in the default floating-point mode whatever the caller's ([`fpenv`]).
 #![no_std]
 #![deny(missing_docs)]

@@ -98,7 +98,8 @@ impl StepScalars {
     }
 }
 
-/// Sums of squares of one layer (or one block), accumulated in f64, and for parameters
+/// Sums of squares of one layer (or one block): per block 16 f32 lane partials folded into
+/// one f32, blocks added in f64 (`kernels` module docs); and for parameters
 /// stored in a half-precision format the ranges of p and u, which bound the new values.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct LayerNorms {

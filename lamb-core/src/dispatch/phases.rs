@@ -154,7 +154,8 @@ impl Backend {
 
 /// Sums of squares, e.g. for a global gradient norm.
 impl Backend {
-    /// Σx² in f64 with the fixed block/lane order.
+    /// Σx² with the fixed block/lane order: 16 f32 lanes per block of [`BLOCK`], blocks
+    /// added in f64. A block whose sum overflows f32 makes the result infinite.
     ///
     /// ```
     /// assert_eq!(lamb_core::Backend::Scalar.sum_squares(&[3.0, 4.0]), Ok(25.0));

@@ -2,12 +2,20 @@
 //!
 //! Bit-exact rule: every backend computes each element with the operations of
 //! [`scalar::update`] in the same order, with separate multiplies and adds (never FMA) and
-//! IEEE `sqrt` and `/` (never the approximate reciprocals). Sums of squares are exact
-//! products in f64 (an f32 × f32 product fits in f64), added into 16 lanes (element `i` of
-//! a block goes to lane `i % 16`), the lanes folded by [`fold_lanes`], and blocks of
-//! [`BLOCK`] elements added in index order by the caller. f64 lanes (rather than f32 ones)
-//! cost nothing measurable in these memory-bound loops and make the norms overflow-free:
-//! any finite f32 tensor has a finite f64 sum of squares.
+//! IEEE `sqrt` and `/` (never the approximate reciprocals). Sums of squares are f32 products
+//! added into 16 f32 lanes (element `i` of a block goes to lane `i % 16`), the lanes folded
+//! by [`fold_lanes`] into one f32 per block, and the blocks of [`BLOCK`] elements added in
+//! f64, in index order, by the caller.
+//!
+//! Why f32 lanes. f64 lanes (exact products, no overflow) cost nothing measurable on x86
+//! with data from DRAM, but they are half of a step's instructions on a Cortex-M4F, whose
+//! FPU has no f64: every f64 product and sum is a software routine. The f32 lanes hold at
+//! most 64 terms each, so a block sum is within ~64 f32 roundings of the exact sum; the f64
+//! sum over blocks keeps that error from growing with the layer. A lane that overflows f32
+//! (‖p‖ or ‖u‖ of a block above ~1.8e19) makes the sum infinite, and the step is refused
+//! like any other non-finite value ([`crate::LayerReport::plan`]); squares below f32's
+//! range round to 0, which matters only for norms below ~1e-19. Every backend adds the
+//! same f32 values in the same order, so the bits are still the same everywhere.
 
 pub(crate) mod arch;
 pub(crate) mod compact;
@@ -20,9 +28,10 @@ pub const BLOCK: usize = 1024;
 /// Lanes of the partial sums inside a block.
 pub const LANES: usize = 16;
 
-/// Folds 16 lane partials in the fixed tree `l[j] += l[j + w]` for `w = 8, 4, 2, 1`.
+/// Folds 16 f32 lane partials in the fixed tree `l[j] += l[j + w]` for `w = 8, 4, 2, 1`,
+/// in f32; the block's sum, exactly widened to f64 for the sum over blocks.
 #[inline(always)]
-pub(crate) fn fold_lanes(mut l: [f64; LANES]) -> f64 {
+pub(crate) fn fold_lanes(mut l: [f32; LANES]) -> f64 {
     let mut w = LANES / 2;
     while w > 0 {
         for j in 0..w {
@@ -30,5 +39,35 @@ pub(crate) fn fold_lanes(mut l: [f64; LANES]) -> f64 {
         }
         w /= 2;
     }
-    l[0]
+    l[0] as f64
+}
+
+/// IEEE single-precision square root, correctly rounded on every target: one instruction
+/// where the FPU has one. `core` has no `f32::sqrt`; libm's `sqrtf` is one instruction on
+/// x86-64 (SSE) and aarch64, but a software loop on 32-bit Arm, whose hard-float targets
+/// (`eabihf`: VFPv2 and later, the Cortex-M4F's FPv4-SP included) all have `vsqrt.f32`.
+/// Both are correctly rounded, so the bits are the same.
+#[inline(always)]
+pub(crate) fn sqrtf(x: f32) -> f32 {
+    #[cfg(all(target_arch = "arm", target_abi = "eabihf"))]
+    {
+        let root: f32;
+        // SAFETY: the hard-float ABI guarantees a VFP unit with single-precision registers
+        // and `vsqrt.f32`; the instruction reads and writes one register and nothing else
+        // (no memory, no stack, no flags; FPSCR's cumulative exception bits are not state
+        // Rust tracks).
+        unsafe {
+            core::arch::asm!(
+                "vsqrt.f32 {root}, {x}",
+                root = lateout(sreg) root,
+                x = in(sreg) x,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        root
+    }
+    #[cfg(not(all(target_arch = "arm", target_abi = "eabihf")))]
+    {
+        libm::sqrtf(x)
+    }
 }
