@@ -36,6 +36,8 @@ pub(crate) mod neon;
 /// only its [`Simd`](super::simd::Simd) impl. They are the functions the dispatch table
 /// holds; every generic function below them is `#[inline(always)]`, so the whole loop is
 /// compiled with these features.
+// Unused where no SIMD module is compiled (e.g. Cortex-M).
+#[allow(unused_macros, unused_imports)]
 macro_rules! entry_points {
     ($simd:ty $(, $feature:literal)*) => {
         /// Phase 1 of one block.
@@ -130,6 +132,4 @@ macro_rules! entry_points {
         }
     };
 }
-// Unused where no SIMD module is compiled (e.g. Cortex-M).
-#[allow(unused_imports)]
 use entry_points;
