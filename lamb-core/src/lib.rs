@@ -63,7 +63,7 @@ pub use error::{Buffer, Field, LambError};
 pub use half;
 pub use kernels::{BLOCK, LANES};
 pub use plan::LayerReport;
-pub use scalars::{LayerNorms, StepScalars};
+pub use scalars::{LayerNorms, Step, StepScalars};
 pub use schedule::Schedule;
 
 /// The code blocks of the crate's README, run as doctests so that they cannot rot.

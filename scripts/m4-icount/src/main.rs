@@ -14,7 +14,7 @@ use cortex_m::peripheral::{SYST, syst::SystClkSource};
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln};
 use lamb_core::layer::F32Layer;
-use lamb_core::{Backend, LambConfig, LayerReport};
+use lamb_core::{Backend, LambConfig, LayerReport, Step};
 
 /// The largest layer measured.
 const NMAX: usize = 4096;
@@ -47,38 +47,40 @@ impl Lcg {
 /// How a case steps the layer.
 #[derive(Clone, Copy)]
 enum Call {
-    /// `lamb_core::step_layer(config, t, …)`: the default backend, scalars built per call.
+    /// `Step::new(config, t)` once (outside the count), then `step.layer(…)`: the default
+    /// backend with the step's scalars prepared once, as firmware stepping several layers
+    /// does.
+    Prepared,
+    /// `lamb_core::step_layer(config, t, …)`: the default backend, the step's scalars built
+    /// in every call.
     StepLayer,
-    /// `Backend::Scalar.step_layer(config, t, 1.0, …)`.
+    /// `Backend::Scalar.step_layer_with(&step, …)`, scalars prepared once.
     Scalar,
 }
 
 impl Call {
     fn name(self) -> &'static str {
         match self {
+            Call::Prepared => "prepared",
             Call::StepLayer => "step_layer",
             Call::Scalar => "scalar",
         }
     }
 
-    fn step(self, cfg: &LambConfig, t: u64, b: &mut Buffers, n: usize) -> LayerReport {
+    /// Steps the first `n` elements with `step` (step `t` of `cfg`).
+    fn step(self, cfg: &LambConfig, t: u64, step: &Step, b: &mut Buffers, n: usize) -> LayerReport {
+        let (p, g, m, v) = (&mut b.p[..n], &b.g[..n], &mut b.m[..n], &mut b.v[..n]);
         let r = match self {
-            Call::StepLayer => lamb_core::step_layer(
-                cfg,
-                t,
-                &mut b.p[..n],
-                &b.g[..n],
-                &mut b.m[..n],
-                &mut b.v[..n],
-            ),
+            Call::Prepared => step.layer(p, g, m, v),
+            Call::StepLayer => lamb_core::step_layer(cfg, t, p, g, m, v),
             Call::Scalar => {
                 let mut layer = F32Layer {
-                    param: &mut b.p[..n],
-                    grad: &b.g[..n],
-                    m: &mut b.m[..n],
-                    v: &mut b.v[..n],
+                    param: p,
+                    grad: g,
+                    m,
+                    v,
                 };
-                Backend::Scalar.step_layer(cfg, t, 1.0, &mut layer)
+                Backend::Scalar.step_layer_with(step, &mut layer)
             }
         };
         match black_box(r) {
@@ -115,7 +117,7 @@ fn main() -> ! {
     let b = unsafe { &mut *core::ptr::addr_of_mut!(BUFFERS) };
     let cfg = LambConfig::paper();
     hprintln!("default backend {}", Backend::detect().name());
-    for call in [Call::StepLayer, Call::Scalar] {
+    for call in [Call::Prepared, Call::StepLayer, Call::Scalar] {
         for n in [0, 16, 1024, NMAX] {
             let mut rng = Lcg(12345);
             for i in 0..n {
@@ -126,13 +128,20 @@ fn main() -> ! {
             }
             // Two steps first, so that m and v hold ordinary non-zero values.
             for t in 1..=2 {
-                call.step(&cfg, t, b, n);
+                let Ok(step) = Step::new(&cfg, t) else {
+                    fail("Step::new");
+                };
+                call.step(&cfg, t, &step, b, n);
                 for g in &mut b.g[..n] {
                     *g = 0.01 * rng.next();
                 }
             }
+            let Ok(step) = Step::new(&cfg, 3) else {
+                fail("Step::new");
+            };
+            let step = black_box(step);
             let t0 = SYST::get_current();
-            let r = call.step(&cfg, 3, b, n);
+            let r = call.step(&cfg, black_box(3), &step, b, n);
             let t1 = SYST::get_current();
             let checksum = b.p[..n].iter().fold(0.0f32, |s, &x| s + x);
             hprintln!(

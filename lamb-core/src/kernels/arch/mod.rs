@@ -132,4 +132,5 @@ macro_rules! entry_points {
         }
     };
 }
+#[allow(unused_imports)]
 use entry_points;
