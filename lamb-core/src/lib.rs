@@ -28,7 +28,9 @@
 //! nothing; [`LayerReport::plan`] turns the sums into the trust ratio and the step size, or
 //! refuses the step; phase 2 ([`Backend::apply`]) recomputes the same update and writes it.
 //! [`step_layer`] and [`Backend::step_layer`] do all four, and on an error or a refused step
-//! the layer is as it was. A layer's buffers are f32 ([`layer::F32Layer`]) or in compact
+//! the layer is as it was. A [`Step`] holds the first part (the configuration and its
+//! rounded scalars) for every layer of a step: [`Step::layer`] and
+//! [`Backend::step_layer_with`] do the rest per layer, without recomputing the scalars. A layer's buffers are f32 ([`layer::F32Layer`]) or in compact
 //! storage ([`layer::CompactLayer`]: bf16/f16 parameters and gradients, bf16 or 8-bit
 //! moments, encoded and decoded by [`codec`]).
 //!

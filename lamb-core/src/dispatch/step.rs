@@ -11,6 +11,10 @@ use crate::scalars::{LayerNorms, Step, StepScalars};
 
 /// One LAMB step of one layer on the fastest backend of this CPU.
 ///
+/// It builds the step's [`Step`] (the configuration validated, its scalars rounded) in
+/// every call; to step several layers, build the `Step` once and call [`Step::layer`],
+/// which gives the same bits.
+///
 /// On any `Err`, and on a skipped step, `param`, `m` and `v` are untouched.
 ///
 /// ```

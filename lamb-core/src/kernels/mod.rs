@@ -13,9 +13,11 @@
 //! most 64 terms each, so a block sum is within ~64 f32 roundings of the exact sum; the f64
 //! sum over blocks keeps that error from growing with the layer. A lane that overflows f32
 //! (‖p‖ or ‖u‖ of a block above ~1.8e19) makes the sum infinite, and the step is refused
-//! like any other non-finite value ([`crate::LayerReport::plan`]); squares below f32's
-//! range round to 0, which matters only for norms below ~1e-19. Every backend adds the
-//! same f32 values in the same order, so the bits are still the same everywhere.
+//! like any other non-finite value ([`crate::LayerReport::plan`]). At the other end, the
+//! square of an element below ~1e-19 is subnormal in f32 (fewer significant bits), and
+//! below ~4e-23 it is 0: only norms that small lose accuracy (a layer of such tiny
+//! values gets ‖p‖ = 0 and the zero-norm rule). Every backend adds the same f32 values in
+//! the same order, so the bits are still the same everywhere.
 
 pub(crate) mod arch;
 // Where no SIMD backend is compiled (`arch/mod.rs`), only the scalar kernels' share of
