@@ -5,9 +5,9 @@
 //! operation for operation: separate multiplies and adds (no FMA), IEEE `sqrt` and `/`, the
 //! `u + (d − d)` overflow poison in phase 1. So phase 2 writes the same bits as lamb-core
 //! given the same step size. The one difference is the reduction: a natural pulp kernel
-//! keeps one f32 register of partial sums per block of [`BLOCK`] elements (blocks added in
-//! f64), where lamb-core widens every square to f64 (16 f64 lanes); the norms therefore
-//! agree to f32 rounding, not bit for bit. The traffic is lamb-core's: phase 1 reads
+//! keeps one register of f32 partial sums per block of [`BLOCK`] elements (blocks added in
+//! f64), its width the ISA's, where lamb-core always uses 16 f32 lanes (element `i` to lane
+//! `i % 16`); the norms therefore agree to f32 rounding, not bit for bit. The traffic is lamb-core's: phase 1 reads
 //! p, g, m, v (16 B/element), phase 2 reads them and writes m, v, p (28 B).
 
 use lamb_core::{BLOCK, LayerNorms, StepScalars};

@@ -129,7 +129,8 @@ pub enum LambError {
         /// The split point.
         at: usize,
     },
-    /// A gradient, moment, parameter or update was NaN or infinite, or the step would take
+    /// A gradient, moment, parameter or update was NaN or infinite, a block's sum of
+    /// squares of p or u overflowed f32 (the norms' lanes are f32), or the step would take
     /// a parameter past the range of the format it is stored in (policy
     /// [`NonFinite::Error`](crate::NonFinite::Error)). No fields: the caller
     /// knows which layer it stepped.
@@ -196,7 +197,7 @@ impl fmt::Display for LambError {
             ),
             LambError::NonFinite {} => write!(
                 f,
-                "non-finite value (NaN or infinity) in the gradient, state or update, or new weights beyond their storage format's range; nothing was written"
+                "non-finite value (NaN or infinity) in the gradient, state or update, a norm beyond f32's range (a block's ‖p‖ or ‖u‖ above ~1.8e19), or new weights beyond their storage format's range; nothing was written"
             ),
             LambError::OutTooShort { blocks, found } => write!(
                 f,

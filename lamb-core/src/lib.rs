@@ -28,7 +28,9 @@
 //! nothing; [`LayerReport::plan`] turns the sums into the trust ratio and the step size, or
 //! refuses the step; phase 2 ([`Backend::apply`]) recomputes the same update and writes it.
 //! [`step_layer`] and [`Backend::step_layer`] do all four, and on an error or a refused step
-//! the layer is as it was. A layer's buffers are f32 ([`layer::F32Layer`]) or in compact
+//! the layer is as it was. A [`Step`] holds the first part (the configuration and its
+//! rounded scalars) for every layer of a step: [`Step::layer`] and
+//! [`Backend::step_layer_with`] do the rest per layer, without recomputing the scalars. A layer's buffers are f32 ([`layer::F32Layer`]) or in compact
 //! storage ([`layer::CompactLayer`]: bf16/f16 parameters and gradients, bf16 or 8-bit
 //! moments, encoded and decoded by [`codec`]).
 //!
@@ -36,9 +38,11 @@
 //!
 //! Every [`Backend`] computes each element with the same f32 operations in the same order,
 //! with separate multiplies and adds (never FMA) and IEEE `sqrt` and `/`. Sums of squares are
-//! exact f64 products added into [`LANES`] lanes (element `i` of a block to lane `i % 16`),
-//! folded in a fixed tree, and blocks of [`BLOCK`] elements are added in index order, so a
-//! layer cut into block-aligned pieces (one per thread) sums to the same bits as the whole.
+//! f32 products added into [`LANES`] f32 lanes (element `i` of a block to lane `i % 16`),
+//! folded in a fixed tree, and blocks of [`BLOCK`] elements are added in f64 in index order,
+//! so a layer cut into block-aligned pieces (one per thread) sums to the same bits as the
+//! whole. (f32 lanes because a microcontroller's FPU has no f64; a block sum that overflows
+//! f32 refuses the step like any other non-finite value.)
 //! The arithmetic runs in the default floating-point mode whatever the caller's ([`fpenv`]).
 #![no_std]
 #![deny(missing_docs)]
@@ -61,7 +65,7 @@ pub use error::{Buffer, Field, LambError};
 pub use half;
 pub use kernels::{BLOCK, LANES};
 pub use plan::LayerReport;
-pub use scalars::{LayerNorms, StepScalars};
+pub use scalars::{LayerNorms, Step, StepScalars};
 pub use schedule::Schedule;
 
 /// The code blocks of the crate's README, run as doctests so that they cannot rot.

@@ -67,18 +67,7 @@ impl StepScalars {
             });
         }
         let t = step as f64;
-        let inv_bias = |beta: f64| -> f32 {
-            match config.bias_correction {
-                BiasCorrection::Off => 1.0,
-                BiasCorrection::F64 => (1.0 / (1.0 - libm::pow(beta, t))) as f32,
-                BiasCorrection::F32 => {
-                    // f32(β)^t rounded to f32 (f64 pow of an f32 base is exact to well under
-                    // half an f32 ulp), then 1 − that in f32, as optax's f32 arithmetic does.
-                    let pow = libm::pow(beta as f32 as f64, t) as f32;
-                    1.0 / (1.0 - pow)
-                }
-            }
-        };
+        let inv_bias = |beta: f64| inv_bias_correction(config.bias_correction, beta, t);
         Ok(StepScalars {
             grad_scale,
             beta1: config.beta1 as f32,
@@ -98,7 +87,100 @@ impl StepScalars {
     }
 }
 
-/// Sums of squares of one layer (or one block), accumulated in f64, and for parameters
+/// `1 / (1 − β^t)` rounded to f32 as `mode` says. Not inlined, so that the (large) software
+/// `pow` of targets without an f64 FPU is called from one place.
+#[inline(never)]
+fn inv_bias_correction(mode: BiasCorrection, beta: f64, t: f64) -> f32 {
+    match mode {
+        BiasCorrection::Off => 1.0,
+        BiasCorrection::F64 => (1.0 / (1.0 - libm::pow(beta, t))) as f32,
+        BiasCorrection::F32 => {
+            // f32(β)^t rounded to f32 (f64 pow of an f32 base is exact to well under half
+            // an f32 ulp), then 1 − that in f32, as optax's f32 arithmetic does.
+            let pow = libm::pow(beta as f32 as f64, t) as f32;
+            1.0 / (1.0 - pow)
+        }
+    }
+}
+
+/// Step `t` of a configuration, ready to step layers: the configuration and its
+/// [`StepScalars`], validated and rounded once. Build it once per step and step every layer
+/// with it ([`Step::layer`], [`Backend::step_layer_with`](crate::Backend::step_layer_with),
+/// [`Backend::step_layer_compact_with`](crate::Backend::step_layer_compact_with)): the
+/// bias corrections' `pow` and the validation then run once per step, not once per layer
+/// (on a microcontroller without an f64 FPU they cost ~20,000 instructions). Stepping
+/// with it gives exactly the bits of [`step_layer`](crate::step_layer) with the same
+/// configuration and step.
+///
+/// ```
+/// use lamb_core::{LambConfig, Step};
+/// let config = LambConfig::optax();
+/// let (mut w, mut b) = ([0.5f32; 8], [0.0f32; 2]);
+/// let (gw, gb) = ([0.1f32; 8], [0.2f32; 2]);
+/// let (mut mw, mut vw, mut mb, mut vb) = ([0.0f32; 8], [0.0f32; 8], [0.0f32; 2], [0.0f32; 2]);
+/// for t in 1..=3 {
+///     let step = Step::new(&config, t)?; // once per step
+///     step.layer(&mut w, &gw, &mut mw, &mut vw)?; // per layer
+///     step.layer(&mut b, &gb, &mut mb, &mut vb)?;
+/// }
+/// assert!(w[0] < 0.5 && b[0] < 0.0);
+/// # Ok::<(), lamb_core::LambError>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Step<'c> {
+    config: &'c LambConfig,
+    scalars: StepScalars,
+}
+
+impl<'c> Step<'c> {
+    /// Step `step` (counted from 1) of `config`, gradients unscaled. Errors as
+    /// [`StepScalars::new`]: an invalid configuration or step 0.
+    ///
+    /// ```
+    /// use lamb_core::{LambConfig, LambError, Step};
+    /// assert_eq!(Step::new(&LambConfig::paper(), 0), Err(LambError::StepZero));
+    /// assert_eq!(Step::new(&LambConfig::paper(), 1)?.scalars().beta3, 0.1);
+    /// # Ok::<(), LambError>(())
+    /// ```
+    pub fn new(config: &'c LambConfig, step: u64) -> Result<Step<'c>, LambError> {
+        Step::with_grad_scale(config, step, 1.0)
+    }
+
+    /// Step `step` of `config` with every gradient element multiplied by `grad_scale`
+    /// (global clipping, 1/loss scale; finite and > 0).
+    ///
+    /// ```
+    /// use lamb_core::{LambConfig, Step};
+    /// let config = LambConfig::paper();
+    /// let step = Step::with_grad_scale(&config, 1, 0.5)?;
+    /// assert_eq!(step.scalars().grad_scale, 0.5);
+    /// assert!(Step::with_grad_scale(&LambConfig::paper(), 1, f32::NAN).is_err());
+    /// # Ok::<(), lamb_core::LambError>(())
+    /// ```
+    pub fn with_grad_scale(
+        config: &'c LambConfig,
+        step: u64,
+        grad_scale: f32,
+    ) -> Result<Step<'c>, LambError> {
+        Ok(Step {
+            config,
+            scalars: StepScalars::new(config, step, grad_scale)?,
+        })
+    }
+
+    /// The configuration (validated).
+    pub fn config(&self) -> &'c LambConfig {
+        self.config
+    }
+
+    /// The scalars the kernels use.
+    pub fn scalars(&self) -> &StepScalars {
+        &self.scalars
+    }
+}
+
+/// Sums of squares of one layer (or one block): per block 16 f32 lane partials folded into
+/// one f32, blocks added in f64 (`kernels` module docs); and for parameters
 /// stored in a half-precision format the ranges of p and u, which bound the new values.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct LayerNorms {

@@ -112,23 +112,27 @@ fn steps_past_the_storage_range_are_refused_on_every_backend() {
     };
     let o = Owned::new(&[60000.0; 40], &[-1.0; 40]);
     assert_refused(lamb, P::MasterF16, &o);
-    // bf16::MAX + 1.3e36 is a finite f32 that rounds to infinity in bf16.
+    // 1 + 3.398e38 is a finite f32 that rounds to infinity in bf16. (The step starts from
+    // small weights: a weight near bf16::MAX would overflow the f32 sum of squares of ‖p‖,
+    // refusing the step before the range check is reached, see `edge_cases.rs`.)
     let up = LambConfig {
-        lr: 1.3e36,
+        lr: 3.398e38,
         weight_decay: 0.0,
         ..LambConfig::paper().adamw()
     };
-    let mut p = vec![1.0f32; 19];
     let mut g = vec![0.0f32; 19];
-    p[17] = bf16::MAX.to_f32();
     g[17] = -1.0;
-    let o = Owned::new(&p, &g);
+    let o = Owned::new(&[1.0; 19], &g);
     for f in [P::MasterBf16, P::Bf16, P::Bf16Sr(1), P::Bf16Sr(2)] {
         assert_refused(up, f, &o);
     }
     // Stochastic rounding can take anything above bf16::MAX to infinity, even a step far
-    // below half an ulp that rounding to nearest would take back to bf16::MAX.
-    let tiny = LambConfig { lr: 1e32, ..up };
+    // below half an ulp that rounding to nearest would take back to bf16::MAX: here the new
+    // weight is bf16::MAX·(1 + 1e-5), about 1/200 of an ulp above it.
+    let tiny = LambConfig {
+        lr: bf16::MAX.to_f32() as f64 * (1.0 + 1e-5),
+        ..up
+    };
     assert_refused(tiny, P::Bf16Sr(3), &o);
     let mut near = o.clone();
     assert!(

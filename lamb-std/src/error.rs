@@ -293,7 +293,7 @@ fn fmt_layer(
         ),
         LambError::NonFinite { .. } => write!(
             f,
-            "layer '{name}' (#{index}): non-finite value (NaN or infinity) in the gradient, state or update, or new weights beyond their storage format's range; the step was not applied"
+            "layer '{name}' (#{index}): non-finite value (NaN or infinity) in the gradient, state or update, a norm beyond f32's range (a block's ‖p‖ or ‖u‖ above ~1.8e19), or new weights beyond their storage format's range; the step was not applied"
         ),
         other => write!(f, "layer '{name}' (#{index}): {other}"),
     }

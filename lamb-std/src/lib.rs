@@ -47,7 +47,7 @@ pub use domain::MAX_STEP;
 pub use error::Error;
 pub use optimizer::{
     Group, GroupId, Lamb, LayerId, LayerKey, LayerView, ParamStorage, ParamsIn, Precision,
-    SkippedLayer, StateFormat, StateView, StepReport,
+    SkippedLayer, StateFormat, StateView, StepReport, moments_rounding, params_rounding,
 };
 
 /// The code blocks of the crate's README, run as doctests so that they cannot rot.

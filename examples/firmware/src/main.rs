@@ -15,7 +15,7 @@ use core::cell::UnsafeCell;
 use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use lamb_core::{LambConfig, LambError, step_layer};
+use lamb_core::{LambConfig, Step};
 
 /// Layer sizes: weights 16×32, bias 32, weights 32×4, bias 4.
 const LAYERS: [usize; 4] = [16 * 32, 32, 32 * 4, 4];
@@ -101,10 +101,16 @@ fn loss(model: &Model) -> f32 {
     0.5 * sum
 }
 
-/// [`STEPS`] LAMB steps of every layer with the paper's hyperparameters.
-fn train(model: &mut Model) -> Result<(), LambError> {
+/// lamb-core refused a step. The image has nowhere to report which `LambError` it was,
+/// and dropping it at once keeps the error's bytes from being moved around (`memcpy`).
+struct Refused;
+
+/// [`STEPS`] LAMB steps of every layer with the paper's hyperparameters. Each step's
+/// scalars are prepared once ([`Step`]) and serve all its layers.
+fn train(model: &mut Model) -> Result<(), Refused> {
     let config = LambConfig::paper();
-    for step in 1..=STEPS {
+    for t in 1..=STEPS {
+        let step = Step::new(&config, t).map_err(|_| Refused)?;
         for (i, g) in model.grad.iter_mut().enumerate() {
             *g = model.param[i] - target(i);
         }
@@ -118,7 +124,7 @@ fn train(model: &mut Model) -> Result<(), LambError> {
             let (m, m_rest) = core::mem::take(&mut exp_avg).split_at_mut(len);
             let (v, v_rest) = core::mem::take(&mut exp_avg_sq).split_at_mut(len);
             (param, grad, exp_avg, exp_avg_sq) = (p_rest, g_rest, m_rest, v_rest);
-            step_layer(&config, step, p, g, m, v)?;
+            step.layer(p, g, m, v).map_err(|_| Refused)?;
         }
     }
     Ok(())

@@ -42,7 +42,7 @@ impl Backend {
     ) -> Result<LayerNorms, LambError> {
         let _mode = DefaultFpMode::enter();
         check_f32_lengths(param.len(), grad.len(), m.len(), v.len())?;
-        self.layer_norms(scalars, Phase1::F32 { param, grad, m, v })
+        self.layer_norms(scalars, F32Buffers { param, grad, m, v })
     }
 
     /// Phase 1 over a block-aligned chunk of a layer, one [`LayerNorms`] per block of
@@ -62,7 +62,7 @@ impl Backend {
     ) -> Result<(), LambError> {
         let _mode = DefaultFpMode::enter();
         check_f32_lengths(param.len(), grad.len(), m.len(), v.len())?;
-        self.norms_per_block(scalars, Phase1::F32 { param, grad, m, v }, out)
+        self.norms_per_block(scalars, F32Buffers { param, grad, m, v }, out)
     }
 
     /// Phase 2: recomputes m, v and u exactly as phase 1 did and writes
@@ -98,7 +98,7 @@ impl Backend {
             return self.norms(scalars, p, g, m, v);
         }
         layer.check()?;
-        self.layer_norms(scalars, Phase1::Compact(layer))
+        self.layer_norms(scalars, layer)
     }
 
     /// Phase 1 of a compact layer (or a block-aligned piece of one), one entry per block.
@@ -114,7 +114,7 @@ impl Backend {
             return self.norms_blocks(scalars, p, g, m, v, out);
         }
         layer.check()?;
-        self.norms_per_block(scalars, Phase1::Compact(layer), out)
+        self.norms_per_block(scalars, layer, out)
     }
 
     /// Phase 2 of a compact layer. `index0` is the index in the whole layer of this
@@ -154,7 +154,8 @@ impl Backend {
 
 /// Sums of squares, e.g. for a global gradient norm.
 impl Backend {
-    /// Σx² in f64 with the fixed block/lane order.
+    /// Σx² with the fixed block/lane order: 16 f32 lanes per block of [`BLOCK`], blocks
+    /// added in f64. A block whose sum overflows f32 makes the result infinite.
     ///
     /// ```
     /// assert_eq!(lamb_core::Backend::Scalar.sum_squares(&[3.0, 4.0]), Ok(25.0));
@@ -189,54 +190,62 @@ impl Backend {
     }
 }
 
-/// What phase 1 reads: four f32 buffers, or a layer in compact storage, whose lengths were
-/// checked.
-#[derive(Clone, Copy)]
-enum Phase1<'a> {
-    F32 {
-        param: &'a [f32],
-        grad: &'a [f32],
-        m: &'a [f32],
-        v: &'a [f32],
-    },
-    Compact(&'a CompactLayer<'a>),
-}
-
-impl Phase1<'_> {
-    #[inline]
-    fn len(self) -> usize {
-        match self {
-            Phase1::F32 { param, .. } => param.len(),
-            Phase1::Compact(layer) => layer.params.len(),
-        }
-    }
+/// What phase 1 reads: four f32 buffers ([`F32Buffers`]) or a layer in compact storage,
+/// whose lengths were checked. A trait, not an enum, so that each caller's code holds only
+/// its own kind (the f32 step of a firmware image then links no compact-storage kernel).
+trait Phase1: Copy {
+    /// Elements in the layer.
+    fn len(self) -> usize;
 
     /// Phase 1 of the elements `[at, at + len)`, one block.
     ///
     /// # Safety
     /// `k` must come from [`Backend::kernels`] (the CPU supports it), and the block must lie
     /// inside the buffers.
+    unsafe fn block(self, k: &Kernels, s: &StepScalars, at: usize, len: usize) -> LayerNorms;
+}
+
+/// Four f32 buffers of equal length.
+#[derive(Clone, Copy)]
+struct F32Buffers<'a> {
+    param: &'a [f32],
+    grad: &'a [f32],
+    m: &'a [f32],
+    v: &'a [f32],
+}
+
+impl Phase1 for F32Buffers<'_> {
+    #[inline(always)]
+    fn len(self) -> usize {
+        self.param.len()
+    }
+
     #[inline(always)]
     unsafe fn block(self, k: &Kernels, s: &StepScalars, at: usize, len: usize) -> LayerNorms {
-        // SAFETY: forwarded from this function's contract; the f32 sub-slices are the same
+        let r = at..at + len;
+        let F32Buffers { param, grad, m, v } = self;
+        // SAFETY: forwarded from this function's contract; the sub-slices are the same
         // range of equal-length slices.
-        unsafe {
-            match self {
-                Phase1::F32 { param, grad, m, v } => {
-                    let r = at..at + len;
-                    (k.block_norms)(s, &param[r.clone()], &grad[r.clone()], &m[r.clone()], &v[r])
-                }
-                Phase1::Compact(l) => {
-                    (k.compact_block_norms)(s, &l.params, &l.grads, &l.moments, at, len)
-                }
-            }
-        }
+        unsafe { (k.block_norms)(s, &param[r.clone()], &grad[r.clone()], &m[r.clone()], &v[r]) }
+    }
+}
+
+impl Phase1 for &CompactLayer<'_> {
+    #[inline(always)]
+    fn len(self) -> usize {
+        self.params.len()
+    }
+
+    #[inline(always)]
+    unsafe fn block(self, k: &Kernels, s: &StepScalars, at: usize, len: usize) -> LayerNorms {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { (k.compact_block_norms)(s, &self.params, &self.grads, &self.moments, at, len) }
     }
 }
 
 impl Backend {
     /// Phase 1 of a whole checked layer: the blocks' sums added in block order.
-    fn layer_norms(self, s: &StepScalars, layer: Phase1<'_>) -> Result<LayerNorms, LambError> {
+    fn layer_norms(self, s: &StepScalars, layer: impl Phase1) -> Result<LayerNorms, LambError> {
         let k = self.kernels()?;
         let total = blocks(layer.len()).fold(LayerNorms::default(), |total, (at, len)| {
             // SAFETY: `kernels()` checked CPU support; the block is inside the layer.
@@ -249,7 +258,7 @@ impl Backend {
     fn norms_per_block(
         self,
         s: &StepScalars,
-        layer: Phase1<'_>,
+        layer: impl Phase1,
         out: &mut [LayerNorms],
     ) -> Result<(), LambError> {
         let n = layer.len();

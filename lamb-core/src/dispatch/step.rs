@@ -7,9 +7,13 @@ use crate::error::LambError;
 use crate::fpenv::DefaultFpMode;
 use crate::layer::{CompactLayer, F32Layer};
 use crate::plan::LayerReport;
-use crate::scalars::{LayerNorms, StepScalars};
+use crate::scalars::{LayerNorms, Step, StepScalars};
 
 /// One LAMB step of one layer on the fastest backend of this CPU.
+///
+/// It builds the step's [`Step`] (the configuration validated, its scalars rounded) in
+/// every call; to step several layers, build the `Step` once and call [`Step::layer`],
+/// which gives the same bits.
 ///
 /// On any `Err`, and on a skipped step, `param`, `m` and `v` are untouched.
 ///
@@ -41,6 +45,22 @@ pub fn step_layer(
     Backend::detect().step_layer(config, step, 1.0, &mut layer)
 }
 
+impl Step<'_> {
+    /// One LAMB step of one layer on the fastest backend of this CPU, with this step's
+    /// configuration and scalars; see [`Step`] for an example. The same bits as
+    /// [`step_layer`]; on any `Err`, and on a skipped step, nothing is written.
+    pub fn layer(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) -> Result<LayerReport, LambError> {
+        let mut layer = F32Layer { param, grad, m, v };
+        Backend::detect().step_layer_with(self, &mut layer)
+    }
+}
+
 impl Backend {
     /// One LAMB step of one layer of f32 buffers on this backend, with gradients scaled by
     /// `grad_scale` (1 for none). See [`step_layer`].
@@ -63,7 +83,57 @@ impl Backend {
         grad_scale: f32,
         layer: &mut F32Layer<'_>,
     ) -> Result<LayerReport, LambError> {
-        self.step(config, step, grad_scale, layer)
+        let step = Step::with_grad_scale(config, step, grad_scale)?;
+        self.step(&step, layer)
+    }
+
+    /// One LAMB step of one layer of f32 buffers on this backend, with a [`Step`] built
+    /// once for every layer of the step. The same bits as [`Backend::step_layer`].
+    ///
+    /// ```
+    /// use lamb_core::{Backend, LambConfig, Step, layer::F32Layer};
+    /// let (mut p, g, mut m, mut v) = ([1.0f32; 4], [0.5f32; 4], [0.0f32; 4], [0.0f32; 4]);
+    /// let config = LambConfig::paper();
+    /// let step = Step::new(&config, 1)?;
+    /// let mut layer = F32Layer { param: &mut p, grad: &g, m: &mut m, v: &mut v };
+    /// assert!(!Backend::Scalar.step_layer_with(&step, &mut layer)?.skipped);
+    /// assert!(p[0] < 1.0);
+    /// # Ok::<(), lamb_core::LambError>(())
+    /// ```
+    pub fn step_layer_with(
+        self,
+        step: &Step<'_>,
+        layer: &mut F32Layer<'_>,
+    ) -> Result<LayerReport, LambError> {
+        self.step(step, layer)
+    }
+
+    /// One LAMB step of a layer in compact storage with a prepared [`Step`]; see
+    /// [`Backend::step_layer_compact`] and [`Backend::step_layer_with`].
+    ///
+    /// ```
+    /// use half::bf16;
+    /// use lamb_core::{Backend, LambConfig, Step};
+    /// use lamb_core::layer::{CompactLayer, Grads, Moments, Params, Rounding};
+    /// let (mut p, g) = ([bf16::ONE; 4], [bf16::from_f32(0.5); 4]);
+    /// let (mut m, mut v) = ([bf16::ZERO; 4], [bf16::ZERO; 4]);
+    /// let mut layer = CompactLayer {
+    ///     params: Params::Bf16 { data: &mut p, rounding: Rounding::Nearest },
+    ///     grads: Grads::Bf16(&g),
+    ///     moments: Moments::Bf16 { m: &mut m, v: &mut v, rounding: Rounding::Nearest },
+    /// };
+    /// let config = LambConfig { lr: 0.1, ..LambConfig::paper() };
+    /// let step = Step::new(&config, 1)?;
+    /// assert!(!Backend::Scalar.step_layer_compact_with(&step, &mut layer)?.skipped);
+    /// assert!(p[0] < bf16::ONE);
+    /// # Ok::<(), lamb_core::LambError>(())
+    /// ```
+    pub fn step_layer_compact_with(
+        self,
+        step: &Step<'_>,
+        layer: &mut CompactLayer<'_>,
+    ) -> Result<LayerReport, LambError> {
+        self.step(step, layer)
     }
 
     /// One LAMB step of a layer in compact storage; see [`Backend::step_layer`]. The trust
@@ -98,27 +168,22 @@ impl Backend {
         grad_scale: f32,
         layer: &mut CompactLayer<'_>,
     ) -> Result<LayerReport, LambError> {
-        self.step(config, step, grad_scale, layer)
+        let step = Step::with_grad_scale(config, step, grad_scale)?;
+        self.step(&step, layer)
     }
 
     /// Phase 1, the plan, phase 2 (unless the plan refuses the step).
-    fn step(
-        self,
-        config: &LambConfig,
-        step: u64,
-        grad_scale: f32,
-        layer: &mut impl Phases,
-    ) -> Result<LayerReport, LambError> {
+    fn step(self, step: &Step<'_>, layer: &mut impl Phases) -> Result<LayerReport, LambError> {
         let _mode = DefaultFpMode::enter();
-        let scalars = StepScalars::new(config, step, grad_scale)?;
-        let report = LayerReport::plan(config, layer.norms(self, &scalars)?);
+        let (config, scalars) = (step.config(), step.scalars());
+        let report = LayerReport::plan(config, layer.norms(self, scalars)?);
         if report.skipped {
             return match config.non_finite {
                 NonFinite::Skip => Ok(report),
                 NonFinite::Error => Err(LambError::NonFinite {}),
             };
         }
-        layer.apply(self, &scalars, report.step_size)?;
+        layer.apply(self, scalars, report.step_size)?;
         Ok(report)
     }
 }

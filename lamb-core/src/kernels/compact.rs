@@ -436,14 +436,14 @@ pub(crate) unsafe fn block_sum_squares<S: Simd>(g: &Grads, at: usize, n: usize) 
     // Lane partials span the whole block, so decode chunk by chunk into the same lanes.
     // SAFETY: S's instruction set is available (caller); every chunk is in bounds.
     unsafe {
-        let mut acc = S::acc_zero();
+        let mut acc = S::splat(0.0);
         while off < n {
             let len = QBLOCK.min(n - off);
             decode_grads::<S>(g, at + off, &mut buf[..len]);
             acc = simd::add_squares::<S>(acc, &buf[..len]);
             off += len;
         }
-        total += super::fold_lanes(S::acc_lanes(acc));
+        total += super::fold_lanes(S::lanes(acc));
     }
     total
 }

@@ -5,7 +5,7 @@ use super::compact::{
     Chunk, decode_grads, decode_moments, decode_params, encode_moments, encode_params,
 };
 use super::simd::Soft;
-use super::{LANES, fold_lanes};
+use super::{LANES, fold_lanes, sqrtf};
 use crate::codec::QBLOCK;
 use crate::layer::{Grads, Moments, ParamFormat, Params};
 use crate::scalars::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
@@ -26,9 +26,9 @@ fn update_and_denom(s: &StepScalars, p: f32, g: f32, m: f32, v: f32) -> (f32, f3
     let m_hat = m * s.inv_bias1;
     let v_hat = v * s.inv_bias2;
     let denom = if s.eps_inside_sqrt {
-        libm::sqrtf(v_hat + s.eps)
+        sqrtf(v_hat + s.eps)
     } else {
-        libm::sqrtf(v_hat) + s.eps
+        sqrtf(v_hat) + s.eps
     };
     let u = m_hat / denom + s.weight_decay * p;
     (m, v, u, denom)
@@ -52,12 +52,12 @@ pub(crate) fn block_norms(
     m: &[f32],
     v: &[f32],
 ) -> LayerNorms {
-    let mut lp = [0.0f64; LANES];
-    let mut lu = [0.0f64; LANES];
+    let mut lp = [0.0f32; LANES];
+    let mut lu = [0.0f32; LANES];
     for i in 0..p.len() {
         let u = checked_update(s, p[i], g[i], m[i], v[i]);
-        lp[i % LANES] += p[i] as f64 * p[i] as f64;
-        lu[i % LANES] += u as f64 * u as f64;
+        lp[i % LANES] += p[i] * p[i];
+        lu[i % LANES] += u * u;
     }
     LayerNorms {
         param_sq: fold_lanes(lp),
@@ -85,9 +85,9 @@ pub(crate) fn apply(
 
 /// Σx² of one block.
 pub(crate) fn block_sum_squares(x: &[f32]) -> f64 {
-    let mut l = [0.0f64; LANES];
+    let mut l = [0.0f32; LANES];
     for (i, &xi) in x.iter().enumerate() {
-        l[i % LANES] += xi as f64 * xi as f64;
+        l[i % LANES] += xi * xi;
     }
     fold_lanes(l)
 }
@@ -102,8 +102,8 @@ pub(crate) fn compact_block_norms(
     at: usize,
     n: usize,
 ) -> LayerNorms {
-    let mut lp = [0.0f64; LANES];
-    let mut lu = [0.0f64; LANES];
+    let mut lp = [0.0f32; LANES];
+    let mut lu = [0.0f32; LANES];
     // The ranges of p and u as order keys, including 0, for half-precision parameters.
     let format = p.format();
     let mut keys = [ZERO_KEY; 4];
@@ -117,8 +117,8 @@ pub(crate) fn compact_block_norms(
         decode_moments(mo, at + off, &mut c.m[..len], &mut c.v[..len]);
         for i in 0..len {
             let u = checked_update(s, c.p[i], c.g[i], c.m[i], c.v[i]);
-            lp[(off + i) % LANES] += c.p[i] as f64 * c.p[i] as f64;
-            lu[(off + i) % LANES] += u as f64 * u as f64;
+            lp[(off + i) % LANES] += c.p[i] * c.p[i];
+            lu[(off + i) % LANES] += u * u;
             if format != ParamFormat::F32 {
                 let (kp, ku) = (order_key(c.p[i]), order_key(u));
                 keys = [
@@ -177,7 +177,7 @@ pub(crate) fn compact_apply(
 
 /// Σg² of one block of gradients in any storage.
 pub(crate) fn compact_block_sum_squares(g: &Grads, at: usize, n: usize) -> f64 {
-    let mut l = [0.0f64; LANES];
+    let mut l = [0.0f32; LANES];
     let mut buf = [0.0f32; QBLOCK];
     let mut off = 0;
     while off < n {
@@ -185,7 +185,7 @@ pub(crate) fn compact_block_sum_squares(g: &Grads, at: usize, n: usize) -> f64 {
         // SAFETY: `Soft` needs no instruction set.
         unsafe { decode_grads::<Soft>(g, at + off, &mut buf[..len]) };
         for (i, &x) in buf[..len].iter().enumerate() {
-            l[(off + i) % LANES] += x as f64 * x as f64;
+            l[(off + i) % LANES] += x * x;
         }
         off += len;
     }

@@ -14,7 +14,7 @@
 use super::{LANES, fold_lanes};
 use crate::scalars::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_key};
 
-/// A bundle of 16 f32 lanes and its f64 accumulator.
+/// A bundle of 16 f32 lanes (which also serve as the 16 lane partials of a sum of squares).
 ///
 /// # Safety
 /// Implementations may only be used where their instruction set is available; the
@@ -22,8 +22,6 @@ use crate::scalars::{LayerNorms, StepScalars, ZERO_KEY, from_order_key, order_ke
 pub(crate) unsafe trait Simd: Copy + HalfConv {
     /// 16 f32 lanes.
     type V: Copy;
-    /// 16 f64 lanes.
-    type Acc: Copy;
 
     unsafe fn splat(x: f32) -> Self::V;
     /// Loads 16 elements. `ptr` must be valid for reading 16 f32 (no alignment needed).
@@ -35,10 +33,22 @@ pub(crate) unsafe trait Simd: Copy + HalfConv {
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sqrt(a: Self::V) -> Self::V;
-    unsafe fn acc_zero() -> Self::Acc;
-    /// `acc[j] + f64(x[j])²` for every lane j (the product is exact in f64).
-    unsafe fn acc_add_squares(acc: Self::Acc, x: Self::V) -> Self::Acc;
-    unsafe fn acc_lanes(acc: Self::Acc) -> [f64; LANES];
+
+    /// `acc[j] + x[j]·x[j]` for every lane j: a multiply, then an add (never fused).
+    #[inline(always)]
+    unsafe fn add_square(acc: Self::V, x: Self::V) -> Self::V {
+        // SAFETY: S's instruction set is available (caller).
+        unsafe { Self::add(acc, Self::mul(x, x)) }
+    }
+
+    /// The 16 lanes as an array.
+    #[inline(always)]
+    unsafe fn lanes(x: Self::V) -> [f32; LANES] {
+        let mut out = [0.0f32; LANES];
+        // SAFETY: `out` holds 16 f32; S's instruction set is available (caller).
+        unsafe { Self::store(out.as_mut_ptr(), x) };
+        out
+    }
 
     /// Per lane, `lo[j] = min(lo[j], key(x[j]))` and `hi[j] = max(hi[j], key(x[j]))` with
     /// [`order_key`]: the range of the values seen, exact and order-independent. Only the
@@ -170,12 +180,12 @@ impl<S: Simd> Splat<S> {
     }
 }
 
-/// The 16-lane f64 accumulators of ‖p‖² and ‖u‖² for one block; with `RANGE`, also the
+/// The 16 f32 lane partials of ‖p‖² and ‖u‖² for one block; with `RANGE`, also the
 /// lane ranges of p and u (for parameters stored in a half-precision format: see
 /// [`crate::LayerNorms::param_max`]). `RANGE = false` compiles to exactly the sums.
 pub(crate) struct NormAcc<S: Simd, const RANGE: bool = false> {
-    p: S::Acc,
-    u: S::Acc,
+    p: S::V,
+    u: S::V,
     /// Lane minima and maxima of p and u as [`order_key`]s, starting at +0 (which the zero
     /// padding of a partial row also adds: the ranges always include 0).
     keys: [[u32; LANES]; 4],
@@ -187,8 +197,8 @@ impl<S: Simd, const RANGE: bool> NormAcc<S, RANGE> {
         // SAFETY: the caller runs on a CPU with S's instruction set.
         unsafe {
             NormAcc {
-                p: S::acc_zero(),
-                u: S::acc_zero(),
+                p: S::splat(0.0),
+                u: S::splat(0.0),
                 keys: [[ZERO_KEY; LANES]; 4],
             }
         }
@@ -222,8 +232,8 @@ impl<S: Simd, const RANGE: bool> NormAcc<S, RANGE> {
                     let pv = $pv;
                     let (_, _, u, denom) = k.update(pv, $gv, $mv, $vv);
                     let u = S::add(u, S::sub(denom, denom));
-                    acc_p = S::acc_add_squares(acc_p, pv);
-                    acc_u = S::acc_add_squares(acc_u, u);
+                    acc_p = S::add_square(acc_p, pv);
+                    acc_u = S::add_square(acc_u, u);
                     if RANGE {
                         S::min_max_keys(&mut p_lo, &mut p_hi, pv);
                         S::min_max_keys(&mut u_lo, &mut u_hi, u);
@@ -259,8 +269,8 @@ impl<S: Simd, const RANGE: bool> NormAcc<S, RANGE> {
         // SAFETY: the caller runs on a CPU with S's instruction set.
         unsafe {
             LayerNorms {
-                param_sq: fold_lanes(S::acc_lanes(self.p)),
-                update_sq: fold_lanes(S::acc_lanes(self.u)),
+                param_sq: fold_lanes(S::lanes(self.p)),
+                update_sq: fold_lanes(S::lanes(self.u)),
                 param_min: from_order_key(self.keys[0].into_iter().fold(ZERO_KEY, u32::min)),
                 param_max: from_order_key(self.keys[1].into_iter().fold(ZERO_KEY, u32::max)),
                 update_min: from_order_key(self.keys[2].into_iter().fold(ZERO_KEY, u32::min)),
@@ -348,17 +358,17 @@ pub(crate) unsafe fn apply<S: Simd>(
 /// # Safety
 /// The CPU must support `S`'s instruction set.
 #[inline(always)]
-pub(crate) unsafe fn add_squares<S: Simd>(mut acc: S::Acc, x: &[f32]) -> S::Acc {
+pub(crate) unsafe fn add_squares<S: Simd>(mut acc: S::V, x: &[f32]) -> S::V {
     let n = x.len();
     // SAFETY: as in `NormAcc::add`: every read stays inside `x`.
     unsafe {
         let mut i = 0;
         while i + LANES <= n {
-            acc = S::acc_add_squares(acc, S::load(x.as_ptr().add(i)));
+            acc = S::add_square(acc, S::load(x.as_ptr().add(i)));
             i += LANES;
         }
         if i < n {
-            acc = S::acc_add_squares(acc, S::load_partial(x.as_ptr().add(i), n - i));
+            acc = S::add_square(acc, S::load_partial(x.as_ptr().add(i), n - i));
         }
         acc
     }
@@ -371,5 +381,5 @@ pub(crate) unsafe fn add_squares<S: Simd>(mut acc: S::Acc, x: &[f32]) -> S::Acc 
 #[inline(always)]
 pub(crate) unsafe fn block_sum_squares<S: Simd>(x: &[f32]) -> f64 {
     // SAFETY: forwarded from this function's contract.
-    unsafe { fold_lanes(S::acc_lanes(add_squares::<S>(S::acc_zero(), x))) }
+    unsafe { fold_lanes(S::lanes(add_squares::<S>(S::splat(0.0), x))) }
 }

@@ -176,6 +176,7 @@
 //! [`Precision`]: crate::Precision
 //! [`MAX_STEP`]: crate::MAX_STEP
 
+mod assemble;
 mod atomic;
 mod container;
 mod decode;

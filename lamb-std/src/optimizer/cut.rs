@@ -9,6 +9,7 @@ use lamb_core::{BLOCK, LambError, LayerNorms};
 
 use super::Layer;
 use super::group::Group;
+use super::rounding::{moments_rounding, params_rounding};
 use super::state::LayerState;
 use super::views::{GradSlot, ParamSlot, ParamsIn};
 use crate::error::Error;
@@ -61,10 +62,9 @@ impl<'a, P: ParamSlot, G: GradSlot> Cut<'a, P, G> {
             let rounding = groups[layer.group].precision.rounding;
             // The same seeds for every piece of the layer: the hash also takes the element's
             // index, so the bits do not depend on how the layer was cut.
-            let (moments, master) = state.lend(Rounding::Stochastic {
-                seed: mix(MOMENTS_SALT ^ mix(step) ^ mix(!(i as u64))),
-            });
-            let Some(params) = params_of(p.params_in(), master, seeded(rounding, step, i)) else {
+            let (moments, master) = state.lend(moments_rounding(step, i));
+            let Some(params) = params_of(p.params_in(), master, params_rounding(rounding, step, i))
+            else {
                 // `check_inputs` refused f16 without a master, and `make_masters` made one.
                 return Err(Error::NeedsMaster(layer.name.clone()));
             };
@@ -160,28 +160,6 @@ fn params_of<'a>(
         (ParamsIn::Bf16(x), None) => Params::Bf16 { data: x, rounding },
         (ParamsIn::F16(_), None) => return None,
     })
-}
-
-/// A group's rounding of in-place bf16 parameters for layer `i` at `step`: a stochastic
-/// seed is mixed with the step and the layer index.
-fn seeded(rounding: Rounding, step: u64, i: usize) -> Rounding {
-    match rounding {
-        Rounding::Nearest => Rounding::Nearest,
-        Rounding::Stochastic { seed } => Rounding::Stochastic {
-            seed: mix(seed ^ mix(step) ^ mix(!(i as u64))),
-        },
-    }
-}
-
-/// Mixed into the seeds of bf16 moments' stochastic rounding.
-const MOMENTS_SALT: u64 = 0x6d6f_6d65_6e74_7321; // "moments!"
-
-/// SplitMix64's finaliser: spreads a seed's bits.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// One list per thread of the plan (`threads`, or more if the plan has more), each the

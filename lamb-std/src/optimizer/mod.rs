@@ -11,6 +11,7 @@ mod clone;
 mod cut;
 mod group;
 mod phases;
+mod rounding;
 mod schedule;
 mod scratch;
 mod state;
@@ -26,6 +27,7 @@ use lamb_core::{BLOCK, Backend, LambConfig, LambError, LayerReport, Schedule};
 pub use bind::LayerKey;
 use group::CustomSchedule;
 pub use group::{Group, GroupId, LayerId, Precision, StateFormat};
+pub use rounding::{moments_rounding, params_rounding};
 pub(crate) use state::StateBytes;
 pub use views::{LayerView, ParamStorage, ParamsIn, SkippedLayer, StateView, StepReport};
 

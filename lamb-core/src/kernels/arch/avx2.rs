@@ -1,11 +1,10 @@
-//! AVX2: a row is two `__m256`, the 16 f64 lanes four `__m256d`. No FMA instructions, by
+//! AVX2: a row (and the 16 lane partials of a sum) is two `__m256`. No FMA instructions, by
 //! the bit-exact rule, so this runs on every AVX2 CPU.
 
 use core::arch::x86_64::*;
 
 use super::entry_points;
 use super::x86::HalfVector;
-use crate::kernels::LANES;
 use crate::kernels::simd::Simd;
 
 #[derive(Clone, Copy)]
@@ -21,7 +20,6 @@ macro_rules! each {
 // = "avx2")]` functions reached only after detection found AVX2 and OS-enabled YMM state.
 unsafe impl Simd for Avx2 {
     type V = [__m256; 2];
-    type Acc = [__m256d; 4];
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self::V {
@@ -65,38 +63,6 @@ unsafe impl Simd for Avx2 {
     unsafe fn sqrt(a: Self::V) -> Self::V {
         // SAFETY: AVX is available (trait contract).
         unsafe { each!(_mm256_sqrt_ps, a) }
-    }
-    #[inline(always)]
-    unsafe fn acc_zero() -> Self::Acc {
-        // SAFETY: AVX is available (trait contract).
-        unsafe { [_mm256_setzero_pd(); 4] }
-    }
-    #[inline(always)]
-    unsafe fn acc_add_squares(acc: Self::Acc, x: Self::V) -> Self::Acc {
-        // SAFETY: AVX is available (trait contract).
-        unsafe {
-            let sq = |h: __m128| {
-                let d = _mm256_cvtps_pd(h);
-                _mm256_mul_pd(d, d)
-            };
-            [
-                _mm256_add_pd(acc[0], sq(_mm256_castps256_ps128(x[0]))),
-                _mm256_add_pd(acc[1], sq(_mm256_extractf128_ps::<1>(x[0]))),
-                _mm256_add_pd(acc[2], sq(_mm256_castps256_ps128(x[1]))),
-                _mm256_add_pd(acc[3], sq(_mm256_extractf128_ps::<1>(x[1]))),
-            ]
-        }
-    }
-    #[inline(always)]
-    unsafe fn acc_lanes(acc: Self::Acc) -> [f64; LANES] {
-        let mut out = [0.0; LANES];
-        // SAFETY: `out` has 16 f64, four stores of 4 each.
-        unsafe {
-            for (k, a) in acc.iter().enumerate() {
-                _mm256_storeu_pd(out.as_mut_ptr().add(4 * k), *a);
-            }
-        }
-        out
     }
 }
 

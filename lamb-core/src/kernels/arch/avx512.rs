@@ -1,11 +1,10 @@
-//! AVX-512F: a row is one `__m512`, the 16 f64 lanes two `__m512d`, and tails use masked
+//! AVX-512F: a row (and the 16 lane partials of a sum) is one `__m512`, and tails use masked
 //! loads and stores (masked-off lanes neither read nor fault).
 
 use core::arch::x86_64::*;
 
 use super::entry_points;
 use super::x86::HalfVector;
-use crate::kernels::LANES;
 use crate::kernels::simd::Simd;
 
 #[derive(Clone, Copy)]
@@ -16,7 +15,6 @@ pub(crate) struct Avx512;
 // AVX-512F, AVX-512DQ and OS-enabled ZMM and opmask state.
 unsafe impl Simd for Avx512 {
     type V = __m512;
-    type Acc = [__m512d; 2];
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self::V {
@@ -68,35 +66,6 @@ unsafe impl Simd for Avx512 {
     unsafe fn sqrt(a: Self::V) -> Self::V {
         // SAFETY: AVX-512F is available (trait contract).
         unsafe { _mm512_sqrt_ps(a) }
-    }
-    #[inline(always)]
-    unsafe fn acc_zero() -> Self::Acc {
-        // SAFETY: AVX-512F is available (trait contract).
-        unsafe { [_mm512_setzero_pd(); 2] }
-    }
-    #[inline(always)]
-    unsafe fn acc_add_squares(acc: Self::Acc, x: Self::V) -> Self::Acc {
-        // SAFETY: AVX-512F is available (trait contract).
-        unsafe {
-            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
-            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                _mm512_castps_pd(x),
-            )));
-            [
-                _mm512_add_pd(acc[0], _mm512_mul_pd(lo, lo)),
-                _mm512_add_pd(acc[1], _mm512_mul_pd(hi, hi)),
-            ]
-        }
-    }
-    #[inline(always)]
-    unsafe fn acc_lanes(acc: Self::Acc) -> [f64; LANES] {
-        let mut out = [0.0; LANES];
-        // SAFETY: `out` has 16 f64, two stores of 8 each.
-        unsafe {
-            _mm512_storeu_pd(out.as_mut_ptr(), acc[0]);
-            _mm512_storeu_pd(out.as_mut_ptr().add(8), acc[1]);
-        }
-        out
     }
 }
 

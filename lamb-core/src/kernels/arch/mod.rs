@@ -3,7 +3,23 @@
 //! [`simd`](super::simd) (f32 buffers) and [`compact`](super::compact) (compact storage), in
 //! the manner of memchr's `arch` modules.
 
+// Where `wide` has SIMD registers. The same list gates `wide`'s own SIMD paths; anywhere
+// else its vectors are arrays of scalars.
+#[cfg(any(
+    target_feature = "sse2",
+    target_feature = "simd128",
+    all(target_arch = "aarch64", target_feature = "neon")
+))]
 pub(crate) mod portable;
+
+/// Without SIMD registers (Cortex-M, RISC-V without V, ...), the portable backend is the
+/// scalar kernels themselves: the same functions in the dispatch table, no second copy.
+#[cfg(not(any(
+    target_feature = "sse2",
+    target_feature = "simd128",
+    all(target_arch = "aarch64", target_feature = "neon")
+)))]
+pub(crate) use super::scalar as portable;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
@@ -20,6 +36,8 @@ pub(crate) mod neon;
 /// only its [`Simd`](super::simd::Simd) impl. They are the functions the dispatch table
 /// holds; every generic function below them is `#[inline(always)]`, so the whole loop is
 /// compiled with these features.
+// Unused where no SIMD module is compiled (e.g. Cortex-M).
+#[allow(unused_macros, unused_imports)]
 macro_rules! entry_points {
     ($simd:ty $(, $feature:literal)*) => {
         /// Phase 1 of one block.
@@ -114,4 +132,5 @@ macro_rules! entry_points {
         }
     };
 }
+#[allow(unused_imports)]
 use entry_points;

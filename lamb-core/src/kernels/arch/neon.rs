@@ -1,11 +1,10 @@
-//! NEON (baseline on aarch64): a row is four `float32x4_t`, the 16 f64 lanes eight
-//! `float64x2_t`. AArch64 NEON is IEEE (denormals kept unless FPCR.FZ is set, which Linux
+//! NEON (baseline on aarch64): a row (and the 16 lane partials of a sum) is four
+//! `float32x4_t`. AArch64 NEON is IEEE (denormals kept unless FPCR.FZ is set, which Linux
 //! and bare-metal startup code leave clear).
 
 use core::arch::aarch64::*;
 
 use super::entry_points;
-use crate::kernels::LANES;
 use crate::kernels::simd::{HalfConv, Simd};
 
 #[derive(Clone, Copy)]
@@ -20,7 +19,6 @@ macro_rules! each {
 // SAFETY: NEON is part of the aarch64 baseline; every method uses NEON instructions only.
 unsafe impl Simd for Neon {
     type V = [float32x4_t; 4];
-    type Acc = [float64x2_t; 8];
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self::V {
@@ -73,36 +71,6 @@ unsafe impl Simd for Neon {
     unsafe fn sqrt(a: Self::V) -> Self::V {
         // SAFETY: NEON is available (trait contract).
         unsafe { each!(vsqrtq_f32, a) }
-    }
-    #[inline(always)]
-    unsafe fn acc_zero() -> Self::Acc {
-        // SAFETY: NEON is available (trait contract).
-        unsafe { [vdupq_n_f64(0.0); 8] }
-    }
-    #[inline(always)]
-    unsafe fn acc_add_squares(acc: Self::Acc, x: Self::V) -> Self::Acc {
-        let mut out = acc;
-        // SAFETY: NEON is available (trait contract).
-        unsafe {
-            for k in 0..4 {
-                let lo = vcvt_f64_f32(vget_low_f32(x[k]));
-                let hi = vcvt_high_f64_f32(x[k]);
-                out[2 * k] = vaddq_f64(out[2 * k], vmulq_f64(lo, lo));
-                out[2 * k + 1] = vaddq_f64(out[2 * k + 1], vmulq_f64(hi, hi));
-            }
-        }
-        out
-    }
-    #[inline(always)]
-    unsafe fn acc_lanes(acc: Self::Acc) -> [f64; LANES] {
-        let mut out = [0.0; LANES];
-        // SAFETY: `out` has 16 f64, eight stores of 2 each.
-        unsafe {
-            for (k, a) in acc.iter().enumerate() {
-                vst1q_f64(out.as_mut_ptr().add(2 * k), *a);
-            }
-        }
-        out
     }
 }
 

@@ -1,9 +1,10 @@
-//! Portable SIMD through `wide`, chosen at compile time: SSE2 on baseline x86-64, simd128 on
-//! wasm, NEON on aarch64, plain arrays elsewhere. Needs no runtime detection.
+//! Portable SIMD through `wide`, chosen at compile time: SSE2 on x86, simd128 on wasm, NEON
+//! on aarch64. Needs no runtime detection. Compiled only where `wide` has SIMD; elsewhere
+//! (Cortex-M, RISC-V without V, ...) `wide` would be plain arrays, slower and bigger than
+//! the scalar kernels, which serve as the portable backend there (`arch/mod.rs`).
 
-use wide::{f32x4, f64x2};
+use wide::f32x4;
 
-use crate::kernels::LANES;
 use crate::kernels::simd::{HalfConv, Simd};
 
 #[derive(Clone, Copy)]
@@ -16,33 +17,10 @@ fn map2(a: V, b: V, f: impl Fn(f32x4, f32x4) -> f32x4) -> V {
     [f(a[0], b[0]), f(a[1], b[1]), f(a[2], b[2]), f(a[3], b[3])]
 }
 
-/// IEEE square root: `wide`'s own where it is an instruction; elsewhere its fallback is a
-/// software f64 square root whose rounding we do not rely on, so use libm's (exact) one.
-#[inline(always)]
-fn sqrt4(x: f32x4) -> f32x4 {
-    #[cfg(any(
-        target_feature = "sse",
-        target_feature = "simd128",
-        all(target_feature = "neon", target_arch = "aarch64")
-    ))]
-    {
-        x.sqrt()
-    }
-    #[cfg(not(any(
-        target_feature = "sse",
-        target_feature = "simd128",
-        all(target_feature = "neon", target_arch = "aarch64")
-    )))]
-    {
-        f32x4::new(x.to_array().map(libm::sqrtf))
-    }
-}
-
 // SAFETY: needs no instruction set beyond the compile target's; pointer contracts as in the
 // trait.
 unsafe impl Simd for Portable {
     type V = V;
-    type Acc = [f64x2; 8];
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> V {
@@ -78,31 +56,8 @@ unsafe impl Simd for Portable {
     }
     #[inline(always)]
     unsafe fn sqrt(a: V) -> V {
-        a.map(sqrt4)
-    }
-    #[inline(always)]
-    unsafe fn acc_zero() -> Self::Acc {
-        [f64x2::splat(0.0); 8]
-    }
-    #[inline(always)]
-    unsafe fn acc_add_squares(acc: Self::Acc, x: V) -> Self::Acc {
-        let mut out = acc;
-        for k in 0..4 {
-            let a = x[k].to_array().map(f64::from);
-            let lo = f64x2::new([a[0], a[1]]);
-            let hi = f64x2::new([a[2], a[3]]);
-            out[2 * k] += lo * lo;
-            out[2 * k + 1] += hi * hi;
-        }
-        out
-    }
-    #[inline(always)]
-    unsafe fn acc_lanes(acc: Self::Acc) -> [f64; LANES] {
-        let mut out = [0.0; LANES];
-        for (k, a) in acc.iter().enumerate() {
-            out[2 * k..2 * k + 2].copy_from_slice(&a.to_array());
-        }
-        out
+        // One IEEE square-root instruction per 4 lanes on every target this module is for.
+        a.map(|x| x.sqrt())
     }
 }
 
