@@ -178,6 +178,64 @@ fn saving_an_invalid_group_is_refused() {
 // ---------------------------------------------------------------------------------------
 // Mismatches: refused with a message that says what differs, the optimizer unchanged.
 
+/// An optimizer with `layers` (name, length, group) in `groups` (the first is the default
+/// group), stepped once where every group has a layer.
+fn build(layers: &[(&str, usize, usize)], groups: &[&str]) -> Lamb {
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
+    for g in &groups[1..] {
+        opt.add_group(*g, LambConfig::paper(), 0.1).unwrap();
+    }
+    for &(name, len, g) in layers {
+        opt.add_layer_to(GroupId(g), name, len).unwrap();
+    }
+    // A state to keep (where every group has a layer: a step needs that).
+    if (0..opt.group_count())
+        .all(|g| (0..opt.layer_count()).any(|i| opt.layer(LayerId(i)).unwrap().group.0 == g))
+    {
+        stepped(&mut opt);
+    }
+    opt
+}
+
+/// The same model with 8-bit moments is refused.
+fn refuse_another_precision(bytes: &[u8], ok: &[(&str, usize, usize)]) {
+    // Another precision.
+    let mut q8 = Lamb::new(LambConfig::paper()).unwrap();
+    q8.set_precision(
+        GroupId(0),
+        Precision {
+            moments: StateFormat::Q8,
+            ..Precision::default()
+        },
+    )
+    .unwrap();
+    q8.add_group("slow", LambConfig::paper(), 0.1).unwrap();
+    for &(name, len, g) in ok {
+        q8.add_layer_to(GroupId(g), name, len).unwrap();
+    }
+    refused(&mut q8, bytes, "group 'default': checkpoint has precision");
+}
+
+/// Bytes that are no lamb checkpoint are refused.
+fn refuse_non_checkpoints(ok: &[(&str, usize, usize)]) {
+    // Not checkpoints.
+    let mut opt = build(ok, &["default", "slow"]);
+    refused(&mut opt, b"", "fewer than the 8 of the header length");
+    refused(&mut opt, &[0xff; 64], "the header length field says");
+    let mut other = HashMap::new();
+    other.insert("format".to_string(), "pt".to_string());
+    let plain = safetensors::serialize(
+        [(
+            "w",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &[0; 4])
+                .unwrap(),
+        )],
+        Some(other),
+    )
+    .unwrap();
+    refused(&mut opt, &plain, "not a lamb checkpoint: no 'lamb.format'");
+}
+
 #[test]
 fn another_model_is_refused_saying_what_differs() {
     let mut saved = Lamb::new(LambConfig::paper()).unwrap();
@@ -188,22 +246,6 @@ fn another_model_is_refused_saying_what_differs() {
     stepped(&mut saved);
     let bytes = saved.to_checkpoint_bytes().unwrap();
 
-    let build = |layers: &[(&str, usize, usize)], groups: &[&str]| {
-        let mut opt = Lamb::new(LambConfig::paper()).unwrap();
-        for g in &groups[1..] {
-            opt.add_group(*g, LambConfig::paper(), 0.1).unwrap();
-        }
-        for &(name, len, g) in layers {
-            opt.add_layer_to(GroupId(g), name, len).unwrap();
-        }
-        // A state to keep (where every group has a layer: a step needs that).
-        if (0..opt.group_count())
-            .all(|g| (0..opt.layer_count()).any(|i| opt.layer(LayerId(i)).unwrap().group.0 == g))
-        {
-            stepped(&mut opt);
-        }
-        opt
-    };
     let ok = [
         ("encoder.3.ffn.w1", 576, 0),
         ("encoder.3.ffn.b1", 3, 0),
@@ -251,54 +293,17 @@ fn another_model_is_refused_saying_what_differs() {
         refused(&mut opt, &bytes, want);
     }
 
-    // Another precision.
-    let mut q8 = Lamb::new(LambConfig::paper()).unwrap();
-    q8.set_precision(
-        GroupId(0),
-        Precision {
-            moments: StateFormat::Q8,
-            ..Precision::default()
-        },
-    )
-    .unwrap();
-    q8.add_group("slow", LambConfig::paper(), 0.1).unwrap();
-    for &(name, len, g) in &ok {
-        q8.add_layer_to(GroupId(g), name, len).unwrap();
-    }
-    refused(&mut q8, &bytes, "group 'default': checkpoint has precision");
-
-    // Not checkpoints.
-    let mut opt = build(&ok, &["default", "slow"]);
-    refused(&mut opt, b"", "fewer than the 8 of the header length");
-    refused(&mut opt, &[0xff; 64], "the header length field says");
-    let mut other = HashMap::new();
-    other.insert("format".to_string(), "pt".to_string());
-    let plain = safetensors::serialize(
-        [(
-            "w",
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &[0; 4])
-                .unwrap(),
-        )],
-        Some(other),
-    )
-    .unwrap();
-    refused(&mut opt, &plain, "not a lamb checkpoint: no 'lamb.format'");
+    refuse_another_precision(&bytes, &ok);
+    refuse_non_checkpoints(&ok);
 }
 
-#[test]
-fn bad_values_behind_a_valid_checksum_are_refused() {
-    let mut saved = Lamb::new(LambConfig::paper()).unwrap();
-    saved.add_layer("w", 5).unwrap();
-    saved.add_layer("b", 2).unwrap();
-    stepped(&mut saved);
-    let bytes = saved.to_checkpoint_bytes().unwrap();
-    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
-    opt.add_layer("w", 5).unwrap();
-    opt.add_layer("b", 2).unwrap();
-    // The re-signing itself is faithful.
-    opt.load_checkpoint_bytes(&resign(&bytes, |_| {})).unwrap();
-    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
-    let cases: Vec<(Edit, &str)> = vec![
+/// An edit of `lamb.meta`.
+type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+
+/// Edits of a two-layer checkpoint's `lamb.meta` whose values the load must refuse, each
+/// with what the refusal says.
+fn bad_meta_edits() -> Vec<(Edit, &'static str)> {
+    vec![
         (
             Box::new(|m| m["groups"][0]["config"]["lr"] = "nan".into()),
             "group 'default': invalid lr = NaN",
@@ -353,7 +358,22 @@ fn bad_values_behind_a_valid_checksum_are_refused() {
             Box::new(|m| m["layers"][0]["len"] = (-1).into()),
             "bad 'lamb.meta'",
         ),
-    ];
+    ]
+}
+
+#[test]
+fn bad_values_behind_a_valid_checksum_are_refused() {
+    let mut saved = Lamb::new(LambConfig::paper()).unwrap();
+    saved.add_layer("w", 5).unwrap();
+    saved.add_layer("b", 2).unwrap();
+    stepped(&mut saved);
+    let bytes = saved.to_checkpoint_bytes().unwrap();
+    let mut opt = Lamb::new(LambConfig::paper()).unwrap();
+    opt.add_layer("w", 5).unwrap();
+    opt.add_layer("b", 2).unwrap();
+    // The re-signing itself is faithful.
+    opt.load_checkpoint_bytes(&resign(&bytes, |_| {})).unwrap();
+    let cases = bad_meta_edits();
     for (edit, want) in cases {
         refused(&mut opt, &resign(&bytes, edit), want);
     }
