@@ -130,8 +130,8 @@ fn torch_state_maps_by_name_across_reordered_groups() {
     assert!(e.to_string().contains("load it with Lamb::load"), "{e}");
 }
 
-#[test]
-fn torch_states_lamb_cannot_continue_are_refused() {
+/// PyTorch state files lamb cannot continue from, each with what the refusal says.
+fn torch_states_to_refuse() -> Vec<(Vec<u8>, &'static str)> {
     let ok = torch_moments();
     let step_tensor = |i: usize, x: f32| {
         (
@@ -143,7 +143,7 @@ fn torch_states_lamb_cannot_continue_are_refused() {
     };
     let mut with_steps = ok.clone();
     with_steps.push(step_tensor(1, 4.0));
-    let mut cases: Vec<(Vec<u8>, &str)> = vec![
+    let mut cases: Vec<(Vec<u8>, &'static str)> = vec![
         (
             torch_file(&with_steps, timm_groups(true, 3.0.into())),
             "tensor 'state.1.step' is 4 but param_groups[0].step is 3",
@@ -204,6 +204,13 @@ fn torch_states_lamb_cannot_continue_are_refused() {
         torch_file(&infinite, timm_groups(true, 1.0.into())),
         "layer 'a.bias': exp_avg_sq[1] = inf",
     ));
+    cases
+}
+
+#[test]
+fn torch_states_lamb_cannot_continue_are_refused() {
+    let ok = torch_moments();
+    let cases = torch_states_to_refuse();
     for (file, want) in cases {
         let mut opt = timm_split();
         let before = snapshot(&opt);
