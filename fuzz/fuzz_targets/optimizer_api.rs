@@ -32,10 +32,10 @@ use arbitrary::Arbitrary;
 use lamb_core::Backend;
 use lamb_core::half::{bf16, f16};
 use lamb_core::layer::{Grads as GradsIn, Rounding};
-use lamb_fuzz::{ConfigSpec, F32, F64, Few, Fill, Rng, ScheduleSpec, bytes_of, canon};
+use lamb_fuzz::state::{self, state_bytes};
+use lamb_fuzz::{ConfigSpec, F32, F64, Few, Fill, Rng, ScheduleSpec, bytes_of};
 use lamb_std::{
-    Error, GroupId, Lamb, LayerId, ParamStorage, ParamsIn, Precision, StateFormat, StateView,
-    StepReport,
+    Error, GroupId, Lamb, LayerId, ParamStorage, ParamsIn, Precision, StateFormat, StepReport,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -322,78 +322,19 @@ impl<'a> Arbitrary<'a> for Input {
     }
 }
 
-/// A layer as snapshotted: name, len, group, f32 m and v, compact state, master, last
-/// report, parameter storage; buffers as their exact bytes.
-type LayerState = (
-    String,
-    usize,
-    usize,
-    Vec<u8>,
-    Vec<u8>,
-    Vec<u8>,
-    Option<Vec<u8>>,
-    Option<[u32; 5]>,
-    Option<ParamStorage>,
-);
-
-/// Everything observable about an optimizer's state.
+/// Everything observable about an optimizer's state: lamb_fuzz's snapshot and each layer's
+/// parameter storage.
 #[derive(Debug, PartialEq)]
 struct State {
-    steps: u64,
-    groups: Vec<String>,
-    layers: Vec<LayerState>,
-}
-
-/// The compact state's bytes after a tag byte (0: f32, 1: bf16, 2: 8-bit).
-fn state_bits(s: &StateView<'_>) -> Vec<u8> {
-    let parts = match *s {
-        StateView::F32 { m, v } => vec![vec![0], bytes_of(m), bytes_of(v)],
-        StateView::Bf16 { m, v } => vec![vec![1], bytes_of(m), bytes_of(v)],
-        StateView::Q8 {
-            m,
-            v,
-            m_absmax,
-            v_absmax,
-        } => vec![
-            vec![2],
-            bytes_of(m),
-            bytes_of(v),
-            bytes_of(m_absmax),
-            bytes_of(v_absmax),
-        ],
-    };
-    parts.concat()
+    base: state::State,
+    storage: Vec<Option<ParamStorage>>,
 }
 
 fn snapshot(opt: &Lamb) -> State {
     State {
-        steps: opt.steps(),
-        groups: (0..opt.group_count())
-            .map(|i| format!("{:?}", opt.group(GroupId(i)).expect("listed group")))
-            .collect(),
-        layers: (0..opt.layer_count())
-            .map(|i| {
-                let l = opt.layer(LayerId(i)).unwrap();
-                (
-                    l.name.to_string(),
-                    l.len,
-                    l.group.0,
-                    bytes_of(l.m),
-                    bytes_of(l.v),
-                    state_bits(&l.state),
-                    l.master.map(bytes_of),
-                    l.last.map(|r| {
-                        [
-                            canon(r.param_norm),
-                            canon(r.update_norm),
-                            canon(r.trust_ratio),
-                            canon(r.step_size),
-                            r.skipped as u32,
-                        ]
-                    }),
-                    l.storage,
-                )
-            })
+        base: state::snapshot(opt),
+        storage: (0..opt.layer_count())
+            .map(|i| opt.layer(LayerId(i)).unwrap().storage)
             .collect(),
     }
 }

@@ -56,11 +56,11 @@ fn add_layer(
         );
     }
     if let Ok(id) = &r {
-        assert_eq!(id.0, before.layers.len());
+        assert_eq!(id.0, before.base.layers.len());
         let l = opt.layer(*id).unwrap();
         assert_eq!(l.len, len);
         assert!(
-            state_bits(&l.state)[1..].iter().all(|&x| x == 0),
+            state_bytes(&l.state)[1..].iter().all(|&x| x == 0),
             "new moments not zero"
         );
         assert!(l.master.is_none() && l.last.is_none());
@@ -120,7 +120,7 @@ fn add_group(
     let r = opt.add_group(name.clone(), c, s);
     assert_eq!(show(&r), show(&shadow.add_group(name, c, s)), "add_group");
     if let Ok(id) = &r {
-        assert_eq!(id.0, before.groups.len());
+        assert_eq!(id.0, before.base.groups.len());
         let g = opt.group(*id).expect("new group");
         assert_eq!(g.config.validate(), Ok(()));
         assert!(g.lr_scale.is_finite() && g.lr_scale >= 0.0);
@@ -217,10 +217,13 @@ fn reset(opt: &mut Lamb, shadow: &mut Lamb, model: &mut Model) -> Result<(), Err
     shadow.reset();
     model.fixed.iter_mut().for_each(|f| *f = None);
     let st = snapshot(opt);
-    assert_eq!(st.steps, 0);
-    for l in &st.layers {
+    assert_eq!(st.base.steps, 0);
+    for (l, storage) in st.base.layers.iter().zip(&st.storage) {
         assert!(
-            l.5[1..].iter().all(|&b| b == 0) && l.6.is_none() && l.7.is_none() && l.8.is_none(),
+            l.state[1..].iter().all(|&b| b == 0)
+                && l.master.is_none()
+                && l.last.is_none()
+                && storage.is_none(),
             "reset left state"
         );
     }

@@ -226,7 +226,7 @@ fn check_outcome(
         Ok(r) if r.applied => {
             assert_eq!(
                 opt.steps(),
-                before.steps + 1,
+                before.base.steps + 1,
                 "an applied step must count once"
             );
             assert_eq!(r.step, opt.steps());
@@ -238,7 +238,7 @@ fn check_outcome(
             if let Ok(r) = result {
                 assert_eq!(
                     r.step,
-                    before.steps + 1,
+                    before.base.steps + 1,
                     "a skipped step reports the step it would have been"
                 );
                 assert!(r.skipped.is_some(), "a skipped step names the layer");
