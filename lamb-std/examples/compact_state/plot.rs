@@ -3,14 +3,10 @@
 
 use super::*;
 
-/// One panel of the plot.
-type Panel<'a> =
-    plotters::drawing::DrawingArea<plotters::backend::BitMapBackend<'a>, plotters::coord::Shift>;
-
 /// Left panel of setting `k`: the training loss curves (log scale), every seed, thick for
 /// the first.
 fn plot_losses(
-    area: &Panel,
+    area: &common::Panel,
     k: usize,
     s: &Setting,
     title: &str,
@@ -56,19 +52,13 @@ fn plot_losses(
             ))?;
             if seed == SEEDS[0] {
                 let label = format!("{} moments ({:.2} B/param)", v.name(), run.bytes_per_param);
-                series.label(label).legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                });
+                series
+                    .label(label)
+                    .legend(common::line_key(c.stroke_width(2)));
             }
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()?;
+    common::draw_legend(&mut chart, SeriesLabelPosition::UpperRight, 14)?;
     Ok(())
 }
 
@@ -88,7 +78,7 @@ fn relative_curve(runs: &Runs, k: usize, v: Variant, seed: u64) -> Vec<(f64, f64
 /// Right panel of setting `k`: each run's loss relative to the f32 run of the same seed,
 /// over the acceptance band.
 fn plot_relative(
-    area: &Panel,
+    area: &common::Panel,
     k: usize,
     s: &Setting,
     runs: &Runs,
@@ -145,19 +135,11 @@ fn plot_relative(
             if seed == SEEDS[0] {
                 series
                     .label(format!("{} vs f32", v.name()))
-                    .legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                    });
+                    .legend(common::line_key(c.stroke_width(2)));
             }
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .draw()?;
+    common::draw_legend(&mut chart, SeriesLabelPosition::UpperLeft, 14)?;
     Ok(())
 }
 

@@ -3,10 +3,6 @@
 
 use super::*;
 
-/// One panel of the plot.
-type Panel<'a> =
-    plotters::drawing::DrawingArea<plotters::backend::BitMapBackend<'a>, plotters::coord::Shift>;
-
 /// LAMB's and AdamW's colors.
 const COLORS: [plotters::style::RGBColor; 2] = [
     plotters::style::RGBColor(200, 30, 30),
@@ -33,7 +29,7 @@ impl Grid {
     /// The training loss curves of both optimizers at their tuned lr, at one batch size.
     fn plot_curves(
         &self,
-        panel: &Panel,
+        panel: &common::Panel,
         batch: usize,
         chosen: [f64; 2],
         epochs: usize,
@@ -70,24 +66,16 @@ impl Grid {
             chart
                 .draw_series(LineSeries::new(points, color.stroke_width(2)))?
                 .label(format!("{} (lr {:.1e})", opt.name(), j.lr()))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
+                .legend(common::line_key(color.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 15))
-            .draw()?;
+        common::draw_legend(&mut chart, SeriesLabelPosition::UpperRight, 15)?;
         Ok(())
     }
 
     /// The last panel: robustness to the base lr, at the smallest and the full batch.
     fn plot_sweep(
         &self,
-        panel: &Panel,
+        panel: &common::Panel,
         y_range: std::ops::Range<f64>,
     ) -> Result<(), Box<dyn std::error::Error>> {
         use plotters::prelude::*;
@@ -127,7 +115,7 @@ impl Grid {
                     chart
                         .draw_series(DashedLineSeries::new(pts.clone(), 6, 4, style))?
                         .label(label)
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                        .legend(common::line_key(style));
                     chart
                         .draw_series(pts.iter().map(|&p| {
                             Circle::new(p, 4, ShapeStyle::from(color).stroke_width(1))
@@ -136,18 +124,12 @@ impl Grid {
                     chart
                         .draw_series(LineSeries::new(pts.clone(), style))?
                         .label(label)
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+                        .legend(common::line_key(style));
                     chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
                 }
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()?;
+        common::draw_legend(&mut chart, SeriesLabelPosition::LowerLeft, 14)?;
         Ok(())
     }
 
