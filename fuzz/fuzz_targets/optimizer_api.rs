@@ -273,7 +273,7 @@ enum Op {
     // CHECKPOINT (the checkpoint issue): add here an operation that saves the optimizer
     // (to bytes and/or a file under a temp dir), optionally corrupts/truncates the bytes,
     // and loads them back, into the same optimizer and into a fresh one. Checks to add in
-    // `apply_op` below: a refused load leaves the state exactly as before (snapshot
+    // `apply_op` (optimizer_api/ops.rs): a refused load leaves the state exactly as before (snapshot
     // compare, like a failed step); an accepted load of an unmodified save reproduces
     // `snapshot()` bit for bit and the next step gives the same bits as without the
     // round trip. Apply it to the shadow optimizer too.
