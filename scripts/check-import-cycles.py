@@ -19,42 +19,13 @@ import os
 import re
 import sys
 
+from rust_source import strip
+
 PATH = re.compile(r"(?<![\w:])(\$?crate|super|self)((?:::(?:\w+|\{[^;]*?\}))+)", re.S)
 USE = re.compile(r"\bpub(?:\([^)]*\))?\s+use\s+([^;]+);", re.S)
 ANY_USE = re.compile(r"\buse\s+([^;]+);", re.S)
 INLINE_MOD = re.compile(r"\bmod\s+(\w+)\s*\{")
 MOD = re.compile(r"^\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;", re.M)
-
-
-def strip(text):
-    """Drops comments and string/char literals, keeping line structure."""
-    out, i, n = [], 0, len(text)
-    while i < n:
-        c = text[i]
-        if text.startswith("//", i):
-            j = text.find("\n", i)
-            i = n if j < 0 else j
-        elif text.startswith("/*", i):
-            j = text.find("*/", i + 2)
-            i = n if j < 0 else j + 2
-        elif c == '"' or text.startswith('r"', i) or text.startswith('r#"', i):
-            if c == "r":
-                hashes = text[i + 1 : text.index('"', i)]
-                end = '"' + hashes
-                j = text.find(end, i + 2 + len(hashes))
-                i = n if j < 0 else j + len(end)
-            else:
-                j = i + 1
-                while j < n and text[j] != '"':
-                    j += 2 if text[j] == "\\" else 1
-                i = j + 1
-            out.append('""')
-        elif c == "'" and re.match(r"'(\\.|[^\\'])'", text[i : i + 4]):
-            i = text.index("'", i + 1 + (text[i + 1] == "\\")) + 1
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
 
 
 class Crate:

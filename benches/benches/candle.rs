@@ -125,10 +125,99 @@ fn model(shapes: &[(String, usize)]) -> (Vec<Var>, GradStore) {
     (vars, grads)
 }
 
+/// The benchmark group of one workload.
+type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
+
+/// One workload's parameter set: its label, shapes, Vars and gradients.
+struct Workload<'a> {
+    label: &'a str,
+    shapes: &'a [(String, usize)],
+    vars: &'a [Var],
+    grads: &'a GradStore,
+}
+
+/// lamb-candle on 1 thread and on all cores, with the peak extra memory of a step.
+fn bench_lamb_candle(group: &mut Group<'_>, meta: &mut Meta, w: &Workload<'_>) {
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut threads = vec![1, all];
+    threads.dedup();
+    for t in threads {
+        let config = Config {
+            lamb: LambConfig {
+                lr: 0.0,
+                ..LambConfig::paper()
+            },
+            // Every Var gets the trust ratio, as in model.rs (the split would exempt
+            // these flat Vars).
+            decay_split: false,
+            threads: t,
+            ..Config::default()
+        };
+        let mut opt = lamb_candle::Lamb::new(w.vars.to_vec(), config).expect("lamb-candle");
+        let first = opt.step_report(w.grads).expect("step");
+        assert!(first.applied, "bench state is not finite");
+        let extra = peak_extra(|| opt.step(w.grads).expect("step"));
+        meta.note(format!(
+            "[memory] {} lamb-candle-t{t}: peak extra {} per step (state held: {:.1} B/param)",
+            w.label,
+            size(extra),
+            opt.inner().bytes_per_param()
+        ));
+        group.bench_function(format!("lamb-candle-t{t}"), |b| {
+            b.iter(|| opt.step(w.grads).expect("step"))
+        });
+    }
+}
+
+/// lamb-std's own step on the same sizes, for the cost of going through candle.
+fn bench_lamb_std(group: &mut Group<'_>, shapes: &[(String, usize)]) {
+    let mut std_opt = lamb_std::Lamb::new(LambConfig {
+        lr: 0.0,
+        ..LambConfig::paper()
+    })
+    .unwrap();
+    let mut p: Vec<Vec<f32>> = Vec::new();
+    let mut g: Vec<Vec<f32>> = Vec::new();
+    for (i, (name, len)) in shapes.iter().enumerate() {
+        std_opt.add_layer(name.clone(), *len).expect("add_layer");
+        p.push(vec![0.0; *len]);
+        fill(&mut p[i], 2 * i as u64 + 1, 0.05, 0.0);
+        g.push(vec![0.0; *len]);
+        fill(&mut g[i], 2 * i as u64 + 2, 0.01, 0.0);
+    }
+    let mut p: Vec<&mut [f32]> = p.iter_mut().map(|b| &mut b[..]).collect();
+    let g: Vec<&[f32]> = g.iter().map(|b| &b[..]).collect();
+    group.bench_function("lamb-std-t1", |b| {
+        b.iter(|| std_opt.step(&mut p, &g).expect("step").applied)
+    });
+}
+
+/// candle's AdamW, with the peak extra memory of a step.
+fn bench_adamw(group: &mut Group<'_>, meta: &mut Meta, w: &Workload<'_>) {
+    let params = ParamsAdamW {
+        lr: 0.0,
+        ..ParamsAdamW::default()
+    };
+    let mut adamw = AdamW::new(w.vars.to_vec(), params).expect("AdamW");
+    adamw.step(w.grads).expect("step");
+    let extra = peak_extra(|| adamw.step(w.grads).expect("step"));
+    // AdamW's temporaries live for one Var at a time: the largest Var sets the peak.
+    let largest = 4 * w.shapes.iter().map(|(_, n)| *n).max().unwrap_or(0);
+    meta.note(format!(
+        "[memory] {} candle-adamw: peak extra {} per step ({:.1} x the largest Var, {})",
+        w.label,
+        size(extra),
+        extra as f64 / largest.max(1) as f64,
+        size(largest)
+    ));
+    group.bench_function("candle-adamw", |b| {
+        b.iter(|| adamw.step(w.grads).expect("step"))
+    });
+}
+
 fn candle(c: &mut Criterion) {
     let mut meta = Meta::default();
     meta.note(format!("[cpu] {}", lamb_benches::cpu_model()));
-    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workloads = [
         ("bert_base", lamb_benches::shapes::bert_base()),
         (
@@ -149,77 +238,15 @@ fn candle(c: &mut Criterion) {
             group.sampling_mode(SamplingMode::Flat).sample_size(10);
         }
         group.throughput(Throughput::Elements(total as u64));
-
-        let mut threads = vec![1, all];
-        threads.dedup();
-        for t in threads {
-            let config = Config {
-                lamb: LambConfig {
-                    lr: 0.0,
-                    ..LambConfig::paper()
-                },
-                // Every Var gets the trust ratio, as in model.rs (the split would exempt
-                // these flat Vars).
-                decay_split: false,
-                threads: t,
-                ..Config::default()
-            };
-            let mut opt = lamb_candle::Lamb::new(vars.clone(), config).expect("lamb-candle");
-            let first = opt.step_report(&grads).expect("step");
-            assert!(first.applied, "bench state is not finite");
-            let extra = peak_extra(|| opt.step(&grads).expect("step"));
-            meta.note(format!(
-                "[memory] {label} lamb-candle-t{t}: peak extra {} per step (state held: {:.1} B/param)",
-                size(extra),
-                opt.inner().bytes_per_param()
-            ));
-            group.bench_function(format!("lamb-candle-t{t}"), |b| {
-                b.iter(|| opt.step(&grads).expect("step"))
-            });
-        }
-
-        // lamb-std's own step on the same sizes, for the cost of going through candle.
-        let mut std_opt = lamb_std::Lamb::new(LambConfig {
-            lr: 0.0,
-            ..LambConfig::paper()
-        })
-        .unwrap();
-        let mut p: Vec<Vec<f32>> = Vec::new();
-        let mut g: Vec<Vec<f32>> = Vec::new();
-        for (i, (name, len)) in shapes.iter().enumerate() {
-            std_opt.add_layer(name.clone(), *len).expect("add_layer");
-            p.push(vec![0.0; *len]);
-            fill(&mut p[i], 2 * i as u64 + 1, 0.05, 0.0);
-            g.push(vec![0.0; *len]);
-            fill(&mut g[i], 2 * i as u64 + 2, 0.01, 0.0);
-        }
-        {
-            let mut p: Vec<&mut [f32]> = p.iter_mut().map(|b| &mut b[..]).collect();
-            let g: Vec<&[f32]> = g.iter().map(|b| &b[..]).collect();
-            group.bench_function("lamb-std-t1", |b| {
-                b.iter(|| std_opt.step(&mut p, &g).expect("step").applied)
-            });
-        }
-        drop((std_opt, p, g));
-
-        let params = ParamsAdamW {
-            lr: 0.0,
-            ..ParamsAdamW::default()
+        let w = Workload {
+            label,
+            shapes: &shapes,
+            vars: &vars,
+            grads: &grads,
         };
-        let mut adamw = AdamW::new(vars.clone(), params).expect("AdamW");
-        adamw.step(&grads).expect("step");
-        let extra = peak_extra(|| adamw.step(&grads).expect("step"));
-        // AdamW's temporaries live for one Var at a time: the largest Var sets the peak.
-        let largest = 4 * shapes.iter().map(|(_, n)| *n).max().unwrap_or(0);
-        meta.note(format!(
-            "[memory] {label} candle-adamw: peak extra {} per step ({:.1} x the largest Var, {})",
-            size(extra),
-            extra as f64 / largest.max(1) as f64,
-            size(largest)
-        ));
-        group.bench_function("candle-adamw", |b| {
-            b.iter(|| adamw.step(&grads).expect("step"))
-        });
+        bench_lamb_candle(&mut group, &mut meta, &w);
+        bench_lamb_std(&mut group, &shapes);
+        bench_adamw(&mut group, &mut meta, &w);
         group.finish();
     }
     meta.save("candle");

@@ -62,11 +62,20 @@ fn config() -> LambConfig {
     }
 }
 
-fn kernels(c: &mut Criterion) {
-    let cfg = config();
-    let scalars = StepScalars::new(&cfg, 10, 1.0).expect("valid config");
-    let roof = Roofline::detect();
-    let mut meta = Meta::default();
+/// The benchmark group of one size, measured in the same-traffic model's bytes at first.
+type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
+
+/// What every size's benches share: the configuration, its step scalars, the roofline
+/// loops and the pulp levels to run.
+struct Setup {
+    cfg: LambConfig,
+    scalars: StepScalars,
+    roof: Roofline,
+    pulp_levels: Vec<Level>,
+}
+
+/// The meta notes of the run: the CPU, what dispatch picked, the backends skipped.
+fn dispatch_notes(meta: &mut Meta, roof: &Roofline) {
     meta.note(format!("[cpu] {}", lamb_benches::cpu_model()));
     meta.note(format!(
         "[dispatch] lamb-core Backend::detect() = {}; pulp Arch::new() = {}; roofline loops compiled for {}",
@@ -81,88 +90,113 @@ fn kernels(c: &mut Criterion) {
             ));
         }
     }
+}
+
+/// One LAMB step per available lamb-core backend, then per pulp level.
+fn bench_steps(group: &mut Group<'_>, bufs: &mut Bufs, set: &Setup) {
+    let (cfg, scalars) = (&set.cfg, &set.scalars);
+    for backend in Backend::ALL.into_iter().filter_map(Backend::checked) {
+        bufs.reset();
+        let Bufs { p, g, m, v } = &mut *bufs;
+        group.bench_function(format!("lamb-{backend}"), |b| {
+            b.iter(|| {
+                let norms = backend.norms(scalars, p, g, m, v).unwrap();
+                let report = LayerReport::plan(cfg, norms);
+                backend
+                    .apply(scalars, report.step_size, p, g, m, v)
+                    .unwrap();
+                report.step_size
+            })
+        });
+    }
+    for &level in &set.pulp_levels {
+        bufs.reset();
+        let Bufs { p, g, m, v } = &mut *bufs;
+        group.bench_function(format!("pulp-{}", level.name()), |b| {
+            b.iter(|| {
+                let norms = pulp_lamb::norms(level, scalars, p, g, m, v);
+                let report = LayerReport::plan(cfg, norms);
+                pulp_lamb::apply(level, scalars, report.step_size, p, g, m, v);
+                report.step_size
+            })
+        });
+    }
+}
+
+/// The memory-roofline loops, each in its own traffic model's bytes.
+fn bench_rooflines(group: &mut Group<'_>, bufs: &mut Bufs, roof: &Roofline, n: usize) {
+    let tp = |b: u64| Throughput::Bytes(b * n as u64);
+    type Loop = fn(&Roofline, &mut [f32], &[f32], &mut [f32], &mut [f32]) -> f32;
+    let loops: [(&str, u64, Loop); 3] = [
+        ("roof-same44", bytes::SAME44, Roofline::same44),
+        ("roof-design40", bytes::DESIGN40, Roofline::design40),
+        ("roof-rw43", bytes::RW43, Roofline::rw43),
+    ];
+    for (name, per, f) in loops {
+        bufs.reset();
+        let Bufs { p, g, m, v } = &mut *bufs;
+        group.throughput(tp(per));
+        group.bench_function(name, |b| b.iter(|| f(roof, p, g, m, v)));
+    }
+    bufs.reset();
+    let Bufs { g, m, .. } = &mut *bufs;
+    group.throughput(tp(bytes::COPY));
+    group.bench_function("roof-copy", |b| {
+        b.iter(|| {
+            roofline::copy(m, g);
+            black_box(m[0])
+        })
+    });
+}
+
+/// Every bench of one layer size.
+fn bench_size(c: &mut Criterion, meta: &mut Meta, set: &Setup, (label, n): (&str, usize)) {
+    let mut bufs = Bufs::new(n);
+    meta.note(placement_line(
+        &format!("layer_{label} (p, g, m, v of {n} f32)"),
+        [&bufs.p, &bufs.g, &bufs.m, &bufs.v],
+    ));
+    // Sanity: the measured step is a real, applied step.
+    let norms = Backend::detect()
+        .norms(&set.scalars, &bufs.p, &bufs.g, &bufs.m, &bufs.v)
+        .expect("norms");
+    assert!(
+        !LayerReport::plan(&set.cfg, norms).skipped,
+        "bench state is not finite"
+    );
+
+    let mut group = c.benchmark_group(format!("layer_{label}"));
+    if n >= 1 << 20 && !cli_sets_sampling() {
+        // One 16M step takes tens of ms (scalar: ~100 ms): 10 equal samples.
+        group.sampling_mode(SamplingMode::Flat).sample_size(10);
+    }
+    group.throughput(Throughput::Bytes(bytes::LAMB * n as u64));
+    bench_steps(&mut group, &mut bufs, set);
+    bench_rooflines(&mut group, &mut bufs, &set.roof, n);
+    group.finish();
+    meta.note(placement_line(
+        &format!("layer_{label} after its benches"),
+        [&bufs.p, &bufs.g, &bufs.m, &bufs.v],
+    ));
+}
+
+fn kernels(c: &mut Criterion) {
+    let cfg = config();
     let mut pulp_levels = vec![Level::Best];
     #[cfg(target_arch = "x86_64")]
     if Level::V3.checked().is_some() && Level::Best.name() != "v3" {
         pulp_levels.push(Level::V3);
     }
-
-    for (label, n) in LAYER_SIZES {
-        let mut bufs = Bufs::new(n);
-        meta.note(placement_line(
-            &format!("layer_{label} (p, g, m, v of {n} f32)"),
-            [&bufs.p, &bufs.g, &bufs.m, &bufs.v],
-        ));
-        // Sanity: the measured step is a real, applied step.
-        let norms = Backend::detect()
-            .norms(&scalars, &bufs.p, &bufs.g, &bufs.m, &bufs.v)
-            .expect("norms");
-        assert!(
-            !LayerReport::plan(&cfg, norms).skipped,
-            "bench state is not finite"
-        );
-
-        let mut group = c.benchmark_group(format!("layer_{label}"));
-        if n >= 1 << 20 && !cli_sets_sampling() {
-            // One 16M step takes tens of ms (scalar: ~100 ms): 10 equal samples.
-            group.sampling_mode(SamplingMode::Flat).sample_size(10);
-        }
-        let tp = |b: u64| Throughput::Bytes(b * n as u64);
-
-        group.throughput(tp(bytes::LAMB));
-        for backend in Backend::ALL.into_iter().filter_map(Backend::checked) {
-            bufs.reset();
-            let Bufs { p, g, m, v } = &mut bufs;
-            group.bench_function(format!("lamb-{backend}"), |b| {
-                b.iter(|| {
-                    let norms = backend.norms(&scalars, p, g, m, v).unwrap();
-                    let report = LayerReport::plan(&cfg, norms);
-                    backend
-                        .apply(&scalars, report.step_size, p, g, m, v)
-                        .unwrap();
-                    report.step_size
-                })
-            });
-        }
-        for &level in &pulp_levels {
-            bufs.reset();
-            let Bufs { p, g, m, v } = &mut bufs;
-            group.bench_function(format!("pulp-{}", level.name()), |b| {
-                b.iter(|| {
-                    let norms = pulp_lamb::norms(level, &scalars, p, g, m, v);
-                    let report = LayerReport::plan(&cfg, norms);
-                    pulp_lamb::apply(level, &scalars, report.step_size, p, g, m, v);
-                    report.step_size
-                })
-            });
-        }
-
-        type Loop = fn(&Roofline, &mut [f32], &[f32], &mut [f32], &mut [f32]) -> f32;
-        let loops: [(&str, u64, Loop); 3] = [
-            ("roof-same44", bytes::SAME44, Roofline::same44),
-            ("roof-design40", bytes::DESIGN40, Roofline::design40),
-            ("roof-rw43", bytes::RW43, Roofline::rw43),
-        ];
-        for (name, per, f) in loops {
-            bufs.reset();
-            let Bufs { p, g, m, v } = &mut bufs;
-            group.throughput(tp(per));
-            group.bench_function(name, |b| b.iter(|| f(&roof, p, g, m, v)));
-        }
-        bufs.reset();
-        let Bufs { g, m, .. } = &mut bufs;
-        group.throughput(tp(bytes::COPY));
-        group.bench_function("roof-copy", |b| {
-            b.iter(|| {
-                roofline::copy(m, g);
-                black_box(m[0])
-            })
-        });
-        group.finish();
-        meta.note(placement_line(
-            &format!("layer_{label} after its benches"),
-            [&bufs.p, &bufs.g, &bufs.m, &bufs.v],
-        ));
+    let set = Setup {
+        cfg,
+        scalars: StepScalars::new(&cfg, 10, 1.0).expect("valid config"),
+        roof: Roofline::detect(),
+        pulp_levels,
+    };
+    let mut meta = Meta::default();
+    dispatch_notes(&mut meta, &set.roof);
+    for size in LAYER_SIZES {
+        bench_size(c, &mut meta, &set, size);
     }
     meta.save("kernels");
 }

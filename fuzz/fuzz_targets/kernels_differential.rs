@@ -26,6 +26,10 @@ use lamb_core::{Backend, LambConfig, LambError, LayerReport};
 use lamb_fuzz::{ConfigSpec, F32, Few, Fill, Rng, StepNo, canon};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "kernels_differential/mixed.rs"]
+mod mixed;
+use mixed::run_mixed;
+
 /// Elements of guard before the 64-byte-aligned base (plus the offset) and after the slice:
 /// more than one AVX-512 vector times the unrolling, so that a stray full-width store or a
 /// wrong tail mask lands on a canary.
@@ -164,137 +168,6 @@ impl<T: Elem> Guarded<T> {
 /// A visitor of a layer's buffers: `(name, exact bits, canonical bits, canary check)`.
 type Visit<'a> = dyn FnMut(&str, Vec<u32>, Vec<u32>, &dyn Fn(Backend)) + 'a;
 
-/// Parameters in one of the storages of `lamb_core::layer::Params`.
-#[derive(Clone)]
-enum PBuf {
-    F32(Guarded<f32>),
-    Bf16(Guarded<bf16>, Rounding),
-    MasterBf16(Guarded<f32>, Guarded<bf16>),
-    MasterF16(Guarded<f32>, Guarded<f16>),
-}
-
-#[derive(Clone)]
-enum GBuf {
-    F32(Guarded<f32>),
-    Bf16(Guarded<bf16>),
-    F16(Guarded<f16>),
-}
-
-#[derive(Clone)]
-enum MBuf {
-    F32(Guarded<f32>, Guarded<f32>),
-    Bf16(Guarded<bf16>, Guarded<bf16>, Rounding),
-    Q8(Guarded<u8>, Guarded<u8>, Guarded<f32>, Guarded<f32>),
-}
-
-impl PBuf {
-    fn params(&mut self) -> Params<'_> {
-        match self {
-            PBuf::F32(p) => Params::F32(p.slice_mut()),
-            PBuf::Bf16(p, r) => Params::Bf16 {
-                data: p.slice_mut(),
-                rounding: *r,
-            },
-            PBuf::MasterBf16(m, h) => Params::Master {
-                master: m.slice_mut(),
-                model: HalfMut::Bf16(h.slice_mut()),
-            },
-            PBuf::MasterF16(m, h) => Params::Master {
-                master: m.slice_mut(),
-                model: HalfMut::F16(h.slice_mut()),
-            },
-        }
-    }
-    /// (name, raw bits, keys, canary check) of every buffer.
-    fn each(&self, f: &mut Visit<'_>) {
-        match self {
-            PBuf::F32(p) => f("param", p.raw(), p.keys(), &|b| {
-                p.check_canaries("param", b)
-            }),
-            PBuf::Bf16(p, _) => f("param", p.raw(), p.keys(), &|b| {
-                p.check_canaries("param", b)
-            }),
-            PBuf::MasterBf16(m, h) => {
-                f("master", m.raw(), m.keys(), &|b| {
-                    m.check_canaries("master", b)
-                });
-                f("model", h.raw(), h.keys(), &|b| {
-                    h.check_canaries("model", b)
-                });
-            }
-            PBuf::MasterF16(m, h) => {
-                f("master", m.raw(), m.keys(), &|b| {
-                    m.check_canaries("master", b)
-                });
-                f("model", h.raw(), h.keys(), &|b| {
-                    h.check_canaries("model", b)
-                });
-            }
-        }
-    }
-}
-
-impl GBuf {
-    fn grads(&self) -> Grads<'_> {
-        match self {
-            GBuf::F32(g) => Grads::F32(g.slice()),
-            GBuf::Bf16(g) => Grads::Bf16(g.slice()),
-            GBuf::F16(g) => Grads::F16(g.slice()),
-        }
-    }
-    fn check_canaries(&self, b: Backend) {
-        match self {
-            GBuf::F32(g) => g.check_canaries("grad", b),
-            GBuf::Bf16(g) => g.check_canaries("grad", b),
-            GBuf::F16(g) => g.check_canaries("grad", b),
-        }
-    }
-}
-
-impl MBuf {
-    fn moments(&mut self) -> Moments<'_> {
-        match self {
-            MBuf::F32(m, v) => Moments::F32 {
-                m: m.slice_mut(),
-                v: v.slice_mut(),
-            },
-            MBuf::Bf16(m, v, rounding) => Moments::Bf16 {
-                m: m.slice_mut(),
-                v: v.slice_mut(),
-                rounding: *rounding,
-            },
-            MBuf::Q8(m, v, ma, va) => Moments::Q8 {
-                m: m.slice_mut(),
-                v: v.slice_mut(),
-                m_absmax: ma.slice_mut(),
-                v_absmax: va.slice_mut(),
-            },
-        }
-    }
-    fn each(&self, f: &mut Visit<'_>) {
-        match self {
-            MBuf::F32(m, v) => {
-                f("m", m.raw(), m.keys(), &|b| m.check_canaries("m", b));
-                f("v", v.raw(), v.keys(), &|b| v.check_canaries("v", b));
-            }
-            MBuf::Bf16(m, v, _) => {
-                f("m", m.raw(), m.keys(), &|b| m.check_canaries("m", b));
-                f("v", v.raw(), v.keys(), &|b| v.check_canaries("v", b));
-            }
-            MBuf::Q8(m, v, ma, va) => {
-                f("m", m.raw(), m.keys(), &|b| m.check_canaries("m", b));
-                f("v", v.raw(), v.keys(), &|b| v.check_canaries("v", b));
-                f("m_absmax", ma.raw(), ma.keys(), &|b| {
-                    ma.check_canaries("m_absmax", b)
-                });
-                f("v_absmax", va.raw(), va.keys(), &|b| {
-                    va.check_canaries("v_absmax", b)
-                });
-            }
-        }
-    }
-}
-
 #[derive(Arbitrary, Debug)]
 enum GradScale {
     One,
@@ -415,245 +288,126 @@ fn nan_free(x: f64) -> u64 {
     if x.is_nan() { u64::MAX } else { x.to_bits() }
 }
 
-fn run_f32(input: &Input, config: &LambConfig, len: usize, offset: usize, step: u64, gs: f32) {
-    let [fp, fg, fm, fv, _, _] = &input.fills;
-    let mut p0 = Guarded::<f32>::new(len, offset, fp);
-    let mut g = Guarded::<f32>::new(len, offset, fg);
-    let mut m0 = Guarded::<f32>::new(len, offset, fm);
-    let mut v0 = Guarded::<f32>::new(len, offset, fv);
-    for patch in input.patches.iter() {
-        let b = match patch.buffer % 4 {
-            0 => &mut p0,
-            1 => &mut g,
-            2 => &mut m0,
-            _ => &mut v0,
-        };
-        b.set(patch.index as usize, patch.value);
-    }
-    let before = [p0.raw(), m0.raw(), v0.raw()];
-
-    let mut reference: Option<Reference> = None;
-    for backend in Backend::available() {
-        let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
-        let result = backend.step_layer(
-            config,
-            step,
-            gs,
-            &mut F32Layer {
-                param: p.slice_mut(),
-                grad: g.slice(),
-                m: m.slice_mut(),
-                v: v.slice_mut(),
-            },
-        );
-        p.check_canaries("param", backend);
-        m.check_canaries("m", backend);
-        v.check_canaries("v", backend);
-        g.check_canaries("grad", backend);
-        if untouched(&result) {
-            assert_eq!(
-                p.raw(),
-                before[0],
-                "{backend}: params written on {result:?}"
-            );
-            assert_eq!(m.raw(), before[1], "{backend}: m written on {result:?}");
-            assert_eq!(v.raw(), before[2], "{backend}: v written on {result:?}");
-        }
-        let sums = [p0.slice(), g.slice()]
-            .map(|x| nan_free(backend.sum_squares(x).expect("available backend")))
-            .to_vec();
-        let got = Reference {
-            outcome: outcome(&result),
-            buffers: vec![
-                ("param".into(), p.keys()),
-                ("m".into(), m.keys()),
-                ("v".into(), v.keys()),
-            ],
-            sums,
-        };
-        if backend == Backend::Scalar {
-            if stats() {
-                eprintln!(
-                    "STATS f32 len={len} offset={offset} step={step} outcome={}",
-                    describe(&result)
-                );
-            }
-            // The compact-storage entry point with all-f32 storage is the same step.
-            let (mut p2, mut m2, mut v2) = (p0.clone(), m0.clone(), v0.clone());
-            let mut layer = CompactLayer {
-                params: Params::F32(p2.slice_mut()),
-                grads: Grads::F32(g.slice()),
-                moments: Moments::F32 {
-                    m: m2.slice_mut(),
-                    v: v2.slice_mut(),
-                },
-            };
-            let mixed = backend.step_layer_compact(config, step, gs, &mut layer);
-            let sum_mixed = nan_free(
-                backend
-                    .sum_squares_grads(&Grads::F32(g.slice()))
-                    .expect("scalar"),
-            );
-            let as_mixed = Reference {
-                outcome: outcome(&mixed),
-                buffers: vec![
-                    ("param".into(), p2.keys()),
-                    ("m".into(), m2.keys()),
-                    ("v".into(), v2.keys()),
-                ],
-                sums: vec![got.sums[0], sum_mixed],
-            };
-            compare(backend, len, &as_mixed, &got);
-            reference = Some(got);
-        } else {
-            compare(
-                backend,
-                len,
-                &got,
-                reference.as_ref().expect("scalar runs first"),
-            );
-        }
-    }
-}
-
-fn run_mixed(
-    input: &Input,
-    config: &LambConfig,
+/// One step's inputs: the fuzz input, its configuration, and the layer's length, offset
+/// from the buffers' alignment, step number and gradient scale.
+struct Case<'a> {
+    input: &'a Input,
+    config: &'a LambConfig,
     len: usize,
     offset: usize,
     step: u64,
     gs: f32,
-    (params, grads, moments, seed): (u8, u8, u8, u64),
-) {
-    let [fp, fg, fm, fv, fx, fs] = &input.fills;
-    let mut p0 = match params % 5 {
-        0 => PBuf::F32(Guarded::new(len, offset, fp)),
-        1 => PBuf::Bf16(Guarded::new(len, offset, fp), Rounding::Nearest),
-        2 => PBuf::Bf16(Guarded::new(len, offset, fp), Rounding::Stochastic { seed }),
-        3 => PBuf::MasterBf16(Guarded::new(len, offset, fp), Guarded::new(len, offset, fx)),
-        _ => PBuf::MasterF16(Guarded::new(len, offset, fp), Guarded::new(len, offset, fx)),
-    };
-    let mut g = match grads % 3 {
-        0 => GBuf::F32(Guarded::new(len, offset, fg)),
-        1 => GBuf::Bf16(Guarded::new(len, offset, fg)),
-        _ => GBuf::F16(Guarded::new(len, offset, fg)),
-    };
-    let nb = len.div_ceil(QBLOCK);
-    let mut m0 = match moments % 4 {
-        0 => MBuf::F32(Guarded::new(len, offset, fm), Guarded::new(len, offset, fv)),
-        1 => MBuf::Bf16(
-            Guarded::new(len, offset, fm),
-            Guarded::new(len, offset, fv),
-            Rounding::Nearest,
-        ),
-        2 => MBuf::Bf16(
-            Guarded::new(len, offset, fm),
-            Guarded::new(len, offset, fv),
-            Rounding::Stochastic { seed },
-        ),
-        _ => {
-            // Codes are arbitrary bytes; the absmax scales come from a float fill.
-            let codes = |f: &Fill| {
-                let mut b = Guarded::<u8>::new(len, offset, &Fill::Constant(F32::Zero));
-                let mut r = Rng::new(match f {
-                    Fill::Bits { seed } | Fill::Uniform { seed, .. } | Fill::Mixed { seed, .. } => {
-                        *seed
-                    }
-                    Fill::Constant(x) => x.get().to_bits() as u64,
-                });
-                b.slice_mut().iter_mut().for_each(|c| *c = r.next() as u8);
-                b
-            };
-            let (m, v) = (codes(fm), codes(fv));
-            MBuf::Q8(
-                m,
-                v,
-                Guarded::new(nb, offset, fs),
-                Guarded::new(nb, offset, fx),
-            )
-        }
-    };
-    for patch in input.patches.iter() {
-        let (i, x) = (patch.index as usize, patch.value);
-        match (patch.buffer % 6, &mut p0, &mut g, &mut m0) {
-            (0, PBuf::F32(p) | PBuf::MasterBf16(p, _) | PBuf::MasterF16(p, _), _, _) => p.set(i, x),
-            (0, PBuf::Bf16(p, _), _, _) => p.set(i, x),
-            (1, PBuf::MasterBf16(_, h), _, _) => h.set(i, x),
-            (1, PBuf::MasterF16(_, h), _, _) => h.set(i, x),
-            (2, _, GBuf::F32(b), _) => b.set(i, x),
-            (2, _, GBuf::Bf16(b), _) => b.set(i, x),
-            (2, _, GBuf::F16(b), _) => b.set(i, x),
-            (3, _, _, MBuf::F32(m, _)) => m.set(i, x),
-            (3, _, _, MBuf::Bf16(m, ..)) => m.set(i, x),
-            (3, _, _, MBuf::Q8(m, ..)) => m.set(i, x),
-            (4, _, _, MBuf::F32(_, v)) => v.set(i, x),
-            (4, _, _, MBuf::Bf16(_, v, _)) => v.set(i, x),
-            (4, _, _, MBuf::Q8(_, v, ..)) => v.set(i, x),
-            (5, _, _, MBuf::Q8(_, _, ma, va)) => {
-                if i % 2 == 0 {
-                    ma.set(i / 2, x)
-                } else {
-                    va.set(i / 2, x)
-                }
-            }
-            _ => {}
-        }
-    }
-    let mut before = Vec::new();
-    p0.each(&mut |_, raw, _, _| before.push(raw));
-    m0.each(&mut |_, raw, _, _| before.push(raw));
+}
 
+/// p, g, m, v of an f32 layer, filled and patched as the input says.
+fn f32_buffers(c: &Case<'_>) -> [Guarded<f32>; 4] {
+    let [fp, fg, fm, fv, _, _] = &c.input.fills;
+    let mut bufs = [fp, fg, fm, fv].map(|f| Guarded::<f32>::new(c.len, c.offset, f));
+    for patch in c.input.patches.iter() {
+        bufs[patch.buffer as usize % 4].set(patch.index as usize, patch.value);
+    }
+    bufs
+}
+
+/// One backend's f32 step on copies of p, m, v: canaries checked, nothing written when the
+/// step is refused or skipped.
+fn step_f32(
+    c: &Case<'_>,
+    backend: Backend,
+    [p0, g, m0, v0]: &[Guarded<f32>; 4],
+) -> (Result<LayerReport, LambError>, Reference) {
+    let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+    let result = backend.step_layer(
+        c.config,
+        c.step,
+        c.gs,
+        &mut F32Layer {
+            param: p.slice_mut(),
+            grad: g.slice(),
+            m: m.slice_mut(),
+            v: v.slice_mut(),
+        },
+    );
+    p.check_canaries("param", backend);
+    m.check_canaries("m", backend);
+    v.check_canaries("v", backend);
+    g.check_canaries("grad", backend);
+    if untouched(&result) {
+        assert_eq!(p.raw(), p0.raw(), "{backend}: params written on {result:?}");
+        assert_eq!(m.raw(), m0.raw(), "{backend}: m written on {result:?}");
+        assert_eq!(v.raw(), v0.raw(), "{backend}: v written on {result:?}");
+    }
+    let sums = [p0.slice(), g.slice()]
+        .map(|x| nan_free(backend.sum_squares(x).expect("available backend")))
+        .to_vec();
+    let got = Reference {
+        outcome: outcome(&result),
+        buffers: vec![
+            ("param".into(), p.keys()),
+            ("m".into(), m.keys()),
+            ("v".into(), v.keys()),
+        ],
+        sums,
+    };
+    (result, got)
+}
+
+/// The compact-storage entry point with all-f32 storage, on the scalar backend: the same
+/// step as the f32 entry point (`param_sum`: the f32 path's sum of squares of p).
+fn step_f32_as_compact(
+    c: &Case<'_>,
+    [p0, g, m0, v0]: &[Guarded<f32>; 4],
+    param_sum: u64,
+) -> Reference {
+    let backend = Backend::Scalar;
+    let (mut p2, mut m2, mut v2) = (p0.clone(), m0.clone(), v0.clone());
+    let mut layer = CompactLayer {
+        params: Params::F32(p2.slice_mut()),
+        grads: Grads::F32(g.slice()),
+        moments: Moments::F32 {
+            m: m2.slice_mut(),
+            v: v2.slice_mut(),
+        },
+    };
+    let mixed = backend.step_layer_compact(c.config, c.step, c.gs, &mut layer);
+    let sum_mixed = nan_free(
+        backend
+            .sum_squares_grads(&Grads::F32(g.slice()))
+            .expect("scalar"),
+    );
+    Reference {
+        outcome: outcome(&mixed),
+        buffers: vec![
+            ("param".into(), p2.keys()),
+            ("m".into(), m2.keys()),
+            ("v".into(), v2.keys()),
+        ],
+        sums: vec![param_sum, sum_mixed],
+    }
+}
+
+fn run_f32(c: &Case<'_>) {
+    let bufs = f32_buffers(c);
     let mut reference: Option<Reference> = None;
     for backend in Backend::available() {
-        let (mut p, mut m) = (p0.clone(), m0.clone());
-        let result = {
-            let mut layer = CompactLayer {
-                params: p.params(),
-                grads: g.grads(),
-                moments: m.moments(),
-            };
-            backend.step_layer_compact(config, step, gs, &mut layer)
-        };
-        let mut buffers = Vec::new();
-        let mut after = Vec::new();
-        let mut visit = |name: &str, raw: Vec<u32>, keys: Vec<u32>, check: &dyn Fn(Backend)| {
-            check(backend);
-            after.push(raw);
-            buffers.push((name.to_string(), keys));
-        };
-        p.each(&mut visit);
-        m.each(&mut visit);
-        g.check_canaries(backend);
-        if untouched(&result) {
-            for (k, (a, b)) in after.iter().zip(&before).enumerate() {
-                assert!(a == b, "{backend}: {} written on {result:?}", buffers[k].0);
-            }
-        }
-        let sums = vec![nan_free(
-            backend
-                .sum_squares_grads(&g.grads())
-                .expect("available backend"),
-        )];
-        let got = Reference {
-            outcome: outcome(&result),
-            buffers,
-            sums,
-        };
+        let (result, got) = step_f32(c, backend, &bufs);
         if backend == Backend::Scalar {
             if stats() {
                 eprintln!(
-                    "STATS mixed p{} g{} m{} len={len} offset={offset} step={step} outcome={}",
-                    params % 5,
-                    grads % 3,
-                    moments % 3,
+                    "STATS f32 len={} offset={} step={} outcome={}",
+                    c.len,
+                    c.offset,
+                    c.step,
                     describe(&result)
                 );
             }
+            let as_mixed = step_f32_as_compact(c, &bufs, got.sums[0]);
+            compare(backend, c.len, &as_mixed, &got);
             reference = Some(got);
         } else {
             compare(
                 backend,
-                len,
+                c.len,
                 &got,
                 reference.as_ref().expect("scalar runs first"),
             );
@@ -681,21 +435,21 @@ fuzz_target!(|input: Input| {
         Some(Backend::Scalar),
         "scalar must come first"
     );
+    let case = Case {
+        input: &input,
+        config: &config,
+        len,
+        offset,
+        step,
+        gs,
+    };
     match input.storage {
-        Storage::F32 => run_f32(&input, &config, len, offset, step, gs),
+        Storage::F32 => run_f32(&case),
         Storage::Mixed {
             params,
             grads,
             moments,
             seed,
-        } => run_mixed(
-            &input,
-            &config,
-            len,
-            offset,
-            step,
-            gs,
-            (params, grads, moments, seed),
-        ),
+        } => run_mixed(&case, (params, grads, moments, seed)),
     }
 });

@@ -207,6 +207,16 @@ impl core::ops::Add for LayerNorms {
     type Output = LayerNorms;
     #[inline]
     fn add(self, other: LayerNorms) -> LayerNorms {
+        if self.param_format == ParamFormat::F32 && other.param_format == ParamFormat::F32 {
+            // f32 parameters carry no ranges (both are +0, see the field docs), and their
+            // union is +0 again: the f32 step, which adds one of these per block, skips
+            // the key arithmetic.
+            return LayerNorms {
+                param_sq: self.param_sq + other.param_sq,
+                update_sq: self.update_sq + other.update_sq,
+                ..self
+            };
+        }
         let min = |a: f32, b: f32| from_order_key(order_key(a).min(order_key(b)));
         let max = |a: f32, b: f32| from_order_key(order_key(a).max(order_key(b)));
         LayerNorms {

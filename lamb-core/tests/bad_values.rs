@@ -11,11 +11,15 @@
 
 use half::{bf16, f16};
 use lamb_core::codec::QBLOCK;
-use lamb_core::layer::{CompactLayer, F32Layer, Grads, HalfMut, Moments, Params, Rounding};
+use lamb_core::layer::{CompactLayer, F32Layer};
 use lamb_core::{Backend, LANES, LambConfig};
 use rand::distr::Uniform;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+
+#[path = "common/layer_storage.rs"]
+mod layer_storage;
+use layer_storage::{GFmt, GradBufs, MFmt, PFmt, Storage};
 
 /// `n` values uniform in [−scale, scale).
 fn uniform(rng: &mut SmallRng, n: usize, scale: f32) -> Vec<f32> {
@@ -83,23 +87,11 @@ const KERNELS: [Kernel; 5] = [
     Kernel::Bf16Q8,
 ];
 
-/// One layer in every format the kernels above read.
-#[derive(Clone, PartialEq, Debug)]
+/// One layer in every format the kernels above read (`common/layer_storage.rs`).
+#[derive(Clone, Debug)]
 struct Layer {
-    p: Vec<f32>,
-    g: Vec<f32>,
-    m: Vec<f32>,
-    v: Vec<f32>,
-    pb: Vec<bf16>,
-    gb: Vec<bf16>,
-    mb: Vec<bf16>,
-    vb: Vec<bf16>,
-    ph: Vec<f16>,
-    gh: Vec<f16>,
-    mq: Vec<u8>,
-    vq: Vec<u8>,
-    m_absmax: Vec<f32>,
-    v_absmax: Vec<f32>,
+    s: Storage,
+    g: GradBufs,
 }
 
 impl Layer {
@@ -110,20 +102,20 @@ impl Layer {
         let v: Vec<f32> = uniform(rng, n, 1e-3).iter().map(|x| x.abs()).collect();
         let q = n.div_ceil(QBLOCK);
         Layer {
-            pb: p.iter().map(|&x| bf16::from_f32(x)).collect(),
-            gb: g.iter().map(|&x| bf16::from_f32(x)).collect(),
-            mb: m.iter().map(|&x| bf16::from_f32(x)).collect(),
-            vb: v.iter().map(|&x| bf16::from_f32(x)).collect(),
-            ph: p.iter().map(|&x| f16::from_f32(x)).collect(),
-            gh: g.iter().map(|&x| f16::from_f32(x)).collect(),
-            mq: (0..n).map(|i| (i % 97) as u8).collect(),
-            vq: (0..n).map(|i| (i % 89) as u8).collect(),
-            m_absmax: vec![0.01; q],
-            v_absmax: vec![1e-3; q],
-            p,
-            g,
-            m,
-            v,
+            s: Storage {
+                pb: p.iter().map(|&x| bf16::from_f32(x)).collect(),
+                mb: m.iter().map(|&x| bf16::from_f32(x)).collect(),
+                vb: v.iter().map(|&x| bf16::from_f32(x)).collect(),
+                ph: p.iter().map(|&x| f16::from_f32(x)).collect(),
+                mq: (0..n).map(|i| (i % 97) as u8).collect(),
+                vq: (0..n).map(|i| (i % 89) as u8).collect(),
+                ma: vec![0.01; q],
+                va: vec![1e-3; q],
+                p32: p,
+                m32: m,
+                v32: v,
+            },
+            g: GradBufs::new(g),
         }
     }
 
@@ -142,21 +134,21 @@ impl Layer {
         }
         match bad {
             _ if grad => {
-                self.g[i] = x;
-                self.gb[i] = bf16::from_f32(x);
-                self.gh[i] = f16::from_f32(x);
+                self.g.g32[i] = x;
+                self.g.gb[i] = bf16::from_f32(x);
+                self.g.gh[i] = f16::from_f32(x);
             }
             Bad::MNan | Bad::MInf => {
-                self.m[i] = x;
-                self.mb[i] = bf16::from_f32(x);
+                self.s.m32[i] = x;
+                self.s.mb[i] = bf16::from_f32(x);
             }
             Bad::VNan | Bad::VInf => {
-                self.v[i] = x;
-                self.vb[i] = bf16::from_f32(x);
+                self.s.v32[i] = x;
+                self.s.vb[i] = bf16::from_f32(x);
             }
             _ => {
-                self.p[i] = x;
-                self.pb[i] = bf16::from_f32(x);
+                self.s.p32[i] = x;
+                self.s.pb[i] = bf16::from_f32(x);
             }
         }
         true
@@ -171,10 +163,10 @@ impl Layer {
                 2,
                 1.0,
                 &mut F32Layer {
-                    param: &mut self.p,
-                    grad: &self.g,
-                    m: &mut self.m,
-                    v: &mut self.v,
+                    param: &mut self.s.p32,
+                    grad: &self.g.g32,
+                    m: &mut self.s.m32,
+                    v: &mut self.s.v32,
                 },
             ),
             _ => {
@@ -186,70 +178,19 @@ impl Layer {
     }
 
     fn compact_layer(&mut self, kernel: Kernel) -> CompactLayer<'_> {
-        let f32_moments = Moments::F32 {
-            m: &mut self.m,
-            v: &mut self.v,
-        };
-        match kernel {
+        let (p, g, m, seed) = match kernel {
             Kernel::F32 => unreachable!(),
-            Kernel::F32ParamsBf16Grads => CompactLayer {
-                params: Params::F32(&mut self.p),
-                grads: Grads::Bf16(&self.gb),
-                moments: f32_moments,
-            },
-            Kernel::Bf16 => CompactLayer {
-                params: Params::Bf16 {
-                    data: &mut self.pb,
-                    rounding: Rounding::Nearest,
-                },
-                grads: Grads::F32(&self.g),
-                moments: Moments::Bf16 {
-                    m: &mut self.mb,
-                    v: &mut self.vb,
-                    rounding: Rounding::Nearest,
-                },
-            },
-            Kernel::MasterF16 => CompactLayer {
-                params: Params::Master {
-                    master: &mut self.p,
-                    model: HalfMut::F16(&mut self.ph),
-                },
-                grads: Grads::F16(&self.gh),
-                moments: f32_moments,
-            },
-            Kernel::Bf16Q8 => CompactLayer {
-                params: Params::Bf16 {
-                    data: &mut self.pb,
-                    rounding: Rounding::Stochastic { seed: 7 },
-                },
-                grads: Grads::Bf16(&self.gb),
-                moments: Moments::Q8 {
-                    m: &mut self.mq,
-                    v: &mut self.vq,
-                    m_absmax: &mut self.m_absmax,
-                    v_absmax: &mut self.v_absmax,
-                },
-            },
-        }
+            Kernel::F32ParamsBf16Grads => (PFmt::F32, GFmt::Bf16, MFmt::F32, 0),
+            Kernel::Bf16 => (PFmt::Bf16, GFmt::F32, MFmt::Bf16, 0),
+            Kernel::MasterF16 => (PFmt::MasterF16, GFmt::F16, MFmt::F32, 0),
+            Kernel::Bf16Q8 => (PFmt::Bf16Sr, GFmt::Bf16, MFmt::Q8, 7),
+        };
+        self.s.layer(p, self.g.grads(g), m, seed)
     }
 
     /// Every stored bit (NaN compared by its bits, so a refused step must leave it as is).
     fn bits(&self) -> Vec<u32> {
-        let f = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let mut out = [&self.p, &self.m, &self.v, &self.m_absmax, &self.v_absmax]
-            .iter()
-            .flat_map(|b| f(b))
-            .collect::<Vec<_>>();
-        out.extend(
-            self.pb
-                .iter()
-                .chain(&self.mb)
-                .chain(&self.vb)
-                .map(|x| x.to_bits() as u32),
-        );
-        out.extend(self.ph.iter().map(|x| x.to_bits() as u32));
-        out.extend(self.mq.iter().chain(&self.vq).map(|&x| x as u32));
-        out
+        self.s.bits()
     }
 }
 

@@ -3,11 +3,14 @@
 //! kernels.
 
 use half::{bf16, f16};
-use lamb_core::codec::QBLOCK;
-use lamb_core::layer::{CompactLayer, F32Layer, Grads, HalfMut, Moments, Params, Rounding};
+use lamb_core::layer::{CompactLayer, F32Layer};
 use lamb_core::{Backend, LambConfig, LayerReport};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+
+#[path = "common/layer_storage.rs"]
+mod layer_storage;
+use layer_storage::{GFmt as G, GradBufs, MFmt as M, PFmt as P, Storage};
 
 /// Seeded random inputs.
 struct Inputs(SmallRng);
@@ -29,46 +32,12 @@ impl Inputs {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum P {
-    F32,
-    Bf16,
-    Bf16Sr,
-    MasterBf16,
-    MasterF16,
-}
-#[derive(Clone, Copy, Debug)]
-enum G {
-    F32,
-    Bf16,
-    F16,
-}
-#[derive(Clone, Copy, Debug)]
-enum M {
-    F32,
-    Bf16,
-    Bf16Sr,
-    Q8,
-}
-
-/// Owned storage for one layer in one combination of formats.
+/// One layer in every format (`common/layer_storage.rs`), its gradients, and the
+/// stochastic-rounding seed (callers vary it per step).
 #[derive(Clone)]
 struct Owned {
-    p32: Vec<f32>,
-    pb: Vec<bf16>,
-    ph: Vec<f16>,
-    g32: Vec<f32>,
-    gb: Vec<bf16>,
-    gh: Vec<f16>,
-    m32: Vec<f32>,
-    v32: Vec<f32>,
-    mb: Vec<bf16>,
-    vb: Vec<bf16>,
-    mq: Vec<u8>,
-    vq: Vec<u8>,
-    ms: Vec<f32>,
-    vs: Vec<f32>,
-    /// Stochastic-rounding seed (callers vary it per step).
+    s: Storage,
+    g: GradBufs,
     seed: u64,
 }
 
@@ -76,99 +45,25 @@ impl Owned {
     fn new(rng: &mut Inputs, n: usize) -> Owned {
         let p32: Vec<f32> = (0..n).map(|_| rng.value(1.0)).collect();
         let g32: Vec<f32> = (0..n).map(|_| rng.value(0.1)).collect();
-        let q = n.div_ceil(QBLOCK);
         Owned {
-            pb: p32.iter().map(|&x| bf16::from_f32(x)).collect(),
-            ph: p32.iter().map(|&x| f16::from_f32(x)).collect(),
-            gb: g32.iter().map(|&x| bf16::from_f32(x)).collect(),
-            gh: g32.iter().map(|&x| f16::from_f32(x)).collect(),
-            p32,
-            g32,
-            m32: vec![0.0; n],
-            v32: vec![0.0; n],
-            mb: vec![bf16::ZERO; n],
-            vb: vec![bf16::ZERO; n],
-            mq: vec![0; n],
-            vq: vec![0; n],
-            ms: vec![0.0; q],
-            vs: vec![0.0; q],
+            s: Storage {
+                pb: p32.iter().map(|&x| bf16::from_f32(x)).collect(),
+                ph: p32.iter().map(|&x| f16::from_f32(x)).collect(),
+                p32,
+                ..Storage::zeroed(n)
+            },
+            g: GradBufs::new(g32),
             seed: 0xfeed,
         }
     }
 
     fn layer(&mut self, p: P, g: G, m: M) -> CompactLayer<'_> {
-        CompactLayer {
-            params: match p {
-                P::F32 => Params::F32(&mut self.p32),
-                P::Bf16 => Params::Bf16 {
-                    data: &mut self.pb,
-                    rounding: Rounding::Nearest,
-                },
-                P::Bf16Sr => Params::Bf16 {
-                    data: &mut self.pb,
-                    rounding: Rounding::Stochastic { seed: self.seed },
-                },
-                P::MasterBf16 => Params::Master {
-                    master: &mut self.p32,
-                    model: HalfMut::Bf16(&mut self.pb),
-                },
-                P::MasterF16 => Params::Master {
-                    master: &mut self.p32,
-                    model: HalfMut::F16(&mut self.ph),
-                },
-            },
-            grads: match g {
-                G::F32 => Grads::F32(&self.g32),
-                G::Bf16 => Grads::Bf16(&self.gb),
-                G::F16 => Grads::F16(&self.gh),
-            },
-            moments: match m {
-                M::F32 => Moments::F32 {
-                    m: &mut self.m32,
-                    v: &mut self.v32,
-                },
-                M::Bf16 => Moments::Bf16 {
-                    m: &mut self.mb,
-                    v: &mut self.vb,
-                    rounding: Rounding::Nearest,
-                },
-                M::Bf16Sr => Moments::Bf16 {
-                    m: &mut self.mb,
-                    v: &mut self.vb,
-                    rounding: Rounding::Stochastic { seed: self.seed },
-                },
-                M::Q8 => Moments::Q8 {
-                    m: &mut self.mq,
-                    v: &mut self.vq,
-                    m_absmax: &mut self.ms,
-                    v_absmax: &mut self.vs,
-                },
-            },
-        }
+        self.s.layer(p, self.g.grads(g), m, self.seed)
     }
 
     /// Every stored bit.
     fn bits(&self) -> Vec<u32> {
-        let mut out: Vec<u32> = vec![];
-        out.extend(
-            self.p32
-                .iter()
-                .chain(&self.m32)
-                .chain(&self.v32)
-                .chain(&self.ms)
-                .chain(&self.vs)
-                .map(|x| x.to_bits()),
-        );
-        out.extend(
-            self.pb
-                .iter()
-                .chain(&self.mb)
-                .chain(&self.vb)
-                .map(|x| x.to_bits() as u32),
-        );
-        out.extend(self.ph.iter().map(|x| x.to_bits() as u32));
-        out.extend(self.mq.iter().chain(&self.vq).map(|&x| x as u32));
-        out
+        self.s.bits()
     }
 }
 
@@ -255,8 +150,12 @@ fn compact_path_with_f32_state_equals_the_f32_kernels() {
         for n in [0, 5, 300, 2049] {
             let owned = Owned::new(&mut rng, n);
             let (o, _) = run(b, &owned, P::F32, G::Bf16, M::F32, &cfg);
-            let g: Vec<f32> = owned.gb.iter().map(|x| x.to_f32()).collect();
-            let (mut p, mut m, mut v) = (owned.p32.clone(), owned.m32.clone(), owned.v32.clone());
+            let g: Vec<f32> = owned.g.gb.iter().map(|x| x.to_f32()).collect();
+            let (mut p, mut m, mut v) = (
+                owned.s.p32.clone(),
+                owned.s.m32.clone(),
+                owned.s.v32.clone(),
+            );
             for step in 1..=2 {
                 b.step_layer(
                     &cfg,
@@ -273,7 +172,9 @@ fn compact_path_with_f32_state_equals_the_f32_kernels() {
             }
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert!(
-                bits(&o.p32) == bits(&p) && bits(&o.m32) == bits(&m) && bits(&o.v32) == bits(&v),
+                bits(&o.s.p32) == bits(&p)
+                    && bits(&o.s.m32) == bits(&m)
+                    && bits(&o.s.v32) == bits(&v),
                 "{b} n={n}"
             );
         }
@@ -292,7 +193,7 @@ fn split_pieces_equal_the_whole_layer() {
     // Master values past f16's range would make the f16 model copy infinite, a step the
     // plan refuses (tests/half_range.rs): keep them inside, so that the pieces are compared
     // on a step that is applied.
-    for x in &mut owned.p32 {
+    for x in &mut owned.s.p32 {
         *x = x.clamp(-60000.0, 60000.0);
     }
     for (p, m) in [
@@ -338,9 +239,9 @@ fn non_finite_gradients_skip_in_every_format() {
     let mut rng = Inputs::new(3);
     let cfg = LambConfig::paper();
     let mut owned = Owned::new(&mut rng, 600);
-    owned.g32[300] = f32::NAN;
-    owned.gb[300] = bf16::NAN;
-    owned.gh[300] = f16::INFINITY;
+    owned.g.g32[300] = f32::NAN;
+    owned.g.gb[300] = bf16::NAN;
+    owned.g.gh[300] = f16::INFINITY;
     for b in Backend::available() {
         for p in PS {
             for g in GS {
@@ -362,7 +263,7 @@ fn non_finite_gradients_skip_in_every_format() {
 fn length_mismatches_are_refused_untouched() {
     let mut rng = Inputs::new(4);
     let mut o = Owned::new(&mut rng, 300);
-    o.ms.pop();
+    o.s.ma.pop();
     let before = o.bits();
     let e = Backend::Scalar
         .step_layer_compact(
@@ -374,7 +275,7 @@ fn length_mismatches_are_refused_untouched() {
         .unwrap_err();
     assert_eq!(e.to_string(), "m absmax has 1 elements, param has 2");
     let mut o2 = Owned::new(&mut rng, 300);
-    o2.ph.pop();
+    o2.s.ph.pop();
     let e = Backend::Scalar
         .step_layer_compact(
             &LambConfig::paper(),
@@ -399,14 +300,14 @@ fn bf16_second_moment_decays_only_with_stochastic_rounding() {
     let v0 = 0.01f32;
     let mean_v = |m: M| {
         let mut o = Owned::new(&mut Inputs::new(9), n);
-        o.g32.fill(0.0);
-        o.vb.fill(bf16::from_f32(v0));
+        o.g.g32.fill(0.0);
+        o.s.vb.fill(bf16::from_f32(v0));
         for step in 1..=1000 {
             o.seed = step; // a fresh draw per step, as the docs ask
             b.step_layer_compact(&cfg, step, 1.0, &mut o.layer(P::F32, G::F32, m))
                 .unwrap();
         }
-        o.vb.iter().map(|x| x.to_f64()).sum::<f64>() / n as f64
+        o.s.vb.iter().map(|x| x.to_f64()).sum::<f64>() / n as f64
     };
     let start = bf16::from_f32(v0).to_f64();
     let f32_decay = start * 0.999f64.powi(1000);

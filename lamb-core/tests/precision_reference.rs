@@ -52,11 +52,14 @@
 //! `--nocapture` for the measured agreement, and see `tests/data/precision/README.md` for mutations of the reference that this test catches.
 
 //!
-//! The parts: `common/precision_data.rs` reads the reference, `common/precision_storage.rs`
-//! holds one layer in every format and runs lamb-core's step on it,
+//! The parts: `common/precision_data.rs` reads the reference, `common/layer_storage.rs`
+//! holds one layer in every format, `common/precision_storage.rs` decodes it and runs
+//! lamb-core's step on it,
 //! `common/precision_check.rs` has the tolerances and the per-element checks, and
 //! `common/precision_step.rs` checks one step; this file runs the combinations and reports.
 
+#[path = "common/layer_storage.rs"]
+mod layer_storage;
 #[path = "common/precision_check.rs"]
 mod precision_check;
 #[path = "common/precision_data.rs"]

@@ -32,6 +32,8 @@
 //! them).
 
 mod common;
+#[path = "compact_state/plot.rs"]
+mod plot;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -41,6 +43,7 @@ use common::RunResult;
 use indicatif::{ProgressBar, ProgressStyle};
 use lamb_std::lamb_core::{LambConfig, Schedule};
 use lamb_std::{GroupId, Lamb, Precision, StateFormat};
+use plot::plot;
 
 /// LAMB's base lr as `train_digits` tunes it (its sweep at batch 16), √-scaled from batch 16.
 const BASE_LR: f64 = 1e-2;
@@ -256,14 +259,9 @@ struct Report {
     resolves: bool,
 }
 
-fn main() {
-    let args = parse_args();
-    let started = Instant::now();
-    let all = common::load_digits();
-    let (train, test) = common::split(&all);
-    let full = train.len();
-    let settings: Vec<Setting> = args
-        .settings
+/// The settings' batch sizes (0: full batch), lrs and step counts.
+fn make_settings(args: &Args, full: usize) -> Vec<Setting> {
+    args.settings
         .iter()
         .map(|&(b, epochs, lr_scale)| {
             let batch = if b == 0 { full } else { b.clamp(1, full) };
@@ -274,12 +272,15 @@ fn main() {
                 steps: common::total_steps(full, batch, epochs),
             }
         })
-        .collect();
-    println!(
-        "MLP 64-128-128-10 ({} parameters), LAMB, seeds {SEEDS:?}, moments in f32 / bf16 / 8-bit",
-        common::Mlp::new(common::SEED).param_count(),
-    );
+        .collect()
+}
 
+/// Every (setting, seed, variant) run, on every core, with a progress bar over epochs.
+fn run_all(
+    settings: &[Setting],
+    train: &common::Dataset,
+    test: &common::Dataset,
+) -> (Vec<Job>, Vec<Run>) {
     let jobs: Vec<Job> = (0..settings.len())
         .flat_map(|setting| {
             SEEDS.iter().flat_map(move |&seed| {
@@ -297,32 +298,21 @@ fn main() {
         ProgressStyle::with_template("[{elapsed_precise}] {wide_bar} {pos}/{len} epochs").unwrap(),
     );
     let runs = common::run_parallel(&jobs, common::cores(), |job| {
-        run_job(job, settings[job.setting], &train, &test, &bar)
+        run_job(job, settings[job.setting], train, test, &bar)
     });
     bar.finish_and_clear();
-    let elapsed = started.elapsed();
-    let time = common::time_summary(elapsed);
+    (jobs, runs)
+}
 
-    let runs = Runs {
-        jobs: &jobs,
-        runs: &runs,
-    };
-    let mut reports = Vec::new();
-    for (k, s) in settings.iter().enumerate() {
-        let report = report(k, &runs);
-        println!(
-            "\n{}\n\n{}\n{}",
-            setting_title(s, full),
-            report.table,
-            report.verdict
-        );
-        reports.push(report);
-    }
-
-    std::fs::create_dir_all(&args.out).expect("the output directory");
-    let png = args.out.join("compact_state.png");
-    plot(&png, &settings, full, &runs).expect("the plot");
-    let md = args.out.join("compact_state.md");
+/// The markdown document: setup, one section per setting, the summary.
+fn document(
+    args: &Args,
+    (train, test): (&common::Dataset, &common::Dataset),
+    settings: &[Setting],
+    reports: &[Report],
+    time: &str,
+) -> String {
+    let full = train.len();
     let mut doc = format!(
         "# LAMB with compact optimizer state: f32 vs bf16 vs 8-bit moments\n\n\
          Written by `{}` (`lamb-std/examples/compact_state.rs`; {time}); every number below \
@@ -354,7 +344,7 @@ fn main() {
         WARMUP * 100.0,
         100.0 * TOLERANCE,
     );
-    for (s, r) in settings.iter().zip(&reports) {
+    for (s, r) in settings.iter().zip(reports) {
         write!(
             doc,
             "\n## {}\n\n{}\n{}\n",
@@ -364,11 +354,49 @@ fn main() {
         )
         .unwrap();
     }
-    let summary = summary(&reports);
-    write!(doc, "\n## Summary\n\n{summary}\n").unwrap();
+    write!(doc, "\n## Summary\n\n{}\n", summary(reports)).unwrap();
+    doc
+}
+
+fn main() {
+    let args = parse_args();
+    let started = Instant::now();
+    let all = common::load_digits();
+    let (train, test) = common::split(&all);
+    let full = train.len();
+    let settings = make_settings(&args, full);
+    println!(
+        "MLP 64-128-128-10 ({} parameters), LAMB, seeds {SEEDS:?}, moments in f32 / bf16 / 8-bit",
+        common::Mlp::new(common::SEED).param_count(),
+    );
+    let (jobs, runs) = run_all(&settings, &train, &test);
+    let time = common::time_summary(started.elapsed());
+
+    let runs = Runs {
+        jobs: &jobs,
+        runs: &runs,
+    };
+    let mut reports = Vec::new();
+    for (k, s) in settings.iter().enumerate() {
+        let report = report(k, &runs);
+        println!(
+            "\n{}\n\n{}\n{}",
+            setting_title(s, full),
+            report.table,
+            report.verdict
+        );
+        reports.push(report);
+    }
+
+    std::fs::create_dir_all(&args.out).expect("the output directory");
+    let png = args.out.join("compact_state.png");
+    plot(&png, &settings, full, &runs).expect("the plot");
+    let md = args.out.join("compact_state.md");
+    let doc = document(&args, (&train, &test), &settings, &reports, &time);
     std::fs::write(&md, doc).expect("the markdown file");
     println!(
-        "\n{summary}\n\nWrote {} and {}; {time}",
+        "\n{}\n\nWrote {} and {}; {time}",
+        summary(&reports),
         png.display(),
         md.display(),
     );
@@ -411,28 +439,44 @@ fn setting_title(s: &Setting, full: usize) -> String {
     )
 }
 
-fn report(k: usize, runs: &Runs) -> Report {
-    let mean = |v: Variant, x: &dyn Fn(&RunResult) -> f64| -> f64 {
+/// One setting's runs, averaged over seeds.
+struct SeedMeans<'a> {
+    k: usize,
+    runs: &'a Runs<'a>,
+}
+
+impl SeedMeans<'_> {
+    fn mean(&self, v: Variant, x: &dyn Fn(&RunResult) -> f64) -> f64 {
         SEEDS
             .iter()
-            .map(|&seed| x(&runs.get(k, v, seed).result))
+            .map(|&seed| x(&self.runs.get(self.k, v, seed).result))
             .sum::<f64>()
             / SEEDS.len() as f64
-    };
-    // Mean over seeds of |loss / the same seed's f32 loss − 1|.
-    let dev = |v: Variant| -> f64 {
+    }
+
+    /// Mean over seeds of |loss / the same seed's f32 loss − 1|.
+    fn dev(&self, v: Variant) -> f64 {
         SEEDS
             .iter()
             .map(|&seed| {
-                (runs.get(k, v, seed).result.train_loss
-                    / runs.get(k, Variant::F32, seed).result.train_loss
+                (self.runs.get(self.k, v, seed).result.train_loss
+                    / self.runs.get(self.k, Variant::F32, seed).result.train_loss
                     - 1.0)
                     .abs()
             })
             .sum::<f64>()
             / SEEDS.len() as f64
-    };
-    let f32_loss = mean(Variant::F32, &|r| r.train_loss);
+    }
+
+    /// The mean final loss relative to f32's, minus 1.
+    fn rel(&self, v: Variant) -> f64 {
+        self.mean(v, &|r| r.train_loss) / self.mean(Variant::F32, &|r| r.train_loss) - 1.0
+    }
+}
+
+/// The markdown table of one setting: a row per variant.
+fn table(s: &SeedMeans) -> String {
+    let (k, runs) = (s.k, s.runs);
     let mut t = String::from("| state | bytes / param |");
     for seed in SEEDS {
         write!(t, " final loss, seed {seed} |").unwrap();
@@ -456,30 +500,35 @@ fn report(k: usize, runs: &Runs) -> Report {
         write!(
             t,
             " {:.4e} | {:+.2}% | {:.2}% | {:.4} | {:.2}% | {:.2} s | {:.2} s |",
-            mean(v, &|r| r.train_loss),
-            100.0 * (mean(v, &|r| r.train_loss) / f32_loss - 1.0),
-            100.0 * dev(v),
-            mean(v, &|r| r.test_loss),
-            100.0 * mean(v, &|r| r.test_acc),
-            mean(v, &|r| r.wall.as_secs_f64()),
-            mean(v, &|r| r.opt_time.as_secs_f64()),
+            s.mean(v, &|r| r.train_loss),
+            100.0 * s.rel(v),
+            100.0 * s.dev(v),
+            s.mean(v, &|r| r.test_loss),
+            100.0 * s.mean(v, &|r| r.test_acc),
+            s.mean(v, &|r| r.wall.as_secs_f64()),
+            s.mean(v, &|r| r.opt_time.as_secs_f64()),
         )
         .unwrap();
     }
     t.push('\n');
-    let rel = |v: Variant| mean(v, &|r| r.train_loss) / f32_loss - 1.0;
+    t
+}
+
+/// The verdict of one setting, whether the acceptance holds, and whether the setting can
+/// resolve it (the 1-ulp noise floor below the tolerance).
+fn verdict(s: &SeedMeans) -> (String, bool, bool) {
     let pass = [Variant::Bf16, Variant::Q8]
         .iter()
-        .all(|&v| rel(v).abs() <= TOLERANCE);
+        .all(|&v| s.rel(v).abs() <= TOLERANCE);
     // Say when the means miss only downwards (lower loss than f32's); per seed, |dev| below.
     let only_below = [Variant::Bf16, Variant::Q8]
         .iter()
-        .all(|&v| rel(v) <= TOLERANCE);
+        .all(|&v| s.rel(v) <= TOLERANCE);
     let skipped: u64 = SEEDS
         .iter()
-        .flat_map(|&seed| VARIANTS.map(|v| runs.get(k, v, seed).result.skipped))
+        .flat_map(|&seed| VARIANTS.map(|v| s.runs.get(s.k, v, seed).result.skipped))
         .sum();
-    let floor = dev(Variant::F32Ulp);
+    let floor = s.dev(Variant::F32Ulp);
     let resolves = floor < TOLERANCE;
     let outcome = match (resolves, pass) {
         (true, true) => "holds",
@@ -495,16 +544,16 @@ fn report(k: usize, runs: &Runs) -> Report {
         "Mean final loss vs f32: bf16 {:+.2}%, 8-bit {:+.2}%: the {:.0}% acceptance {outcome}. \
          Per seed (|dev|), bf16 ends {:.2}% and 8-bit {:.2}% from the f32 run of the same seed, \
          and f32 from weights one bit away {floor_pct:.2}%.",
-        100.0 * rel(Variant::Bf16),
-        100.0 * rel(Variant::Q8),
+        100.0 * s.rel(Variant::Bf16),
+        100.0 * s.rel(Variant::Q8),
         100.0 * TOLERANCE,
-        100.0 * dev(Variant::Bf16),
-        100.0 * dev(Variant::Q8),
+        100.0 * s.dev(Variant::Bf16),
+        100.0 * s.dev(Variant::Q8),
         floor_pct = 100.0 * floor,
     );
     if !resolves {
         let cmp = |v| {
-            if dev(v) > floor {
+            if s.dev(v) > floor {
                 "more than"
             } else {
                 "less than"
@@ -523,169 +572,16 @@ fn report(k: usize, runs: &Runs) -> Report {
         .unwrap();
     }
     write!(verdict, " Steps skipped for non-finite values: {skipped}.").unwrap();
+    (verdict, pass, resolves)
+}
+
+fn report(k: usize, runs: &Runs) -> Report {
+    let means = SeedMeans { k, runs };
+    let (verdict, pass, resolves) = verdict(&means);
     Report {
-        table: t,
+        table: table(&means),
         verdict,
         pass,
         resolves,
     }
-}
-
-fn plot(
-    path: &Path,
-    settings: &[Setting],
-    full: usize,
-    runs: &Runs,
-) -> Result<(), Box<dyn std::error::Error>> {
-    use plotters::prelude::*;
-    common::register_font();
-    const W: u32 = 1400;
-    const ROW: u32 = 480;
-    let h = 50 + ROW * settings.len() as u32;
-    let mut buf = vec![0u8; (W * h * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (W, h)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let root = root.titled(
-            "LAMB with f32 / bf16 / 8-bit moments on UCI digits (three seeds each; thick: first seed)",
-            ("sans-serif", 22),
-        )?;
-        let rows = root.split_evenly((settings.len(), 2));
-        for (k, s) in settings.iter().enumerate() {
-            let (left, right) = (&rows[2 * k], &rows[2 * k + 1]);
-            let title = setting_title(s, full);
-            let curves = SEEDS
-                .iter()
-                .flat_map(|&seed| VARIANTS.map(|v| &runs.get(k, v, seed).result.curve))
-                .flat_map(|c| c.iter().copied());
-            let (lo, hi) = curves
-                .filter(|x| x.is_finite() && *x > 0.0)
-                .fold((f64::INFINITY, 0.0f64), |(lo, hi), x| {
-                    (lo.min(x), hi.max(x))
-                });
-            let x_range = 0f64..s.epochs as f64;
-            let mut chart = ChartBuilder::on(left)
-                .caption(format!("training loss: {title}"), ("sans-serif", 18))
-                .margin(14)
-                .x_label_area_size(40)
-                .y_label_area_size(60)
-                .build_cartesian_2d(x_range.clone(), (lo * 0.7..hi * 1.5).log_scale())?;
-            chart
-                .configure_mesh()
-                .x_desc("epoch")
-                .y_desc("training loss")
-                .label_style(("sans-serif", 14))
-                .axis_desc_style(("sans-serif", 15))
-                .x_label_formatter(&|x| format!("{x:.0}"))
-                .y_label_formatter(&|y| format!("{y:.0e}"))
-                .draw()?;
-            for seed in SEEDS {
-                for v in [Variant::F32, Variant::Bf16, Variant::Q8] {
-                    let run = runs.get(k, v, seed);
-                    let c = v.color();
-                    let width = if seed == SEEDS[0] { 2 } else { 1 };
-                    let series = chart.draw_series(LineSeries::new(
-                        run.result
-                            .curve
-                            .iter()
-                            .enumerate()
-                            .map(|(x, &y)| (x as f64, y)),
-                        c.stroke_width(width),
-                    ))?;
-                    if seed == SEEDS[0] {
-                        let label =
-                            format!("{} moments ({:.2} B/param)", v.name(), run.bytes_per_param);
-                        series.label(label).legend(move |(x, y)| {
-                            PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                        });
-                    }
-                }
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 14))
-                .draw()?;
-
-            // Right: each run's loss relative to the f32 run of the same seed.
-            let rel = |v: Variant, seed: u64| -> Vec<(f64, f64)> {
-                let base = &runs.get(k, Variant::F32, seed).result.curve;
-                runs.get(k, v, seed)
-                    .result
-                    .curve
-                    .iter()
-                    .zip(base)
-                    .enumerate()
-                    .map(|(x, (a, b))| (x as f64, 100.0 * (a / b - 1.0)))
-                    .collect()
-            };
-            let others = [Variant::F32Ulp, Variant::Bf16, Variant::Q8];
-            let m = SEEDS
-                .iter()
-                .flat_map(|&seed| others.map(|v| rel(v, seed)))
-                .flatten()
-                .map(|(_, y)| y.abs())
-                .filter(|y| y.is_finite())
-                .fold(2.0 * 100.0 * TOLERANCE, f64::max)
-                .min(200.0)
-                * 1.1;
-            let mut chart = ChartBuilder::on(right)
-                .caption(
-                    "loss relative to the f32 run of the same seed",
-                    ("sans-serif", 18),
-                )
-                .margin(14)
-                .x_label_area_size(40)
-                .y_label_area_size(60)
-                .build_cartesian_2d(x_range, -m..m)?;
-            chart
-                .configure_mesh()
-                .x_desc("epoch")
-                .y_desc("difference (%)")
-                .y_label_formatter(&|y| format!("{y:.0}"))
-                .label_style(("sans-serif", 14))
-                .axis_desc_style(("sans-serif", 15))
-                .x_label_formatter(&|x| format!("{x:.0}"))
-                .draw()?;
-            let band = 100.0 * TOLERANCE;
-            let green = RGBColor(120, 200, 120);
-            chart
-                .draw_series(std::iter::once(Rectangle::new(
-                    [(0.0, -band), (s.epochs as f64, band)],
-                    green.mix(0.3).filled(),
-                )))?
-                .label(format!("+-{band:.0}% (the acceptance, on the final loss)"))
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 20, y + 5)], green.mix(0.6).filled())
-                });
-            for seed in SEEDS {
-                for v in others {
-                    let c = v.color();
-                    let width = if seed == SEEDS[0] { 2 } else { 1 };
-                    let series = chart.draw_series(LineSeries::new(
-                        rel(v, seed).into_iter().filter(|(_, y)| y.is_finite()),
-                        c.stroke_width(width),
-                    ))?;
-                    if seed == SEEDS[0] {
-                        series
-                            .label(format!("{} vs f32", v.name()))
-                            .legend(move |(x, y)| {
-                                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                            });
-                    }
-                }
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 14))
-                .draw()?;
-        }
-        root.present()?;
-    }
-    common::write_png(path, &buf, W, h)
 }

@@ -34,6 +34,8 @@
 //! the docs describe that run).
 
 mod common;
+#[path = "train_digits/plot.rs"]
+mod plot;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -163,6 +165,47 @@ fn run_job(
     )
 }
 
+/// Every (batch, optimizer, base lr), `threads` runs at a time, with a progress bar.
+fn run_grid(
+    batches: &[usize],
+    train: &Dataset,
+    test: &Dataset,
+    epochs: usize,
+    threads: usize,
+) -> (Vec<Job>, Vec<RunResult>) {
+    // Every (batch, optimizer, base lr): the batch-16 column is the sweep that picks each
+    // optimizer's base lr; the rest shows what the other choices would have given.
+    // Smallest batches (the longest runs) first, for an even load on the workers.
+    let jobs: Vec<Job> = batches
+        .iter()
+        .flat_map(|&batch| {
+            OPTS.iter().flat_map(move |&opt| {
+                SWEEP.iter().map(move |&base_lr| Job {
+                    opt,
+                    base_lr,
+                    batch,
+                })
+            })
+        })
+        .collect();
+    let bar = ProgressBar::new((jobs.len() * epochs) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} epochs (eta {eta})",
+        )
+        .unwrap(),
+    );
+    bar.set_message(format!(
+        "{} runs: LAMB and AdamW x {} base lrs x {} batch sizes",
+        jobs.len(),
+        SWEEP.len(),
+        batches.len()
+    ));
+    let results = common::run_parallel(&jobs, threads, |j| run_job(j, train, test, epochs, &bar));
+    bar.finish_and_clear();
+    (jobs, results)
+}
+
 fn main() {
     let args = parse_args();
     let started = Instant::now();
@@ -184,38 +227,7 @@ fn main() {
         threads
     );
 
-    // Every (batch, optimizer, base lr): the batch-16 column is the sweep that picks each
-    // optimizer's base lr; the rest shows what the other choices would have given.
-    // Smallest batches (the longest runs) first, for an even load on the workers.
-    let jobs: Vec<Job> = batches
-        .iter()
-        .flat_map(|&batch| {
-            OPTS.iter().flat_map(move |&opt| {
-                SWEEP.iter().map(move |&base_lr| Job {
-                    opt,
-                    base_lr,
-                    batch,
-                })
-            })
-        })
-        .collect();
-    let bar = ProgressBar::new((jobs.len() * args.epochs) as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} epochs (eta {eta})",
-        )
-        .unwrap(),
-    );
-    bar.set_message(format!(
-        "{} runs: LAMB and AdamW x {} base lrs x {} batch sizes",
-        jobs.len(),
-        SWEEP.len(),
-        batches.len()
-    ));
-    let results = common::run_parallel(&jobs, threads, |j| {
-        run_job(j, &train, &test, args.epochs, &bar)
-    });
-    bar.finish_and_clear();
+    let (jobs, results) = run_grid(&batches, &train, &test, args.epochs, threads);
     let elapsed = started.elapsed();
     let time = common::time_summary(elapsed);
     let grid = Grid {
@@ -238,18 +250,21 @@ fn main() {
     let png = args.out.join("train_digits.png");
     grid.plot(&png, chosen, args.epochs).expect("the plot");
     let md = args.out.join("train_digits.md");
-    let doc = markdown(
-        &args,
-        &train,
-        &test,
-        &sweep_table,
-        &table,
-        &claim,
-        &time,
+    let found = Findings {
+        sweep_table,
+        table,
+        claim,
+        time,
         threads,
-    );
+    };
+    let doc = markdown(&args, &train, &test, &found);
     std::fs::write(&md, doc).expect("the markdown file");
-    println!("wrote {} and {}; {time}", png.display(), md.display(),);
+    println!(
+        "wrote {} and {}; {}",
+        png.display(),
+        md.display(),
+        found.time
+    );
 }
 
 /// NaN (a diverged run) sorts last.
@@ -377,6 +392,15 @@ impl Grid {
     /// What the numbers say, computed from them (so it stays true when the code changes).
     fn claim(&self, chosen: [f64; 2]) -> String {
         let mut s = String::new();
+        self.claim_tuned(chosen, &mut s);
+        self.claim_retuned(&mut s);
+        self.claim_robustness(&mut s);
+        self.claim_costs(&mut s);
+        s
+    }
+
+    /// The runs at the base lr tuned at the smallest batch: blow-ups, losses, accuracies.
+    fn claim_tuned(&self, chosen: [f64; 2], s: &mut String) {
         let at = |k: usize, batch| self.get(OPTS[k], chosen[k], batch).1;
         let lamb_lower = self
             .batches
@@ -426,6 +450,10 @@ impl Grid {
             100.0 * a.test_acc,
         )
         .unwrap();
+    }
+
+    /// Each optimizer at its best base lr of the grid at every batch size.
+    fn claim_retuned(&self, s: &mut String) {
         // Retuned at every batch size: each optimizer's best base lr there.
         let best = |opt, batch| -> (f64, &RunResult) {
             SWEEP
@@ -453,6 +481,10 @@ impl Grid {
             100.0 * ba.test_acc,
         )
         .unwrap();
+    }
+
+    /// How many base lrs train, at the smallest and the full batch.
+    fn claim_robustness(&self, s: &mut String) {
         let count = |opt, batch, f: &dyn Fn(&RunResult) -> bool| {
             self.runs(opt, batch).filter(|r| f(r)).count()
         };
@@ -468,6 +500,13 @@ impl Grid {
             count(Opt::AdamW, BASE_BATCH, &trained),
         )
         .unwrap();
+    }
+
+    /// Time in the optimizer, blow-ups and skipped steps over the whole grid.
+    fn claim_costs(&self, s: &mut String) {
+        let count = |opt, batch, f: &dyn Fn(&RunResult) -> bool| {
+            self.runs(opt, batch).filter(|r| f(r)).count()
+        };
         let blowups =
             |opt| -> usize { self.batches.iter().map(|&b| count(opt, b, &blew_up)).sum() };
         let per_opt = SWEEP.len() * self.batches.len();
@@ -491,168 +530,27 @@ impl Grid {
             self.results.iter().map(|r| r.skipped).sum::<u64>(),
         )
         .unwrap();
-        s
-    }
-
-    fn plot(
-        &self,
-        path: &Path,
-        chosen: [f64; 2],
-        epochs: usize,
-    ) -> Result<(), Box<dyn std::error::Error>> {
-        use plotters::prelude::*;
-        common::register_font();
-        const W: u32 = 1500;
-        const H: u32 = 900;
-        let colors = [RGBColor(200, 30, 30), RGBColor(30, 90, 200)];
-        let mut buf = vec![0u8; (W * H * 3) as usize];
-        {
-            let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
-            root.fill(&WHITE)?;
-            let root = root.titled(
-                &format!(
-                    "LAMB vs AdamW, UCI digits, {epochs} epochs per run: training loss \
-                     (base lr tuned at batch {BASE_BATCH}, lr = base lr * sqrt(batch / {BASE_BATCH}))"
-                ),
-                ("sans-serif", 24),
-            )?;
-            let panels = root.split_evenly((2, 3));
-            // One y range for all panels: what they show (the curves at the tuned lrs, the
-            // final losses of the grid), capped at 10 (far above the initial ln 10 = 2.3).
-            let shown = self.batches.iter().flat_map(|&b| {
-                (0..2).flat_map(move |k| self.get(OPTS[k], chosen[k], b).1.curve.iter().copied())
-            });
-            let finals = self.results.iter().map(|r| r.train_loss);
-            let (lo, hi) = shown
-                .chain(finals)
-                .filter(|x| x.is_finite() && *x > 0.0)
-                .fold((f64::INFINITY, 0.0f64), |(lo, hi), x| {
-                    (lo.min(x), hi.max(x))
-                });
-            let y_range = (lo * 0.7..(hi * 1.5).min(10.0)).log_scale();
-            for (panel, &batch) in panels.iter().zip(&self.batches) {
-                let mut chart = ChartBuilder::on(panel)
-                    .caption(
-                        format!("batch {}", self.batch_label(batch)),
-                        ("sans-serif", 22),
-                    )
-                    .margin(12)
-                    .x_label_area_size(40)
-                    .y_label_area_size(60)
-                    .build_cartesian_2d(0f64..epochs as f64, y_range.clone())?;
-                chart
-                    .configure_mesh()
-                    .x_desc("epoch")
-                    .y_desc("training loss")
-                    .label_style(("sans-serif", 15))
-                    .axis_desc_style(("sans-serif", 16))
-                    .x_label_formatter(&|x| format!("{x:.0}"))
-                    .y_label_formatter(&|y| format!("{y:.0e}"))
-                    .draw()?;
-                for (k, opt) in OPTS.into_iter().enumerate() {
-                    let (j, r) = self.get(opt, chosen[k], batch);
-                    let color = colors[k];
-                    let points = r
-                        .curve
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, y)| y.is_finite())
-                        .map(|(x, &y)| (x as f64, y));
-                    chart
-                        .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-                        .label(format!("{} (lr {:.1e})", opt.name(), j.lr()))
-                        .legend(move |(x, y)| {
-                            PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                        });
-                }
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::UpperRight)
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .label_font(("sans-serif", 15))
-                    .draw()?;
-            }
-
-            // The last panel: robustness to the base lr, at the smallest and the full batch.
-            let mut chart = ChartBuilder::on(&panels[5])
-                .caption("final training loss vs base lr", ("sans-serif", 22))
-                .margin(12)
-                .x_label_area_size(40)
-                .y_label_area_size(60)
-                .build_cartesian_2d(
-                    (SWEEP[0] * 0.7..SWEEP[SWEEP.len() - 1] * 1.4).log_scale(),
-                    y_range,
-                )?;
-            chart
-                .configure_mesh()
-                .x_desc(format!("base lr (at batch {BASE_BATCH})"))
-                .y_desc("final training loss")
-                .label_style(("sans-serif", 15))
-                .axis_desc_style(("sans-serif", 16))
-                .x_label_formatter(&|x| format!("{x:.0e}"))
-                .y_label_formatter(&|y| format!("{y:.0e}"))
-                .draw()?;
-            for (k, opt) in OPTS.into_iter().enumerate() {
-                for (batch, dashed) in [(BASE_BATCH, false), (self.full, true)] {
-                    let pts: Vec<(f64, f64)> = SWEEP
-                        .iter()
-                        .map(|&lr| (lr, self.get(opt, lr, batch).1.train_loss))
-                        .filter(|(_, y)| y.is_finite())
-                        .collect();
-                    let color = colors[k];
-                    let style = color.stroke_width(if dashed { 1 } else { 2 });
-                    let label = if dashed {
-                        format!("{} batch {}, dashed", opt.name(), self.batch_label(batch))
-                    } else {
-                        format!("{} batch {}", opt.name(), self.batch_label(batch))
-                    };
-                    if dashed {
-                        chart
-                            .draw_series(DashedLineSeries::new(pts.clone(), 6, 4, style))?
-                            .label(label)
-                            .legend(move |(x, y)| {
-                                PathElement::new(vec![(x, y), (x + 20, y)], style)
-                            });
-                        chart.draw_series(pts.iter().map(|&p| {
-                            Circle::new(p, 4, ShapeStyle::from(color).stroke_width(1))
-                        }))?;
-                    } else {
-                        chart
-                            .draw_series(LineSeries::new(pts.clone(), style))?
-                            .label(label)
-                            .legend(move |(x, y)| {
-                                PathElement::new(vec![(x, y), (x + 20, y)], style)
-                            });
-                        chart
-                            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
-                    }
-                }
-            }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerLeft)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 14))
-                .draw()?;
-            root.present()?;
-        }
-        common::write_png(path, &buf, W, H)
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn markdown(
-    args: &Args,
-    train: &Dataset,
-    test: &Dataset,
-    sweep_table: &str,
-    table: &str,
-    claim: &str,
-    time: &str,
+/// What the document reports beyond the arguments and the data: the tables, the claim, the
+/// run's time and how many runs ran at once.
+struct Findings {
+    sweep_table: String,
+    table: String,
+    claim: String,
+    time: String,
     threads: usize,
-) -> String {
+}
+
+fn markdown(args: &Args, train: &Dataset, test: &Dataset, found: &Findings) -> String {
+    let Findings {
+        sweep_table,
+        table,
+        claim,
+        time,
+        threads,
+    } = found;
     let mut d = String::new();
     writeln!(
         d,

@@ -111,6 +111,75 @@ fn crash_child() {
     }
 }
 
+/// Starts a child that resumes from the checkpoint in `dir` and saves step after step,
+/// waits until it has loaded it and then for 0 or 1 save, and kills it (SIGKILL) after a
+/// random delay.
+fn kill_a_saving_child(
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+    rng: &mut SmallRng,
+    kill: usize,
+) {
+    let mut child = Command::new(exe)
+        .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the child has loaded the checkpoint, and then for 0 or 1 save (so
+    // that the run progresses however slow the disk), then kill it after a random delay.
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let mut saves = rng.random_range(0..2);
+    let ready = loop {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break false;
+        }
+        if line.contains(READY) && saves == 0 {
+            break true;
+        }
+        if line.contains(SAVED) {
+            saves -= 1;
+            if saves == 0 {
+                break true;
+            }
+        }
+    };
+    if !ready {
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        panic!("kill #{kill}: the child did not start:\n{err}");
+    }
+    std::thread::sleep(Duration::from_micros(rng.random_range(0..MAX_DELAY_US)));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+/// The temporary files a kill left behind in `dir`: at most one.
+fn temporary_files_left(dir: &std::path::Path, kill: usize) -> usize {
+    // A temporary file left behind means the kill landed inside a save, after its
+    // temporary file got a name. They are left for the next save to remove: however
+    // many kills, never more than the one of the last kill.
+    let temps: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap() != FILE)
+        .collect();
+    assert!(
+        temps.len() <= 1,
+        "kill #{kill}: {} temporary files left behind: {temps:?}",
+        temps.len()
+    );
+    temps.len()
+}
+
 #[test]
 fn killed_while_saving_the_checkpoint_on_disk_always_loads() {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -126,62 +195,10 @@ fn killed_while_saving_the_checkpoint_on_disk_always_loads() {
     let mut max_temps = 0usize;
     let start = Instant::now();
     for kill in 0..KILLS {
-        let mut child = Command::new(&exe)
-            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, &dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Wait until the child has loaded the checkpoint, and then for 0 or 1 save (so
-        // that the run progresses however slow the disk), then kill it after a random delay.
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        let mut saves = rng.random_range(0..2);
-        let ready = loop {
-            line.clear();
-            if out.read_line(&mut line).unwrap() == 0 {
-                break false;
-            }
-            if line.contains(READY) && saves == 0 {
-                break true;
-            }
-            if line.contains(SAVED) {
-                saves -= 1;
-                if saves == 0 {
-                    break true;
-                }
-            }
-        };
-        if !ready {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("kill #{kill}: the child did not start:\n{err}");
-        }
-        std::thread::sleep(Duration::from_micros(rng.random_range(0..MAX_DELAY_US)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-
-        // A temporary file left behind means the kill landed inside a save, after its
-        // temporary file got a name. They are left for the next save to remove: however
-        // many kills, never more than the one of the last kill.
-        let temps: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.file_name().unwrap() != FILE)
-            .collect();
-        assert!(
-            temps.len() <= 1,
-            "kill #{kill}: {} temporary files left behind: {temps:?}",
-            temps.len()
-        );
-        with_temp += usize::from(!temps.is_empty());
-        max_temps = max_temps.max(temps.len());
+        kill_a_saving_child(&exe, &dir, &mut rng, kill);
+        let temps = temporary_files_left(&dir, kill);
+        with_temp += usize::from(temps > 0);
+        max_temps = max_temps.max(temps);
 
         if !path.exists() {
             assert_eq!(last_step, 0, "kill #{kill}: the checkpoint disappeared");

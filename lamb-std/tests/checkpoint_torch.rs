@@ -92,15 +92,8 @@ fn rel_l2(a: &[f32], e: &[f32]) -> f64 {
     if n == 0.0 { d.sqrt() } else { (d / n).sqrt() }
 }
 
-#[test]
-fn a_timm_state_loads_and_lamb_continues_as_timm_did() {
-    let run = Run::load();
-    let mut opt = optimizer(&run);
-    opt.load_torch_state(data("timm_state.safetensors"))
-        .unwrap();
-    assert_eq!(opt.steps(), run.k);
-
-    // The moments, bit for bit, each under its parameter's name.
+/// The loaded moments are the timm state's, bit for bit, each under its parameter's name.
+fn check_loaded_moments(opt: &Lamb) {
     let (state, md) = read_f32("timm_state.safetensors");
     let groups: serde_json::Value = serde_json::from_str(&md["param_groups"]).unwrap();
     for g in groups.as_array().unwrap() {
@@ -114,7 +107,10 @@ fn a_timm_state_loads_and_lamb_continues_as_timm_did() {
             assert_eq!(l.v, state[&format!("state.{id}.exp_avg_sq")].1, "{name}");
         }
     }
-    // timm's hyperparameters, mapped.
+}
+
+/// timm's hyperparameters, mapped onto the two groups and the clipping.
+fn check_mapped_hyperparameters(opt: &Lamb) {
     let decay = opt.group(GroupId(0)).unwrap();
     let no_decay = opt.group(GroupId(1)).unwrap();
     assert_eq!(
@@ -130,6 +126,53 @@ fn a_timm_state_loads_and_lamb_continues_as_timm_did() {
     assert_eq!(no_decay.config.adaptation, Adaptation::WhenDecayed);
     assert!(!no_decay.config.adapts());
     assert_eq!(opt.max_grad_norm(), Some(1.0));
+}
+
+/// lamb's own checkpoint of the loaded state (`after_load`) loads to the same state as the
+/// committed file, with timm's parameters.
+fn check_lamb_checkpoint_of_loaded_state(run: &Run, after_load: Result<Vec<u8>, lamb_std::Error>) {
+    let after_load = after_load.unwrap();
+    let path = data("lamb_from_timm.safetensors");
+    if std::env::var_os("LAMB_UPDATE_CHECKPOINT_DATA").is_some() {
+        lamb_std::checkpoint::write_atomic(&path, &after_load).unwrap();
+        println!("wrote {}", path.display());
+    }
+    let snapshot = |opt: &Lamb| {
+        let mut s = vec![format!("{} {:?}", opt.steps(), opt.max_grad_norm())];
+        for g in 0..opt.group_count() {
+            s.push(format!("{:?}", opt.group(GroupId(g)).unwrap()));
+        }
+        for i in 0..opt.layer_count() {
+            let l = opt.layer(LayerId(i)).unwrap();
+            s.push(format!("{} {:?} {:?}", l.name, l.m, l.v));
+        }
+        s
+    };
+    let mut expected = optimizer(run);
+    expected.load_checkpoint_bytes(&after_load).unwrap();
+    let mut committed = optimizer(run);
+    let mut p: Vec<Vec<f32>> = run.names.iter().map(|_| Vec::new()).collect();
+    for (i, x) in p.iter_mut().enumerate() {
+        *x = vec![0.0; committed.layer(LayerId(i)).unwrap().len];
+    }
+    let mut pp: Vec<&mut [f32]> = p.iter_mut().map(|x| x.as_mut_slice()).collect();
+    committed.load_with_params(&path, &mut pp).unwrap();
+    assert_eq!(snapshot(&committed), snapshot(&expected));
+    for (i, name) in run.names.iter().enumerate() {
+        assert_eq!(p[i], run.get(&format!("params.{name}")), "{name}");
+    }
+}
+
+#[test]
+fn a_timm_state_loads_and_lamb_continues_as_timm_did() {
+    let run = Run::load();
+    let mut opt = optimizer(&run);
+    opt.load_torch_state(data("timm_state.safetensors"))
+        .unwrap();
+    assert_eq!(opt.steps(), run.k);
+
+    check_loaded_moments(&opt);
+    check_mapped_hyperparameters(&opt);
 
     // Steps K+1..N with timm's gradients from timm's params after K steps.
     let mut params: Vec<Vec<f32>> = run
@@ -166,37 +209,7 @@ fn a_timm_state_loads_and_lamb_continues_as_timm_did() {
         );
     }
 
-    // lamb's own checkpoint of the loaded state.
-    let after_load = after_load.unwrap();
-    let path = data("lamb_from_timm.safetensors");
-    if std::env::var_os("LAMB_UPDATE_CHECKPOINT_DATA").is_some() {
-        lamb_std::checkpoint::write_atomic(&path, &after_load).unwrap();
-        println!("wrote {}", path.display());
-    }
-    let snapshot = |opt: &Lamb| {
-        let mut s = vec![format!("{} {:?}", opt.steps(), opt.max_grad_norm())];
-        for g in 0..opt.group_count() {
-            s.push(format!("{:?}", opt.group(GroupId(g)).unwrap()));
-        }
-        for i in 0..opt.layer_count() {
-            let l = opt.layer(LayerId(i)).unwrap();
-            s.push(format!("{} {:?} {:?}", l.name, l.m, l.v));
-        }
-        s
-    };
-    let mut expected = optimizer(&run);
-    expected.load_checkpoint_bytes(&after_load).unwrap();
-    let mut committed = optimizer(&run);
-    let mut p: Vec<Vec<f32>> = run.names.iter().map(|_| Vec::new()).collect();
-    for (i, x) in p.iter_mut().enumerate() {
-        *x = vec![0.0; committed.layer(LayerId(i)).unwrap().len];
-    }
-    let mut pp: Vec<&mut [f32]> = p.iter_mut().map(|x| x.as_mut_slice()).collect();
-    committed.load_with_params(&path, &mut pp).unwrap();
-    assert_eq!(snapshot(&committed), snapshot(&expected));
-    for (i, name) in run.names.iter().enumerate() {
-        assert_eq!(p[i], run.get(&format!("params.{name}")), "{name}");
-    }
+    check_lamb_checkpoint_of_loaded_state(&run, after_load);
 }
 
 /// A PyTorch state whose moments cannot be lamb's (a NaN, a negative second moment) is

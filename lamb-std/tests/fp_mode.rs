@@ -5,8 +5,14 @@
 //! 1 and 2 threads, whether the pool's threads were started before the mode was set (they
 //! do not share it) or after (they inherit it). The caller's mode is back after each step.
 
+// The fp-mode helpers of lamb-core's test of the same (neither crate's package ships its tests).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[path = "../../lamb-core/tests/common/fp_mode.rs"]
+mod fp_mode;
+
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod on_this_target {
+    use super::fp_mode::{Mode, mode, values};
     use lamb_std::lamb_core::fpenv::DefaultFpMode;
     use lamb_std::lamb_core::half::bf16;
     use lamb_std::lamb_core::layer::Grads;
@@ -14,87 +20,23 @@ mod on_this_target {
     use lamb_std::{Lamb, LayerId, ParamsIn, StateView};
     use std::hint::black_box;
 
-    #[cfg(target_arch = "x86_64")]
-    mod mode {
-        #[allow(deprecated)]
-        use core::arch::x86_64::{_mm_getcsr, _mm_setcsr};
-        /// The control bits of MXCSR (the rest are sticky exception flags).
-        pub const CONTROL: u64 = 0xffc0;
-        /// Flush-to-zero, denormals-are-zero and round toward zero.
-        pub const HOSTILE: u64 = 0x1f80 | 1 << 15 | 1 << 6 | 0b11 << 13;
-        pub fn get() -> u64 {
-            // SAFETY: SSE is baseline on x86-64.
-            #[allow(deprecated)]
-            unsafe {
-                _mm_getcsr() as u64
-            }
-        }
-        pub fn set(x: u64) {
-            // SAFETY: as above; the values have no reserved bit set.
-            #[allow(deprecated)]
-            unsafe {
-                _mm_setcsr(x as u32)
-            }
-        }
-    }
-
-    #[cfg(target_arch = "aarch64")]
-    mod mode {
-        /// The bits of FPCR this test sets.
-        pub const CONTROL: u64 = 1 << 24 | 0b11 << 22 | 1 << 19;
-        /// FZ, FZ16 and round toward zero.
-        pub const HOSTILE: u64 = CONTROL;
-        pub fn get() -> u64 {
-            let x: u64;
-            // SAFETY: reading FPCR has no side effect.
-            unsafe { core::arch::asm!("mrs {}, fpcr", out(reg) x) };
-            x
-        }
-        pub fn set(x: u64) {
-            // SAFETY: writes valid FPCR control bits.
-            unsafe { core::arch::asm!("msr fpcr, {}", in(reg) x) };
-        }
-    }
-
     /// Sets the hostile mode on this thread until dropped.
-    struct Hostile(u64);
+    struct Hostile {
+        _mode: Mode,
+    }
     impl Hostile {
         fn set() -> Hostile {
-            let old = mode::get();
-            mode::set(old & !mode::CONTROL | mode::HOSTILE);
+            let m = Mode::set(mode::HOSTILE);
             assert_eq!(
                 black_box(f32::MIN_POSITIVE) / black_box(4.0f32),
                 0.0,
                 "the mode did not take"
             );
-            Hostile(old)
-        }
-    }
-    impl Drop for Hostile {
-        fn drop(&mut self) {
-            mode::set(self.0);
+            Hostile { _mode: m }
         }
     }
 
     const LENS: [usize; 3] = [3000, 100, 5000];
-
-    /// Subnormal values mixed into ordinary ones, made in the default mode.
-    fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-        let mut x = seed;
-        (0..n)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                let u = (x >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0;
-                match i % 4 {
-                    0 => f32::from_bits(1 + x % 0x7f_ffff) * u.signum(),
-                    1 => u * 1e-40,
-                    _ => u * scale,
-                }
-            })
-            .collect()
-    }
 
     struct Inputs {
         w: [Vec<f32>; 2],

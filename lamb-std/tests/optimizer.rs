@@ -260,6 +260,24 @@ fn bad_input_is_refused_and_nothing_is_written() {
     let before = snapshot(&opt, &params);
     let g = &model.grads[0];
 
+    refuse_bad_tensors(&mut opt, &mut params, g);
+    assert!(snapshot(&opt, &params) == before);
+
+    // A group without layers.
+    let empty = opt.add_group("empty", LambConfig::paper(), 1.0).unwrap();
+    let e = step(&mut opt, &mut params, g).unwrap_err();
+    assert_eq!(e, Error::EmptyGroup("empty".into()));
+    assert!(snapshot(&opt, &params) == before);
+    opt.add_layer_to(empty, "late", 0).unwrap();
+    let e = step(&mut opt, &mut params, g).unwrap_err();
+    assert!(matches!(e, Error::LayerCount { layers: 5, .. }));
+
+    refuse_bad_settings(&mut opt);
+}
+
+/// The step refuses tensors of the wrong count or length, aliased gradients and bad loss
+/// scales (the caller checks that nothing changed).
+fn refuse_bad_tensors(opt: &mut Lamb, params: &mut [Vec<f32>], g: &[Vec<f32>]) {
     // Wrong number of tensors.
     {
         let mut p: Vec<&mut [f32]> = params
@@ -281,9 +299,9 @@ fn bad_input_is_refused_and_nothing_is_written() {
     }
     // A gradient of the wrong length names the layer and both lengths.
     {
-        let mut short = g.clone();
+        let mut short = g.to_vec();
         short[2].pop();
-        let e = step(&mut opt, &mut params, &short).unwrap_err();
+        let e = step(opt, params, &short).unwrap_err();
         assert_eq!(
             e.to_string(),
             "layer 'layer.2' (#2): grad has 99 elements, the layer has 100"
@@ -291,9 +309,9 @@ fn bad_input_is_refused_and_nothing_is_written() {
     }
     // A param of the wrong length.
     {
-        let mut p = params.clone();
+        let mut p = params.to_vec();
         p[1].push(0.0);
-        let e = step(&mut opt, &mut p, g).unwrap_err();
+        let e = step(opt, &mut p, g).unwrap_err();
         assert!(
             e.to_string()
                 .contains("layer 'layer.1' (#1): param has 101"),
@@ -315,18 +333,11 @@ fn bad_input_is_refused_and_nothing_is_written() {
         assert!(opt.step_scaled(&mut p, &gg, 0.0).is_err());
         assert!(opt.step_scaled(&mut p, &gg, f32::NAN).is_err());
     }
-    assert!(snapshot(&opt, &params) == before);
+}
 
-    // A group without layers.
-    let empty = opt.add_group("empty", LambConfig::paper(), 1.0).unwrap();
-    let e = step(&mut opt, &mut params, g).unwrap_err();
-    assert_eq!(e, Error::EmptyGroup("empty".into()));
-    assert!(snapshot(&opt, &params) == before);
-    opt.add_layer_to(empty, "late", 0).unwrap();
-    let e = step(&mut opt, &mut params, g).unwrap_err();
-    assert!(matches!(e, Error::LayerCount { layers: 5, .. }));
-
-    // Invalid configurations are refused when set, and the old one stays.
+/// Invalid configurations, groups, names and schedules are refused when set, and the old
+/// ones stay.
+fn refuse_bad_settings(opt: &mut Lamb) {
     let bad = LambConfig {
         beta1: 1.0,
         ..LambConfig::paper()

@@ -84,32 +84,15 @@ fn elements(group: &str) -> Option<u64> {
         .map(|(_, s)| s.iter().map(|(_, n)| *n as u64).sum())
 }
 
-fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("perf-check: {e}");
-            std::process::exit(2);
-        }
-    };
-    let mut rs = results::load(&args.dir);
-    rs.sort_by_key(|r| order(&r.group, &r.function));
-    if rs.is_empty() {
-        eprintln!(
-            "perf-check: no criterion results under {} (run `cargo bench -p benches` first)",
-            args.dir.display()
-        );
-        std::process::exit(1);
-    }
-
-    println!("criterion results: {}", args.dir.display());
+/// Prints every result as ns/element and % of roofline; returns their JSON rows.
+fn result_rows(rs: &[BenchResult]) -> Vec<serde_json::Value> {
     println!(
         "{:<28} {:<16} {:>12} {:>9} {:>9} {:>10} {:>9}",
         "group", "function", "median", "ns/elem", "GB/s", "%roof44", "t/t(40B)"
     );
     let mut rows = vec![];
-    let roof_16m = results::find(&rs, "layer_16M", "roof-same44");
-    for r in &rs {
+    let roof_16m = results::find(rs, "layer_16M", "roof-same44");
+    for r in rs {
         let Some(n) = elements(&r.group) else {
             continue;
         };
@@ -118,13 +101,13 @@ fn main() {
         // % of the same-traffic roofline: for a layer, the roof-same44 of the same size;
         // for a model, the single-thread 16M roof-same44 (the DRAM-resident case).
         let roof = if r.group.starts_with("layer_") {
-            results::find(&rs, &r.group, "roof-same44")
+            results::find(rs, &r.group, "roof-same44")
         } else {
             roof_16m
         };
         let roof_gbps = roof.map(|x| 44.0 * elements(&x.group).unwrap_or(0) as f64 / x.median_ns);
         let pct = roof_gbps.map(|rg| 100.0 * gbps / rg);
-        let vs40 = results::find(&rs, &r.group, "roof-design40")
+        let vs40 = results::find(rs, &r.group, "roof-design40")
             .filter(|_| per == 44)
             .map(|d| r.median_ns / d.median_ns);
         println!(
@@ -150,12 +133,16 @@ fn main() {
             "time_vs_design40": vs40,
         }));
     }
+    rows
+}
 
-    println!();
+/// Prints the speed targets (and two context ratios); returns their JSON entries and
+/// whether one was missed.
+fn targets(rs: &[BenchResult], backend: Backend) -> (Vec<serde_json::Value>, bool) {
     let mut missed = false;
     let mut targets = vec![];
-    let dispatched = format!("lamb-{}", args.backend);
-    let t1 = ratio(&rs, "layer_16M", "roof-same44", &dispatched);
+    let dispatched = format!("lamb-{backend}");
+    let t1 = ratio(rs, "layer_16M", "roof-same44", &dispatched);
     report_target(
         &format!(
             "16M layer, 1 thread: {dispatched} bytes/s vs same-traffic roofline (roof-same44)"
@@ -165,8 +152,8 @@ fn main() {
         true,
         &mut missed,
     );
-    targets.push(json!({"name": "16M dispatched vs roof-same44", "backend": args.backend.name(), "value": t1, "target": 0.85}));
-    let t2 = ratio(&rs, "layer_64K", "lamb-portable", "lamb-avx2");
+    targets.push(json!({"name": "16M dispatched vs roof-same44", "backend": backend.name(), "value": t1, "target": 0.85}));
+    let t2 = ratio(rs, "layer_64K", "lamb-portable", "lamb-avx2");
     report_target(
         "64K layer: lamb-avx2 speed-up over lamb-portable",
         t2,
@@ -175,44 +162,76 @@ fn main() {
         &mut missed,
     );
     targets.push(json!({"name": "64K avx2 / portable", "value": t2, "target": 1.7}));
-    if let Some(x) = ratio(&rs, "layer_16M", "roof-design40", &dispatched) {
+    if let Some(x) = ratio(rs, "layer_16M", "roof-design40", &dispatched) {
         println!(
             "  (honesty) 16M {dispatched} vs the 40 B two-pass loop: {:.0}% of its speed",
             100.0 * x
         );
     }
-    if let Some(x) = ratio(&rs, "layer_16M", "roof-rw43", &dispatched) {
+    if let Some(x) = ratio(rs, "layer_16M", "roof-rw43", &dispatched) {
         println!(
             "  (context) 16M {dispatched} vs single-pass read-4/write-3 (28 B, Adam traffic): {:.0}% of its speed",
             100.0 * x
         );
     }
+    (targets, missed)
+}
 
+/// Writes the rows, targets and the benches' allocation notes as JSON to `path`.
+fn write_json(
+    args: &Args,
+    path: &std::path::Path,
+    rows: Vec<serde_json::Value>,
+    targets: Vec<serde_json::Value>,
+) {
+    let meta: Vec<String> = ["kernels", "model"]
+        .iter()
+        .filter_map(|n| std::fs::read_to_string(args.dir.join(format!("lamb-meta-{n}.txt"))).ok())
+        .collect();
+    let doc = json!({
+        "cpu": lamb_benches::cpu_model(),
+        "backend": args.backend.name(),
+        "criterion_dir": args.dir.display().to_string(),
+        "results": rows,
+        "targets": targets,
+        "notes": meta.join(""),
+    });
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    match std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json")) {
+        Ok(()) => println!("\nwrote {}", path.display()),
+        Err(e) => {
+            eprintln!("perf-check: cannot write {}: {e}", path.display());
+            std::process::exit(2);
+        }
+    }
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("perf-check: {e}");
+            std::process::exit(2);
+        }
+    };
+    let mut rs = results::load(&args.dir);
+    rs.sort_by_key(|r| order(&r.group, &r.function));
+    if rs.is_empty() {
+        eprintln!(
+            "perf-check: no criterion results under {} (run `cargo bench -p benches` first)",
+            args.dir.display()
+        );
+        std::process::exit(1);
+    }
+
+    println!("criterion results: {}", args.dir.display());
+    let rows = result_rows(&rs);
+    println!();
+    let (targets, missed) = targets(&rs, args.backend);
     if let Some(path) = &args.json {
-        let meta: Vec<String> = ["kernels", "model"]
-            .iter()
-            .filter_map(|n| {
-                std::fs::read_to_string(args.dir.join(format!("lamb-meta-{n}.txt"))).ok()
-            })
-            .collect();
-        let doc = json!({
-            "cpu": lamb_benches::cpu_model(),
-            "backend": args.backend.name(),
-            "criterion_dir": args.dir.display().to_string(),
-            "results": rows,
-            "targets": targets,
-            "notes": meta.join(""),
-        });
-        if let Some(parent) = path.parent() {
-            let _ = std::fs::create_dir_all(parent);
-        }
-        match std::fs::write(path, serde_json::to_string_pretty(&doc).expect("json")) {
-            Ok(()) => println!("\nwrote {}", path.display()),
-            Err(e) => {
-                eprintln!("perf-check: cannot write {}: {e}", path.display());
-                std::process::exit(2);
-            }
-        }
+        write_json(&args, path, rows, targets);
     }
     if args.strict && missed {
         std::process::exit(3);

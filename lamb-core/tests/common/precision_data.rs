@@ -22,34 +22,7 @@ pub fn data_dir() -> PathBuf {
     }
 }
 
-/// Parameter storage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PFmt {
-    F32,
-    Bf16,
-    Bf16Sr,
-    MasterBf16,
-    MasterF16,
-}
-
-/// Gradient storage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GFmt {
-    F32,
-    Bf16,
-    F16,
-}
-
-/// Moment storage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MFmt {
-    F32,
-    /// bf16, round to nearest even.
-    Bf16,
-    /// bf16, stochastic rounding.
-    Bf16Sr,
-    Q8,
-}
+pub use crate::layer_storage::{GFmt, MFmt, PFmt};
 
 /// Stored parameters after a step.
 #[derive(Clone, Debug)]

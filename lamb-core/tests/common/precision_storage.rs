@@ -3,9 +3,9 @@
 
 use half::{bf16, f16};
 use lamb_core::codec::QBLOCK;
-use lamb_core::layer::{CompactLayer, Grads, HalfMut, Moments, Params, Rounding};
 use lamb_core::{Backend, LambConfig, LayerReport};
 
+pub use crate::layer_storage::{GradBufs, Storage};
 use crate::precision_data::{GFmt, MFmt, Manifest, MomentState, PFmt, ParamState, State};
 
 /// The configuration of every step: the paper preset with lr 1e-2.
@@ -68,45 +68,9 @@ pub fn half_value(k: i64, f16_fmt: bool) -> f64 {
     if k < 0 { -v } else { v }
 }
 
-// Owned storage of one layer.
-
-#[derive(Clone, Debug)]
-pub struct Storage {
-    pub p32: Vec<f32>,
-    pub pb: Vec<bf16>,
-    pub ph: Vec<f16>,
-    pub m32: Vec<f32>,
-    pub v32: Vec<f32>,
-    pub mb: Vec<bf16>,
-    pub vb: Vec<bf16>,
-    pub mq: Vec<u8>,
-    pub vq: Vec<u8>,
-    pub ma: Vec<f32>,
-    pub va: Vec<f32>,
-}
-
-/// Gradients of one step in every format.
-pub struct GradBufs {
-    pub g32: Vec<f32>,
-    pub gb: Vec<bf16>,
-    pub gh: Vec<f16>,
-}
+// Owned storage of one layer (`layer_storage.rs`), as the reference reads and writes it.
 
 impl GradBufs {
-    pub fn new(g: Vec<f32>) -> GradBufs {
-        GradBufs {
-            gb: g.iter().map(|&x| bf16::from_f32(x)).collect(),
-            gh: g.iter().map(|&x| f16::from_f32(x)).collect(),
-            g32: g,
-        }
-    }
-    pub fn grads(&self, f: GFmt) -> Grads<'_> {
-        match f {
-            GFmt::F32 => Grads::F32(&self.g32),
-            GFmt::Bf16 => Grads::Bf16(&self.gb),
-            GFmt::F16 => Grads::F16(&self.gh),
-        }
-    }
     pub fn decoded(&self, f: GFmt) -> Vec<f32> {
         match f {
             GFmt::F32 => self.g32.clone(),
@@ -121,19 +85,12 @@ pub const POISON_BF16: u16 = 0x7fc1;
 pub const POISON_F16: u16 = 0x7e01;
 
 impl Storage {
+    /// Zero parameters and moments with a poisoned model copy.
     pub fn empty(n: usize) -> Storage {
         Storage {
-            p32: vec![0.0; n],
             pb: vec![bf16::from_bits(POISON_BF16); n],
             ph: vec![f16::from_bits(POISON_F16); n],
-            m32: vec![0.0; n],
-            v32: vec![0.0; n],
-            mb: vec![bf16::ZERO; n],
-            vb: vec![bf16::ZERO; n],
-            mq: vec![0; n],
-            vq: vec![0; n],
-            ma: vec![0.0; n.div_ceil(QBLOCK)],
-            va: vec![0.0; n.div_ceil(QBLOCK)],
+            ..Storage::zeroed(n)
         }
     }
 
@@ -184,78 +141,6 @@ impl Storage {
             }
         }
         s
-    }
-
-    pub fn layer<'a>(
-        &'a mut self,
-        p: PFmt,
-        grads: Grads<'a>,
-        mo: MFmt,
-        seed: u64,
-    ) -> CompactLayer<'a> {
-        CompactLayer {
-            params: match p {
-                PFmt::F32 => Params::F32(&mut self.p32),
-                PFmt::Bf16 => Params::Bf16 {
-                    data: &mut self.pb,
-                    rounding: Rounding::Nearest,
-                },
-                PFmt::Bf16Sr => Params::Bf16 {
-                    data: &mut self.pb,
-                    rounding: Rounding::Stochastic { seed },
-                },
-                PFmt::MasterBf16 => Params::Master {
-                    master: &mut self.p32,
-                    model: HalfMut::Bf16(&mut self.pb),
-                },
-                PFmt::MasterF16 => Params::Master {
-                    master: &mut self.p32,
-                    model: HalfMut::F16(&mut self.ph),
-                },
-            },
-            grads,
-            moments: match mo {
-                MFmt::F32 => Moments::F32 {
-                    m: &mut self.m32,
-                    v: &mut self.v32,
-                },
-                MFmt::Bf16 => Moments::Bf16 {
-                    m: &mut self.mb,
-                    v: &mut self.vb,
-                    rounding: Rounding::Nearest,
-                },
-                MFmt::Bf16Sr => Moments::Bf16 {
-                    m: &mut self.mb,
-                    v: &mut self.vb,
-                    rounding: Rounding::Stochastic { seed },
-                },
-                MFmt::Q8 => Moments::Q8 {
-                    m: &mut self.mq,
-                    v: &mut self.vq,
-                    m_absmax: &mut self.ma,
-                    v_absmax: &mut self.va,
-                },
-            },
-        }
-    }
-
-    /// Every stored bit (NaN-safe equality).
-    pub fn bits(&self) -> Vec<u32> {
-        let f = |x: &Vec<f32>| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let mut out = [&self.p32, &self.m32, &self.v32, &self.ma, &self.va]
-            .into_iter()
-            .flat_map(f)
-            .collect::<Vec<_>>();
-        out.extend(
-            self.pb
-                .iter()
-                .chain(&self.mb)
-                .chain(&self.vb)
-                .map(|x| x.to_bits() as u32),
-        );
-        out.extend(self.ph.iter().map(|x| x.to_bits() as u32));
-        out.extend(self.mq.iter().chain(&self.vq).map(|&x| x as u32));
-        out
     }
 
     /// Params, m and v decoded to f32 (the master for master combinations).

@@ -479,6 +479,34 @@ pub fn register_font() {
     }
 }
 
+/// One panel of a figure drawn into an RGB buffer.
+pub type Panel<'a> =
+    plotters::drawing::DrawingArea<plotters::backend::BitMapBackend<'a>, plotters::coord::Shift>;
+
+/// A legend key: a short line in `style`.
+pub fn line_key(
+    style: plotters::style::ShapeStyle,
+) -> impl Fn((i32, i32)) -> plotters::element::PathElement<(i32, i32)> {
+    move |(x, y)| plotters::element::PathElement::new(vec![(x, y), (x + 20, y)], style)
+}
+
+/// Draws a chart's legend at `position`, on a translucent white box with a black border.
+pub fn draw_legend<'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut plotters::chart::ChartContext<'a, plotters::backend::BitMapBackend<'a>, CT>,
+    position: plotters::chart::SeriesLabelPosition,
+    font_size: u32,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::style::{BLACK, Color, WHITE};
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", font_size))
+        .draw()?;
+    Ok(())
+}
+
 /// Writes an RGB8 buffer as a PNG file.
 pub fn write_png(
     path: &std::path::Path,

@@ -236,21 +236,27 @@ impl Lamb {
         *work_alloc = recycle(work);
         let report = result?;
         if report.applied {
-            for (i, ((l, s), g)) in self
-                .layers
-                .iter_mut()
-                .zip(&mut self.states)
-                .zip(grads)
-                .enumerate()
-            {
-                if g.grads().is_some() {
-                    l.last = Some(self.scratch.reports[i]);
-                    s.fix_storage(params[i].storage());
-                }
-            }
-            self.step = step.t;
+            self.record_applied(params, grads, step.t);
         }
         Ok(report)
+    }
+
+    /// After an applied step: each stepped layer keeps its report and the storage its
+    /// parameters now have, and the optimizer counts the step.
+    fn record_applied<P: ParamSlot, G: GradSlot>(&mut self, params: &[P], grads: &[G], t: u64) {
+        for (i, ((l, s), g)) in self
+            .layers
+            .iter_mut()
+            .zip(&mut self.states)
+            .zip(grads)
+            .enumerate()
+        {
+            if g.grads().is_some() {
+                l.last = Some(self.scratch.reports[i]);
+                s.fix_storage(params[i].storage());
+            }
+        }
+        self.step = t;
     }
 
     /// Makes the f32 master copy of every half-precision layer whose group keeps one and
