@@ -22,7 +22,7 @@ from rust_source import strip
 
 MAX_FILE_LINES = 700
 MAX_FN_LINES = 80
-DIRS = ["lamb-core", "lamb-std", "lamb-candle", "benches", "fuzz", "examples"]
+DIRS = ["lamb-core", "lamb-std", "lamb-candle", "lamb-mpi", "benches", "fuzz", "examples"]
 SKIP_DIRS = {"target", ".git", "corpus", "artifacts"}
 
 # "path/to/file.rs::function" -> why the function stays whole. Keep empty where possible.
