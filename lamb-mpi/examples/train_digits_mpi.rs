@@ -209,9 +209,11 @@ fn train_single(train: &Dataset, test: &Dataset, batch: usize, lr: f64) -> RunRe
         Mlp::new(common::SEED),
         train,
         test,
-        batch,
-        EPOCHS,
-        common::SEED,
+        common::TrainSettings {
+            batch,
+            epochs: EPOCHS,
+            seed: common::SEED,
+        },
         &|| (),
     )
 }

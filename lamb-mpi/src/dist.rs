@@ -1,5 +1,6 @@
 //! [`DistLamb`]: set-up (checks agreed by all ranks, layer-table digest, shards, state),
-//! getters, and checkpoints. The step is in `step.rs`.
+//! getters, and checkpoints. The step is in `step.rs` (and the files it calls:
+//! `checks.rs`, `work.rs`, `exchange.rs`).
 
 use std::path::Path;
 

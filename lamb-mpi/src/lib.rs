@@ -79,13 +79,16 @@
 #![deny(missing_docs)]
 
 mod agree;
+mod checks;
 mod dist;
 mod error;
+mod exchange;
 mod model;
 mod shard;
 mod state;
 mod step;
 mod wire;
+mod work;
 
 pub use dist::DistLamb;
 pub use error::Error;

@@ -220,9 +220,11 @@ fn run_job(
         initial_model(job.seed, job.variant),
         train,
         test,
-        s.batch,
-        s.epochs,
-        job.seed,
+        common::TrainSettings {
+            batch: s.batch,
+            epochs: s.epochs,
+            seed: job.seed,
+        },
         &|| bar.inc(1),
     );
     assert_eq!(result.steps, s.steps);

@@ -158,9 +158,11 @@ fn run_job(
         common::Mlp::new(common::SEED),
         train,
         test,
-        job.batch,
-        epochs,
-        common::SEED,
+        common::TrainSettings {
+            batch: job.batch,
+            epochs,
+            seed: common::SEED,
+        },
         &|| bar.inc(1),
     )
 }

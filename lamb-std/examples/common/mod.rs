@@ -384,20 +384,33 @@ pub fn register(opt: &mut lamb_std::Lamb) {
     }
 }
 
-/// Trains `model` with `opt` (its tensors registered, its schedule set) for `epochs` epochs
-/// of shuffles (from `seed`) in batches of `batch`. `on_epoch` is called after every epoch
-/// (for a progress bar).
-#[allow(clippy::too_many_arguments)]
+/// How long [`train`] trains and on which shuffles.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainSettings {
+    /// Samples per optimizer step (the last batch of an epoch may be smaller).
+    pub batch: usize,
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// Seed of the shuffles.
+    pub seed: u64,
+}
+
+/// Trains `model` with `opt` (its tensors registered, its schedule set) for
+/// `settings.epochs` epochs of shuffles (from `settings.seed`) in batches of
+/// `settings.batch`. `on_epoch` is called after every epoch (for a progress bar).
 pub fn train(
     mut opt: lamb_std::Lamb,
     mut model: Mlp,
     train: &Dataset,
     test: &Dataset,
-    batch: usize,
-    epochs: usize,
-    seed: u64,
+    settings: TrainSettings,
     on_epoch: &dyn Fn(),
 ) -> RunResult {
+    let TrainSettings {
+        batch,
+        epochs,
+        seed,
+    } = settings;
     let started = std::time::Instant::now();
     let mut grads = model.zeros_like();
     let mut scratch = Scratch::default();
