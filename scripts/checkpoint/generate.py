@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch interop data for lamb checkpoints (issue #8): lamb-std/tests/data/checkpoint/.
+"""PyTorch interop data for lamb checkpoints: lamb-std/tests/data/checkpoint/.
 
     python generate.py            writes timm_state.safetensors and timm_run.safetensors
     python generate.py --verify   checks lamb_from_timm.safetensors (written by lamb) in PyTorch
