@@ -3,6 +3,7 @@
 //! domain, the scheduled configurations), the reduce-scatter's buffers, and the master
 //! copies of this rank's shard. Each returns its refusal as text, for `agreed`.
 
+use lamb_std::domain::{check_storage, group_config, next_step};
 use lamb_std::lamb_core::{Buffer, LambConfig, LambError};
 use lamb_std::{GroupId, ParamStorage, ParamsIn};
 
@@ -34,10 +35,7 @@ impl DistLamb {
             );
         }
         self.check_groups_used()?;
-        let t = match self.step.checked_add(1) {
-            Some(t) if t <= lamb_std::MAX_STEP => t,
-            _ => return Err(lamb_std::Error::StepLimit { step: self.step }.to_string()),
-        };
+        let t = next_step(self.step).map_err(|e| e.to_string())?;
         let lr_factor = self.settings.schedule().factor(t);
         let configs = self.step_configs(lr_factor)?;
         if reduced {
@@ -91,32 +89,13 @@ impl DistLamb {
                 }));
             }
         }
-        let found = params.storage();
-        let precision = self
-            .settings
-            .group(GroupId(*group))
+        let keeps_master = (self.settings.group(GroupId(*group)))
             .map_err(|e| e.to_string())?
-            .precision;
-        if found == ParamStorage::F16 && !precision.master {
-            return Err(lamb_std::Error::NeedsMaster(name.clone()).to_string());
-        }
-        match self.storage[i] {
-            Some(fixed) if fixed != found => Err(lamb_std::Error::StorageChanged {
-                index: i,
-                name: name.clone(),
-                fixed,
-                found,
-            }
-            .to_string()),
-            None if found == ParamStorage::F32 && self.masters[i] => {
-                Err(lamb_std::Error::MasterNeedsHalf {
-                    index: i,
-                    name: name.clone(),
-                }
-                .to_string())
-            }
-            _ => Ok(()),
-        }
+            .precision
+            .master;
+        let (fixed, has_master) = (self.storage[i], self.masters[i]);
+        check_storage(params.storage(), i, name, fixed, keeps_master, has_master)
+            .map_err(|e| e.to_string())
     }
 
     /// Every group has a layer (lamb-std refuses a step with an empty group).
@@ -139,23 +118,13 @@ impl DistLamb {
     /// Every group's configuration at this step (its learning rate scaled by the group's
     /// scale and the schedule's `lr_factor`), validated.
     fn step_configs(&self, lr_factor: f64) -> Result<Vec<LambConfig>, String> {
-        let mut configs = Vec::new();
-        for g in 0..self.settings.group_count() {
-            let group = self.settings.group(GroupId(g)).map_err(|e| e.to_string())?;
-            let c = LambConfig {
-                lr: group.config.lr * group.lr_scale * lr_factor,
-                ..group.config
-            };
-            c.validate().map_err(|source| {
-                lamb_std::Error::Config {
-                    group: Some(group.name.clone()),
-                    source,
-                }
-                .to_string()
-            })?;
-            configs.push(c);
-        }
-        Ok(configs)
+        (0..self.settings.group_count())
+            .map(|g| {
+                let group = self.settings.group(GroupId(g))?;
+                group_config(group, lr_factor)
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())
     }
 
     /// The reduce-scatter's buffers, sized for the largest shard (allocated once, here,

@@ -52,7 +52,7 @@ use lamb_core::codec::{QBLOCK, q8_m_decode, q8_v_decode};
 use lamb_core::{LambConfig, StepScalars};
 
 use crate::error::Error;
-use crate::optimizer::StateView;
+use crate::optimizer::{Group, ParamStorage, StateView};
 
 /// The largest step counter an optimizer holds: 2^53. A checkpoint with a larger step is
 /// refused at load, and a step on an optimizer at `MAX_STEP` is an [`Error::StepLimit`]
@@ -64,8 +64,84 @@ use crate::optimizer::StateView;
 /// ```
 pub const MAX_STEP: u64 = 1 << 53;
 
-/// The number of the step after `step`, or [`Error::StepLimit`].
-pub(crate) fn next_step(step: u64) -> Result<u64, Error> {
+/// A group's configuration at a step whose schedule gives `lr_factor`: `config.lr` scaled
+/// by the group's `lr_scale` and by `lr_factor`, after the group's domain checks, validated.
+/// [`Lamb`](crate::Lamb) and optimizers built on lamb-std (lamb-mpi) step with it.
+///
+/// ```
+/// use lamb_std::{GroupId, Lamb, domain};
+/// use lamb_std::lamb_core::LambConfig;
+/// let opt = Lamb::new(LambConfig { lr: 0.01, ..LambConfig::paper() })?;
+/// let config = domain::group_config(opt.group(GroupId(0))?, 0.5)?;
+/// assert_eq!(config.lr, 0.005);
+/// # Ok::<(), lamb_std::Error>(())
+/// ```
+pub fn group_config(group: &Group, lr_factor: f64) -> Result<LambConfig, Error> {
+    validate_group(&group.name, &group.config, group.lr_scale)?;
+    let config = LambConfig {
+        lr: group.config.lr * group.lr_scale * lr_factor,
+        ..group.config
+    };
+    config.validate().map_err(|source| Error::Config {
+        group: Some(group.name.clone()),
+        source,
+    })?;
+    Ok(config)
+}
+
+/// The storage rule of a step, for layer `index` (`name`) whose parameters come in storage
+/// `found`: f16 needs a group that keeps a master copy (`keeps_master`); the storage fixed by
+/// the layer's first applied step (`fixed`) cannot change; a master copy that exists before
+/// any step (`has_master`, loaded from a checkpoint) needs half-precision parameters.
+/// [`Lamb`](crate::Lamb) and optimizers built on lamb-std (lamb-mpi) apply it alike.
+///
+/// ```
+/// use lamb_std::{Error, ParamStorage, domain::check_storage};
+/// use ParamStorage::{Bf16, F16, F32};
+/// assert!(check_storage(Bf16, 0, "w", None, false, false).is_ok());
+/// let changed = check_storage(F32, 0, "w", Some(Bf16), true, true);
+/// assert!(matches!(changed, Err(Error::StorageChanged { .. })));
+/// assert!(matches!(check_storage(F16, 0, "w", None, false, false), Err(Error::NeedsMaster(_))));
+/// assert!(matches!(check_storage(F32, 0, "w", None, true, true), Err(Error::MasterNeedsHalf { .. })));
+/// ```
+pub fn check_storage(
+    found: ParamStorage,
+    index: usize,
+    name: &str,
+    fixed: Option<ParamStorage>,
+    keeps_master: bool,
+    has_master: bool,
+) -> Result<(), Error> {
+    if found == ParamStorage::F16 && !keeps_master {
+        return Err(Error::NeedsMaster(name.to_string()));
+    }
+    match fixed {
+        Some(fixed) if fixed != found => Err(Error::StorageChanged {
+            index,
+            name: name.to_string(),
+            fixed,
+            found,
+        }),
+        // Only a checkpoint load leaves a master copy with the storage free: the copy is of
+        // bf16 or f16 parameters, and f32 ones would leave it stale.
+        None if found == ParamStorage::F32 && has_master => Err(Error::MasterNeedsHalf {
+            index,
+            name: name.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The number of the step after `step`, or [`Error::StepLimit`] at [`MAX_STEP`]: the rule
+/// every optimizer built on lamb-std applies before a step.
+///
+/// ```
+/// use lamb_std::domain::next_step;
+/// assert_eq!(next_step(41)?, 42);
+/// assert!(next_step(lamb_std::MAX_STEP).is_err());
+/// # Ok::<(), lamb_std::Error>(())
+/// ```
+pub fn next_step(step: u64) -> Result<u64, Error> {
     match step.checked_add(1) {
         Some(t) if t <= MAX_STEP => Ok(t),
         _ => Err(Error::StepLimit { step }),

@@ -17,14 +17,14 @@
 //! one: `cut.rs` cuts the buffers into pieces, `phases.rs` runs the phases over them.
 
 use lamb_core::layer::Grads;
-use lamb_core::{Field, LambConfig, LambError};
+use lamb_core::{Field, LambError};
 
 use super::cut::{Cut, split_lists};
 use super::phases::{Phases, StepArgs};
 use super::scratch::Scratch;
 use super::state::LayerState;
 use super::views::{GradSlot, ParamSlot, ParamStorage, ParamsIn, StepReport};
-use super::{Lamb, Layer, out_of_memory, validate_group};
+use super::{Lamb, Layer, out_of_memory};
 use crate::error::Error;
 use crate::parallel::partition::partition;
 use crate::parallel::run::{Lists, Work, recycle};
@@ -342,16 +342,7 @@ impl Lamb {
         let configs = &mut self.scratch.configs;
         configs.clear();
         for g in &self.groups {
-            validate_group(g)?;
-            let c = LambConfig {
-                lr: g.config.lr * g.lr_scale * lr_factor,
-                ..g.config
-            };
-            c.validate().map_err(|source| Error::Config {
-                group: Some(g.name.clone()),
-                source,
-            })?;
-            configs.push(c);
+            configs.push(crate::domain::group_config(g, lr_factor)?);
         }
         Ok(())
     }
@@ -381,27 +372,14 @@ fn check_layer<P: ParamSlot>(
             ));
         }
     }
-    let found = p.storage();
-    if found == ParamStorage::F16 && !precision.master {
-        return Err(Error::NeedsMaster(l.name.clone()));
-    }
-    match state.storage() {
-        Some(fixed) if fixed != found => Err(Error::StorageChanged {
-            index: i,
-            name: l.name.clone(),
-            fixed,
-            found,
-        }),
-        // Only a checkpoint load leaves a master copy with the storage free: the copy is of
-        // bf16 or f16 parameters, and f32 ones would leave it stale.
-        None if found == ParamStorage::F32 && state.master().is_some() => {
-            Err(Error::MasterNeedsHalf {
-                index: i,
-                name: l.name.clone(),
-            })
-        }
-        _ => Ok(()),
-    }
+    crate::domain::check_storage(
+        p.storage(),
+        i,
+        &l.name,
+        state.storage(),
+        precision.master,
+        state.master().is_some(),
+    )
 }
 
 /// Two gradients sharing memory is almost certainly a bug in the caller's bookkeeping.
