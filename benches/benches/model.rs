@@ -11,10 +11,11 @@
 //! too). The placement is printed and saved as `target/criterion/lamb-meta-model.txt`.
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use lamb_benches::{Meta, cli_sets_sampling, fill, model_workloads, placement_line, thread_counts};
+use lamb_benches::{
+    Meta, cli_sets_sampling, model_tensors, model_workloads, placement_line, thread_counts,
+};
 use lamb_core::LambConfig;
 use lamb_std::Lamb;
-use lamb_std::buffer::AlignedBuf;
 
 fn model(c: &mut Criterion) {
     let cfg = LambConfig {
@@ -26,17 +27,7 @@ fn model(c: &mut Criterion) {
     for (label, shapes) in model_workloads() {
         let total: usize = shapes.iter().map(|(_, n)| n).sum();
         let mut opt = Lamb::new(cfg).unwrap();
-        let mut params: Vec<AlignedBuf> = vec![];
-        let mut grads: Vec<AlignedBuf> = vec![];
-        for (i, (name, len)) in shapes.iter().enumerate() {
-            opt.add_layer(name.clone(), *len).expect("add_layer");
-            let mut p = AlignedBuf::zeroed(*len);
-            fill(&mut p, 2 * i as u64 + 1, 0.05, 0.0);
-            let mut g = AlignedBuf::zeroed(*len);
-            fill(&mut g, 2 * i as u64 + 2, 0.01, 0.0);
-            params.push(p);
-            grads.push(g);
-        }
+        let (mut params, grads) = model_tensors(&mut opt, &shapes).expect("model tensors");
         meta.note(format!(
             "[model] {label}: {} tensors, {total} parameters, backend {}",
             shapes.len(),

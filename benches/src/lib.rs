@@ -57,6 +57,33 @@ pub fn model_workloads() -> Vec<(&'static str, Vec<(String, usize)>)> {
     ]
 }
 
+/// Registers a workload's layers with `opt` and makes each layer's parameters and
+/// gradients (the optimizer's own aligned buffers, filled by [`fill`] with per-layer seeds):
+/// the set-up every whole-model bench and the interleaved runner's worker share, so they
+/// step the same model.
+pub fn model_tensors(
+    opt: &mut lamb_std::Lamb,
+    shapes: &[(String, usize)],
+) -> Result<
+    (
+        Vec<lamb_std::buffer::AlignedBuf>,
+        Vec<lamb_std::buffer::AlignedBuf>,
+    ),
+    lamb_std::Error,
+> {
+    let (mut params, mut grads) = (Vec::new(), Vec::new());
+    for (i, (name, len)) in shapes.iter().enumerate() {
+        opt.add_layer(name.clone(), *len)?;
+        let mut p = lamb_std::buffer::AlignedBuf::zeroed(*len);
+        fill(&mut p, 2 * i as u64 + 1, 0.05, 0.0);
+        let mut g = lamb_std::buffer::AlignedBuf::zeroed(*len);
+        fill(&mut g, 2 * i as u64 + 2, 0.01, 0.0);
+        params.push(p);
+        grads.push(g);
+    }
+    Ok((params, grads))
+}
+
 /// Thread counts of the model benches: 1, 2 and all cores, without repeats.
 pub fn thread_counts() -> Vec<usize> {
     let all = std::thread::available_parallelism().map_or(1, |n| n.get());

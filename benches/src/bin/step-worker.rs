@@ -21,10 +21,9 @@
 use std::io::{BufRead, Write};
 use std::time::Instant;
 
-use lamb_benches::{fill, model_workloads};
+use lamb_benches::{model_tensors, model_workloads};
 use lamb_core::LambConfig;
 use lamb_std::Lamb;
-use lamb_std::buffer::AlignedBuf;
 
 fn main() {
     if let Err(e) = run() {
@@ -55,18 +54,7 @@ fn run() -> Result<(), String> {
 
     let mut opt = Lamb::new(LambConfig::paper()).map_err(|e| e.to_string())?;
     opt.set_threads(threads).map_err(|e| e.to_string())?;
-    let mut params: Vec<AlignedBuf> = vec![];
-    let mut grads: Vec<AlignedBuf> = vec![];
-    for (i, (name, len)) in shapes.iter().enumerate() {
-        opt.add_layer(name.clone(), *len)
-            .map_err(|e| e.to_string())?;
-        let mut p = AlignedBuf::zeroed(*len);
-        fill(&mut p, 2 * i as u64 + 1, 0.05, 0.0);
-        let mut g = AlignedBuf::zeroed(*len);
-        fill(&mut g, 2 * i as u64 + 2, 0.01, 0.0);
-        params.push(p);
-        grads.push(g);
-    }
+    let (mut params, grads) = model_tensors(&mut opt, &shapes).map_err(|e| e.to_string())?;
     let total: usize = shapes.iter().map(|(_, n)| n).sum();
     let backend = opt.backend().map_err(|e| e.to_string())?;
     println!(
