@@ -137,61 +137,35 @@ fn train_distributed(
     lr: f64,
 ) -> RunResult {
     let (rank, n) = (world.rank() as usize, world.size() as usize);
-    let started = Instant::now();
     let mut opt = DistLamb::new(world, model(train, batch, lr).0).expect("set-up");
-    let mut mlp = Mlp::new(common::SEED);
-    let mut grads = mlp.zeros_like();
-    let mut scratch = common::Scratch::default();
-    let mut rng = common::rng(common::SEED ^ 0xBA7C4);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let evaluate = |mlp: &Mlp, scratch: &mut common::Scratch| {
-        if rank == 0 {
-            mlp.evaluate(train, scratch).0
+    let settings = common::TrainSettings {
+        batch,
+        epochs: EPOCHS,
+        seed: common::SEED,
+    };
+    let batch_step = |mlp: &mut Mlp,
+                      chunk: &[usize],
+                      grads: &mut Vec<Vec<f32>>,
+                      scratch: &mut common::Scratch| {
+        let (a, b) = (chunk.len() * rank / n, chunk.len() * (rank + 1) / n);
+        let mine = &chunk[a..b];
+        if mine.is_empty() {
+            grads.iter_mut().for_each(|g| g.fill(0.0));
         } else {
-            0.0
+            mlp.loss_and_grad(train, mine, grads, scratch);
+            let weight = (mine.len() * n) as f32 / chunk.len() as f32;
+            grads.iter_mut().flatten().for_each(|g| *g *= weight);
         }
+        let t = Instant::now();
+        let mut ps: Vec<&mut [f32]> = mlp.params.iter_mut().map(|p| &mut p[..]).collect();
+        let gs: Vec<&[f32]> = grads.iter().map(|g| &g[..]).collect();
+        let report = opt
+            .step_f32(&mut ps, &gs, Gradients::Local)
+            .expect("a valid step");
+        (report.applied, t.elapsed())
     };
-    let mut curve = vec![evaluate(&mlp, &mut scratch)];
-    let (mut steps, mut skipped, mut opt_time) = (0, 0, Duration::ZERO);
-    for _ in 0..EPOCHS {
-        common::shuffle(&mut rng, &mut order);
-        for chunk in order.chunks(batch) {
-            let (a, b) = (chunk.len() * rank / n, chunk.len() * (rank + 1) / n);
-            let mine = &chunk[a..b];
-            if mine.is_empty() {
-                grads.iter_mut().for_each(|g| g.fill(0.0));
-            } else {
-                mlp.loss_and_grad(train, mine, &mut grads, &mut scratch);
-                let weight = (mine.len() * n) as f32 / chunk.len() as f32;
-                grads.iter_mut().flatten().for_each(|g| *g *= weight);
-            }
-            let t = Instant::now();
-            let mut ps: Vec<&mut [f32]> = mlp.params.iter_mut().map(|p| &mut p[..]).collect();
-            let gs: Vec<&[f32]> = grads.iter().map(|g| &g[..]).collect();
-            let report = opt
-                .step_f32(&mut ps, &gs, Gradients::Local)
-                .expect("a valid step");
-            opt_time += t.elapsed();
-            steps += 1;
-            skipped += u64::from(!report.applied);
-        }
-        curve.push(evaluate(&mlp, &mut scratch));
-    }
-    let (test_loss, test_acc) = if rank == 0 {
-        mlp.evaluate(test, &mut scratch)
-    } else {
-        (0.0, 0.0)
-    };
-    RunResult {
-        train_loss: *curve.last().unwrap_or(&0.0),
-        curve,
-        test_loss,
-        test_acc,
-        steps,
-        skipped,
-        wall: started.elapsed(),
-        opt_time,
-    }
+    let mlp = Mlp::new(common::SEED);
+    common::train_loop(mlp, train, test, settings, rank == 0, &|| {}, batch_step)
 }
 
 /// The single-process run of `train_digits` at this batch.

@@ -400,45 +400,72 @@ pub struct TrainSettings {
 /// `settings.batch`. `on_epoch` is called after every epoch (for a progress bar).
 pub fn train(
     mut opt: lamb_std::Lamb,
-    mut model: Mlp,
+    model: Mlp,
     train: &Dataset,
     test: &Dataset,
     settings: TrainSettings,
     on_epoch: &dyn Fn(),
 ) -> RunResult {
-    let TrainSettings {
-        batch,
-        epochs,
-        seed,
-    } = settings;
-    let started = std::time::Instant::now();
-    let mut grads = model.zeros_like();
-    let mut scratch = Scratch::default();
-    // The same sequence of shuffles for every run of a seed, whatever its batch size or
-    // optimizer.
-    let mut rng = rng(seed ^ 0xBA7C4);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    let mut curve = vec![model.evaluate(train, &mut scratch).0];
-    let (mut steps, mut skipped) = (0u64, 0u64);
-    let mut opt_time = std::time::Duration::ZERO;
-    for _ in 0..epochs {
-        shuffle(&mut rng, &mut order);
-        for chunk in order.chunks(batch) {
-            model.loss_and_grad(train, chunk, &mut grads, &mut scratch);
+    let batch_step =
+        |model: &mut Mlp, chunk: &[usize], grads: &mut Vec<Vec<f32>>, scratch: &mut Scratch| {
+            model.loss_and_grad(train, chunk, grads, scratch);
             let t = std::time::Instant::now();
             let mut ps: Vec<&mut [f32]> = model.params.iter_mut().map(|p| &mut p[..]).collect();
             let gs: Vec<&[f32]> = grads.iter().map(|g| &g[..]).collect();
             let report = opt.step(&mut ps, &gs).expect("a valid step");
-            opt_time += t.elapsed();
-            steps += 1;
-            skipped += !report.applied as u64;
+            (report.applied, t.elapsed())
+        };
+    train_loop(model, train, test, settings, true, on_epoch, batch_step)
+}
+
+/// The training loop of [`train`] and of the data-parallel example: the shuffles (the same
+/// sequence for every run of a seed, whatever its batch size or optimizer), one call of
+/// `batch_step` per batch (it computes the gradients and steps, and returns whether the step
+/// was applied and the optimizer's time), and the loss curve. With `evaluate` false (a rank
+/// other than the first) the losses are left at 0.
+pub fn train_loop(
+    mut model: Mlp,
+    train: &Dataset,
+    test: &Dataset,
+    settings: TrainSettings,
+    evaluate: bool,
+    on_epoch: &dyn Fn(),
+    mut batch_step: impl FnMut(
+        &mut Mlp,
+        &[usize],
+        &mut Vec<Vec<f32>>,
+        &mut Scratch,
+    ) -> (bool, std::time::Duration),
+) -> RunResult {
+    let started = std::time::Instant::now();
+    let mut grads = model.zeros_like();
+    let mut scratch = Scratch::default();
+    let mut rng = rng(settings.seed ^ 0xBA7C4);
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let loss = |model: &Mlp, data: &Dataset, scratch: &mut Scratch| {
+        if evaluate {
+            model.evaluate(data, scratch)
+        } else {
+            (0.0, 0.0)
         }
-        curve.push(model.evaluate(train, &mut scratch).0);
+    };
+    let mut curve = vec![loss(&model, train, &mut scratch).0];
+    let (mut steps, mut skipped) = (0u64, 0u64);
+    let mut opt_time = std::time::Duration::ZERO;
+    for _ in 0..settings.epochs {
+        shuffle(&mut rng, &mut order);
+        for chunk in order.chunks(settings.batch) {
+            let (applied, took) = batch_step(&mut model, chunk, &mut grads, &mut scratch);
+            opt_time += took;
+            steps += 1;
+            skipped += u64::from(!applied);
+        }
+        curve.push(loss(&model, train, &mut scratch).0);
         on_epoch();
     }
-    let (test_loss, test_acc) = model.evaluate(test, &mut scratch);
+    let (test_loss, test_acc) = loss(&model, test, &mut scratch);
     RunResult {
-        train_loss: *curve.last().unwrap(),
+        train_loss: *curve.last().unwrap_or(&0.0),
         curve,
         test_loss,
         test_acc,
