@@ -3,9 +3,9 @@
 //!
 //! | loop            | passes                                         | bytes/element |
 //! |-----------------|------------------------------------------------|---------------|
-//! | [`same44`]      | read p,g,m,v + reduce; read p,g,m,v, write m,v,p | 16 + 28 = 44 |
-//! | [`design40`]    | read p,g,m,v, write m,v + reduce; read m,v,p, write p | 24 + 16 = 40 |
-//! | [`rw43`]        | read p,g,m,v, write m,v,p (single-pass Adam)   | 28            |
+//! | [`Roofline::same44`] | read p,g,m,v + reduce; read p,g,m,v, write m,v,p | 16 + 28 = 44 |
+//! | [`Roofline::design40`] | read p,g,m,v, write m,v + reduce; read m,v,p, write p | 24 + 16 = 40 |
+//! | [`Roofline::rw43`] | read p,g,m,v, write m,v,p (single-pass Adam)   | 28            |
 //! | [`Roofline::read4`] | pass A of `same44` alone: read p,g,m,v + reduce | 16           |
 //! | [`Roofline::sum_sq`] | read g + sum of squares (a clipping norm pass)  | 4            |
 //! | [`Roofline::scale`] | read g, write s·g (`clip_grad_norm_`'s scale)   | 8            |
