@@ -31,6 +31,7 @@
 //! ms a step) they are noise, on small models they make the floor a little pessimistic.
 
 use std::ops::Range;
+use std::sync::Mutex;
 
 use lamb_std::buffer::AlignedBuf;
 
@@ -111,6 +112,9 @@ pub struct RoofModel {
     /// p, g, m, v of every tensor.
     arrays: [Vec<AlignedBuf>; 4],
     ranges: Vec<Vec<PieceRange>>,
+    /// One worker per range, kept alive between passes as lamb-std's pool is: a pass
+    /// wakes its workers rather than spawning threads.
+    pool: rayon::ThreadPool,
 }
 
 impl RoofModel {
@@ -130,11 +134,16 @@ impl RoofModel {
                 a.push(b);
             }
         }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| format!("thread pool: {e}"))?;
         Ok(RoofModel {
             kind,
             roof: Roofline::detect(),
             arrays,
             ranges: partition(lens, threads),
+            pool,
         })
     }
 
@@ -146,8 +155,8 @@ impl RoofModel {
     /// One step, with or without the clipping passes; returns the passes' reductions (a
     /// checksum to keep, so that no pass is dead code).
     pub fn step(&mut self, clip: bool) -> f32 {
-        let (kind, roof) = (self.kind, self.roof);
-        let mut parts = self.pieces();
+        let (kind, roof, pool) = (self.kind, self.roof, &self.pool);
+        let mut parts = pieces(&mut self.arrays, &self.ranges);
         let sum_sq = |ps: &mut [Piece<'_>], backwards: bool| -> f32 {
             if backwards {
                 ps.iter().rev().map(|x| roof.sum_sq(x.g)).sum()
@@ -167,57 +176,60 @@ impl RoofModel {
         match kind {
             RoofKind::Roof44 => {
                 if clip {
-                    check += on_threads(&mut parts, |ps| sum_sq(ps, true));
+                    check += on_threads(pool, &mut parts, |ps| sum_sq(ps, true));
                 }
-                check += on_threads(&mut parts, |ps| {
+                check += on_threads(pool, &mut parts, |ps| {
                     ps.iter().map(|x| roof.read4(x.p, x.g, x.m, x.v)).sum()
                 });
-                check += on_threads(&mut parts, |ps| rw43(ps, true));
+                check += on_threads(pool, &mut parts, |ps| rw43(ps, true));
             }
             RoofKind::Roof28 => {
                 if clip {
-                    let total = on_threads(&mut parts, |ps| sum_sq(ps, false));
+                    let total = on_threads(pool, &mut parts, |ps| sum_sq(ps, false));
                     let s = if total > 0.0 && total.is_finite() {
                         1.0 / total.sqrt()
                     } else {
                         1.0
                     };
-                    on_threads(&mut parts, |ps| {
+                    on_threads(pool, &mut parts, |ps| {
                         ps.iter_mut().for_each(|x| roof.scale(x.g, s));
                         0.0
                     });
                     check += total;
                 }
-                check += on_threads(&mut parts, |ps| rw43(ps, false));
+                check += on_threads(pool, &mut parts, |ps| rw43(ps, false));
             }
         }
         check
     }
+}
 
-    /// Each thread's pieces as disjoint mutable slices of the four arrays.
-    fn pieces(&mut self) -> Vec<Vec<Piece<'_>>> {
-        let [p, g, m, v] = &mut self.arrays;
-        // What is left of each tensor's arrays, and where that rest starts.
-        let mut rest: Vec<([&mut [f32]; 4], usize)> = p
-            .iter_mut()
-            .zip(g.iter_mut())
-            .zip(m.iter_mut())
-            .zip(v.iter_mut())
-            .map(|(((p, g), m), v)| ([&mut p[..], &mut g[..], &mut m[..], &mut v[..]], 0))
-            .collect();
-        let mut parts = Vec::with_capacity(self.ranges.len());
-        for ranges in &self.ranges {
-            let mut part = Vec::with_capacity(ranges.len());
-            for (t, r) in ranges {
-                let (arrays, at) = &mut rest[*t];
-                let [p, g, m, v] = arrays.each_mut().map(|a| take(a, r.start - *at, r.len()));
-                *at = r.end;
-                part.push(Piece { p, g, m, v });
-            }
-            parts.push(part);
+/// Each thread's pieces (`ranges`) as disjoint mutable slices of the four arrays.
+fn pieces<'a>(
+    arrays: &'a mut [Vec<AlignedBuf>; 4],
+    ranges: &[Vec<PieceRange>],
+) -> Vec<Vec<Piece<'a>>> {
+    let [p, g, m, v] = arrays;
+    // What is left of each tensor's arrays, and where that rest starts.
+    let mut rest: Vec<([&mut [f32]; 4], usize)> = p
+        .iter_mut()
+        .zip(g.iter_mut())
+        .zip(m.iter_mut())
+        .zip(v.iter_mut())
+        .map(|(((p, g), m), v)| ([&mut p[..], &mut g[..], &mut m[..], &mut v[..]], 0))
+        .collect();
+    let mut parts = Vec::with_capacity(ranges.len());
+    for ranges in ranges {
+        let mut part = Vec::with_capacity(ranges.len());
+        for (t, r) in ranges {
+            let (arrays, at) = &mut rest[*t];
+            let [p, g, m, v] = arrays.each_mut().map(|a| take(a, r.start - *at, r.len()));
+            *at = r.end;
+            part.push(Piece { p, g, m, v });
         }
-        parts
+        parts.push(part);
     }
+    parts
 }
 
 /// Splits `len` elements off `rest` after skipping `skip`, leaving the remainder in `rest`.
@@ -227,23 +239,22 @@ fn take<'a>(rest: &mut &'a mut [f32], skip: usize, len: usize) -> &'a mut [f32] 
     head
 }
 
-/// Runs `f` on every thread's pieces at once (the first on this thread, one spawned thread
-/// for each other) and returns the sum of the results once all have finished.
-fn on_threads<'a, F>(parts: &mut [Vec<Piece<'a>>], f: F) -> f32
+/// Runs `f` on every thread's pieces at once, one pool worker per list (`parts` has one
+/// list per worker), and returns the sum of the results in list order once all have
+/// finished.
+fn on_threads<'a, F>(pool: &rayon::ThreadPool, parts: &mut [Vec<Piece<'a>>], f: F) -> f32
 where
     F: Fn(&mut [Piece<'a>]) -> f32 + Sync,
 {
-    let Some((first, others)) = parts.split_first_mut() else {
-        return 0.0;
-    };
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = others.iter_mut().map(|ps| s.spawn(move || f(ps))).collect();
-        let mine = f(first);
-        handles.into_iter().fold(mine, |acc, h| {
-            acc + h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
-        })
+    debug_assert_eq!(parts.len(), pool.current_num_threads());
+    // Each worker takes its own list; the locks are never contended.
+    let lists: Vec<Mutex<&mut Vec<Piece<'a>>>> = parts.iter_mut().map(Mutex::new).collect();
+    pool.broadcast(|ctx| {
+        let mut list = lists[ctx.index()].lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut list[..])
     })
+    .into_iter()
+    .sum()
 }
 
 #[cfg(test)]
