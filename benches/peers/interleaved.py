@@ -16,13 +16,27 @@ its parameters, gradients and state (set up once), pinned to the first N cores
   timm      timm.optim.Lamb(foreach=True); clipping: its own max_grad_norm=1.0.
   optax     optax.lamb(1e-3) in one jax.jit with params and state donated; clipping:
             optax.chain(optax.clip_by_global_norm(1.0), optax.lamb(1e-3)).
+  roof44    step-worker --impl roof44 (benches/src/roof_model.rs): plain memory-roofline
+            loops with lamb-std's traffic and trivial arithmetic: read p,g,m,v (reduce),
+            all threads join, read p,g,m,v and write m,v,p (44 B/param); clipping: a sum of
+            squares of g first (48 B).
+  roof28    step-worker --impl roof28: torch's traffic: one pass read p,g,m,v, write m,v,p
+            (28 B/param); clipping: sum of squares of g, join, g scaled in place, join,
+            then the 28 B pass (40 B).
+
+roof44 and roof28 step the same tensors with the same thread count, interleaved with the
+rest, so roof44 / roof28 of the same rounds is the floor of lamb / torch that the design's
+traffic alone sets (two passes against one) on this machine at this time: the part of the
+ratio that the bytes explain, which only moving fewer bytes could remove. Each holds p, g,
+m and v (BERT-base: about 2 GB per worker) besides the other workers' memory.
 
 Two settings: `none` (no clipping) and `clip` (global clipping at max norm 1.0; the
 gradients' global norm here is far above 1, so the clipping scales). A round is, for each
-setting, each implementation in turn (lamb, torch, timm, optax) taking --steps steps, each
-timed alone; the round's figure for an implementation is the median of its steps. Ratios
-are computed per round (lamb / torch, timm / lamb, optax / lamb, per setting) and the
-report gives their median over --rounds rounds, with the range.
+setting, each implementation in turn (lamb, torch, timm, optax, roof44, roof28) taking
+--steps steps, each timed alone; the round's figure for an implementation is the median of
+its steps. Ratios are computed per round (lamb / torch, timm / lamb, optax / lamb,
+roof44 / roof28, per setting) and the report gives their median over --rounds rounds, with
+the range.
 
 Workers are driven over stdin/stdout: `run none K`, `run clip K`, `quit`; each prints
 `READY {...}` once set up and `RESULT {"times_ns": [...]}` per run.
@@ -31,8 +45,8 @@ Writes docs/perf/<date>-<cpu>.json (every step's time) and .md (the tables), and
 README table. Usage (benches/peers/run.sh --torch interleaved [options] installs and runs it):
 
   interleaved.py [--workloads bert_base,uniform_1000x1024] [--threads 1,2] [--rounds 7]
-                 [--steps 3] [--warmup 2] [--impls lamb,torch,timm,optax] [--note TEXT]
-                 [--lamb-bin PATH] [--out-dir docs/perf] [--suffix=-bert-t1]
+                 [--steps 3] [--warmup 2] [--impls lamb,torch,timm,optax,roof44,roof28]
+                 [--note TEXT] [--lamb-bin PATH] [--out-dir docs/perf] [--suffix=-bert-t1]
 """
 
 import argparse
@@ -48,7 +62,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peers import WORKLOADS, cpu_model, init_arrays  # noqa: E402
 
-ORDER = ["lamb", "torch", "timm", "optax"]
+ORDER = ["lamb", "torch", "timm", "optax", "roof44", "roof28"]
+# Served by target/release/step-worker (--impl); the others by this script's --worker.
+STEP_WORKER = {"lamb", "roof44", "roof28"}
 SETTINGS = ["none", "clip"]
 LABEL = {
     ("lamb", "none"): "lamb-std",
@@ -59,6 +75,10 @@ LABEL = {
     ("timm", "clip"): "timm Lamb, max_grad_norm 1.0",
     ("optax", "none"): "optax.lamb",
     ("optax", "clip"): "optax chain(clip_by_global_norm(1.0), lamb)",
+    ("roof44", "none"): "roof44 (44 B two-pass loops)",
+    ("roof44", "clip"): "roof44 + norm pass (48 B)",
+    ("roof28", "none"): "roof28 (28 B single-pass loop)",
+    ("roof28", "clip"): "roof28 + norm and scale passes (40 B)",
 }
 
 
@@ -192,8 +212,8 @@ class Worker:
 
 
 def worker_cmd(impl, workload, threads, args):
-    if impl == "lamb":
-        return [args.lamb_bin, "--workload", workload, "--threads", str(threads)]
+    if impl in STEP_WORKER:
+        return [args.lamb_bin, "--impl", impl, "--workload", workload, "--threads", str(threads)]
     return [sys.executable, os.path.abspath(__file__), "--worker", impl,
             "--workload", workload, "--threads-n", str(threads)]
 
@@ -242,7 +262,8 @@ def analyse(rec):
             [statistics.median(r) for r in rounds]) / 1e6
     for s in SETTINGS:
         for name, num, den in [("lamb/torch", "lamb", "torch"), ("timm/lamb", "timm", "lamb"),
-                               ("optax/lamb", "optax", "lamb")]:
+                               ("optax/lamb", "optax", "lamb"),
+                               ("roof44/roof28", "roof44", "roof28")]:
             r = ratios(times, (num, s), (den, s))
             if r is not None:
                 out["ratios"][f"{name}/{s}"] = summary(r)
@@ -259,8 +280,9 @@ def tables(doc):
              f"CPUs), {doc['rounds']} rounds × {doc['steps']} steps per implementation and "
              f"setting; median of per-round ratios (range). Note: {doc['note'] or '–'}", ""]
     lines += ["| workload | threads | setting | lamb-std ms/step | lamb-std / torch | "
-              "timm / lamb-std | optax / lamb-std |",
-              "|---|---:|---|---:|---:|---:|---:|"]
+              "timm / lamb-std | optax / lamb-std | roof44 / roof28 (same-run floor: 44 B "
+              "two-pass ÷ 28 B single-pass loops) |",
+              "|---|---:|---|---:|---:|---:|---:|---:|"]
     names = {"none": "no clipping (torch: fused AdamW)",
              "clip": "global clip 1.0 (torch: clip_grad_norm_ + fused AdamW)"}
     for r in doc["results"]:
@@ -272,7 +294,8 @@ def tables(doc):
                 f"{'–' if ms is None else f'{ms:.1f}'} | "
                 f"{fmt_ratio(a['ratios'].get(f'lamb/torch/{s}'))} | "
                 f"{fmt_ratio(a['ratios'].get(f'timm/lamb/{s}'))} | "
-                f"{fmt_ratio(a['ratios'].get(f'optax/lamb/{s}'))} |")
+                f"{fmt_ratio(a['ratios'].get(f'optax/lamb/{s}'))} | "
+                f"{fmt_ratio(a['ratios'].get(f'roof44/roof28/{s}'))} |")
     lines += ["", "Median ms per step (median over rounds of each round's median):", "",
               "| workload | threads | " + " | ".join(LABEL[(i, s)] for s in SETTINGS
                                                     for i in ORDER) + " |",
@@ -301,7 +324,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--impls", default=",".join(ORDER))
     ap.add_argument("--note", default="")
-    ap.add_argument("--lamb-bin", default="target/release/step-worker")
+    ap.add_argument("--lamb-bin", default="target/release/step-worker",
+                    help="step-worker binary (serves lamb, roof44 and roof28)")
     ap.add_argument("--out-dir", default="docs/perf")
     ap.add_argument("--suffix", default="", help="appended to the file name (a second run the same day)")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build first")
@@ -317,7 +341,7 @@ def main():
 
     load_start = os.getloadavg()
     impls = [i for i in ORDER if i in args.impls.split(",")]
-    if "lamb" in impls and not args.no_build:
+    if STEP_WORKER.intersection(impls) and not args.no_build:
         subprocess.run(["cargo", "build", "--quiet", "-p", "benches", "--release", "--bin",
                         "step-worker"], check=True)
     results = []

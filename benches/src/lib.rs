@@ -11,6 +11,7 @@ pub struct ReadmeDoctests;
 pub mod precision;
 pub mod pulp_lamb;
 pub mod results;
+pub mod roof_model;
 pub mod roofline;
 pub mod shapes;
 
@@ -20,7 +21,7 @@ use rand::distr::OpenClosed01;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use lamb_std::buffer::{Aligned, Element, Placement};
+use lamb_std::buffer::{Aligned, AlignedBuf, Element, Placement};
 
 /// A buffer whose placement the bench reports: any [`Aligned`] (f32 or compact).
 pub trait Placed {
@@ -58,30 +59,33 @@ pub fn model_workloads() -> Vec<(&'static str, Vec<(String, usize)>)> {
 }
 
 /// Registers a workload's layers with `opt` and makes each layer's parameters and
-/// gradients (the optimizer's own aligned buffers, filled by [`fill`] with per-layer seeds):
-/// the set-up every whole-model bench and the interleaved runner's worker share, so they
-/// step the same model.
+/// gradients ([`model_layer_buffers`], allocated right after the layer's registration): the
+/// set-up every whole-model bench and the interleaved runner's worker share, so they step
+/// the same model.
 pub fn model_tensors(
     opt: &mut lamb_std::Lamb,
     shapes: &[(String, usize)],
-) -> Result<
-    (
-        Vec<lamb_std::buffer::AlignedBuf>,
-        Vec<lamb_std::buffer::AlignedBuf>,
-    ),
-    lamb_std::Error,
-> {
+) -> Result<(Vec<AlignedBuf>, Vec<AlignedBuf>), lamb_std::Error> {
     let (mut params, mut grads) = (Vec::new(), Vec::new());
     for (i, (name, len)) in shapes.iter().enumerate() {
         opt.add_layer(name.clone(), *len)?;
-        let mut p = lamb_std::buffer::AlignedBuf::zeroed(*len);
-        fill(&mut p, 2 * i as u64 + 1, 0.05, 0.0);
-        let mut g = lamb_std::buffer::AlignedBuf::zeroed(*len);
-        fill(&mut g, 2 * i as u64 + 2, 0.01, 0.0);
+        let (p, g) = model_layer_buffers(i, *len);
         params.push(p);
         grads.push(g);
     }
     Ok((params, grads))
+}
+
+/// Layer `i`'s parameters and gradients, `len` elements each, in the optimizer's own aligned
+/// buffers, filled by [`fill`] with per-layer seeds (params at scale 0.05, grads at 0.01):
+/// what [`model_tensors`] gives a registered layer, and what the roofline workers
+/// (`roof_model`) step without an optimizer.
+pub fn model_layer_buffers(i: usize, len: usize) -> (AlignedBuf, AlignedBuf) {
+    let mut p = AlignedBuf::zeroed(len);
+    fill(&mut p, 2 * i as u64 + 1, 0.05, 0.0);
+    let mut g = AlignedBuf::zeroed(len);
+    fill(&mut g, 2 * i as u64 + 2, 0.01, 0.0);
+    (p, g)
 }
 
 /// Thread counts of the model benches: 1, 2 and all cores, without repeats.
