@@ -24,11 +24,10 @@
 //! worker steps; m and v are aligned buffers of the same sizes filled by [`crate::fill`]
 //! (bounded, never zero). The concatenation of all tensors is split into `threads`
 //! contiguous ranges of (almost) equal element counts, boundaries at multiples of 16
-//! elements (64 B), so each thread has a list of (tensor, start..end) pieces. Each pass runs
-//! in a `std::thread::scope`: the first range on the calling thread, one spawned thread per
-//! other range, all joined before the next pass. The spawns (a few tens of µs a step) are
-//! not in lamb-std's step, whose pool lives as long as the optimizer; on BERT-base (tens of
-//! ms a step) they are noise, on small models they make the floor a little pessimistic.
+//! elements (64 B), so each thread has a list of (tensor, start..end) pieces. Each pass is a
+//! broadcast on a rayon pool of `threads` workers, one list per worker, all finished before
+//! the next pass: the pool lives as long as the model, as lamb-std's lives as long as the
+//! optimizer, so a pass wakes workers rather than spawning threads.
 
 use std::ops::Range;
 use std::sync::Mutex;
