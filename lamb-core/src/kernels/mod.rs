@@ -20,26 +20,12 @@
 //! the same order, so the bits are still the same everywhere.
 
 pub(crate) mod arch;
-// Where no SIMD backend is compiled (`arch/mod.rs`), only the scalar kernels' share of
+// Where no SIMD backend is compiled (`not(wide_simd)`: build.rs, `arch/mod.rs`), only the scalar kernels' share of
 // these two modules (the codecs' chunk helpers, the software f16 conversions) is used.
-#[cfg_attr(
-    not(any(
-        target_feature = "sse2",
-        target_feature = "simd128",
-        all(target_arch = "aarch64", target_feature = "neon")
-    )),
-    allow(dead_code)
-)]
+#[cfg_attr(not(wide_simd), allow(dead_code))]
 pub(crate) mod compact;
 pub(crate) mod scalar;
-#[cfg_attr(
-    not(any(
-        target_feature = "sse2",
-        target_feature = "simd128",
-        all(target_arch = "aarch64", target_feature = "neon")
-    )),
-    allow(dead_code)
-)]
+#[cfg_attr(not(wide_simd), allow(dead_code))]
 pub(crate) mod simd;
 
 /// Elements per reduction block. Threads split layers on multiples of this.

@@ -3,22 +3,14 @@
 //! [`simd`](super::simd) (f32 buffers) and [`compact`](super::compact) (compact storage), in
 //! the manner of memchr's `arch` modules.
 
-// Where `wide` has SIMD registers. The same list gates `wide`'s own SIMD paths; anywhere
-// else its vectors are arrays of scalars.
-#[cfg(any(
-    target_feature = "sse2",
-    target_feature = "simd128",
-    all(target_arch = "aarch64", target_feature = "neon")
-))]
+// Where `wide` has SIMD registers (`wide_simd`, set by build.rs); anywhere else its vectors
+// are arrays of scalars.
+#[cfg(wide_simd)]
 pub(crate) mod portable;
 
 /// Without SIMD registers (Cortex-M, RISC-V without V, ...), the portable backend is the
 /// scalar kernels themselves: the same functions in the dispatch table, no second copy.
-#[cfg(not(any(
-    target_feature = "sse2",
-    target_feature = "simd128",
-    all(target_arch = "aarch64", target_feature = "neon")
-)))]
+#[cfg(not(wide_simd))]
 pub(crate) use super::scalar as portable;
 
 #[cfg(target_arch = "x86_64")]
