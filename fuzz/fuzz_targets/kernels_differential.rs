@@ -284,6 +284,27 @@ fn compare(backend: Backend, len: usize, got: &Reference, want: &Reference) {
     );
 }
 
+/// Steps every available backend with `step`, the scalar reference first, and compares each
+/// other backend with it; `on_reference` sees the reference's run (statistics, checks of
+/// its own).
+fn against_scalar(
+    len: usize,
+    mut step: impl FnMut(Backend) -> (Result<LayerReport, LambError>, Reference),
+    mut on_reference: impl FnMut(&Result<LayerReport, LambError>, &Reference),
+) {
+    let mut reference: Option<Reference> = None;
+    for backend in Backend::available() {
+        let (result, got) = step(backend);
+        if backend == Backend::Scalar {
+            on_reference(&result, &got);
+            reference = Some(got);
+        } else {
+            let want = reference.as_ref().expect("scalar runs first");
+            compare(backend, len, &got, want);
+        }
+    }
+}
+
 fn nan_free(x: f64) -> u64 {
     if x.is_nan() { u64::MAX } else { x.to_bits() }
 }
@@ -388,31 +409,23 @@ fn step_f32_as_compact(
 
 fn run_f32(c: &Case<'_>) {
     let bufs = f32_buffers(c);
-    let mut reference: Option<Reference> = None;
-    for backend in Backend::available() {
-        let (result, got) = step_f32(c, backend, &bufs);
-        if backend == Backend::Scalar {
+    against_scalar(
+        c.len,
+        |backend| step_f32(c, backend, &bufs),
+        |result, got| {
             if stats() {
                 eprintln!(
                     "STATS f32 len={} offset={} step={} outcome={}",
                     c.len,
                     c.offset,
                     c.step,
-                    describe(&result)
+                    describe(result)
                 );
             }
             let as_mixed = step_f32_as_compact(c, &bufs, got.sums[0]);
-            compare(backend, c.len, &as_mixed, &got);
-            reference = Some(got);
-        } else {
-            compare(
-                backend,
-                c.len,
-                &got,
-                reference.as_ref().expect("scalar runs first"),
-            );
-        }
-    }
+            compare(Backend::Scalar, c.len, &as_mixed, got);
+        },
+    );
 }
 
 fuzz_target!(|input: Input| {

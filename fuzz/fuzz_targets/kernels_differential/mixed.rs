@@ -281,10 +281,10 @@ pub(crate) fn run_mixed(c: &Case<'_>, (params, grads, moments, seed): MixedSpec)
     p0.each(&mut |_, raw, _, _| before.push(raw));
     m0.each(&mut |_, raw, _, _| before.push(raw));
 
-    let mut reference: Option<Reference> = None;
-    for backend in Backend::available() {
-        let (result, got) = step_backend(c, backend, (&p0, &g, &m0), &before);
-        if backend == Backend::Scalar {
+    against_scalar(
+        c.len,
+        |backend| step_backend(c, backend, (&p0, &g, &m0), &before),
+        |result, _| {
             if stats() {
                 eprintln!(
                     "STATS mixed p{} g{} m{} len={} offset={} step={} outcome={}",
@@ -294,17 +294,9 @@ pub(crate) fn run_mixed(c: &Case<'_>, (params, grads, moments, seed): MixedSpec)
                     c.len,
                     c.offset,
                     c.step,
-                    describe(&result)
+                    describe(result)
                 );
             }
-            reference = Some(got);
-        } else {
-            compare(
-                backend,
-                c.len,
-                &got,
-                reference.as_ref().expect("scalar runs first"),
-            );
-        }
-    }
+        },
+    );
 }
